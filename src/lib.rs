@@ -1,0 +1,3 @@
+//! sombrero: keeps Proxmox VE VM templates ("golden images") as a platform team declares them.
+
+pub mod api;
