@@ -27,3 +27,30 @@ pub fn all_yaml() -> Result<String, serde_yaml::Error> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `crds/` is generated: it must be exactly what `sombrero crd` prints.
+    #[test]
+    fn checked_in_crds_match_the_generated_ones() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+        for (file, crd) in all() {
+            let path = dir.join(file);
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == to_yaml(&crd).unwrap(),
+                "{} is stale or missing: regenerate with `cargo run -- crd --out-dir crds`",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn both_crds_have_status_and_list_map_conditions() {
+        let yaml = all_yaml().unwrap();
+        assert_eq!(yaml.matches("x-kubernetes-list-type: map").count(), 2);
+        assert_eq!(yaml.matches("status: {}").count(), 2);
+    }
+}

@@ -1,0 +1,4 @@
+//! Test support shared by the integration test binaries.
+#![allow(dead_code)]
+
+pub mod kube;
