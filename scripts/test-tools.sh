@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Build the real control-plane binaries the integration tests run against
+# (kube-apiserver, kubectl, etcd) from the pinned Go modules in tests/tools/,
+# into .cache/tools/bin/ under the repo root.
+#
+# A build is skipped when the binaries exist and the stamp next to them
+# records the same sha256 of the module's go.mod/go.sum/*.go files and the
+# same `go version`; a cached run needs neither network nor compilation.
+#
+# Usage: scripts/test-tools.sh            build or reuse, print the bin dir
+#        TEST_TOOLS_FORCE=1 scripts/test-tools.sh   rebuild regardless
+# The last line printed on success is the absolute bin directory.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/tests/tools"
+BIN="$ROOT/.cache/tools/bin"
+
+log() { printf 'test-tools: %s\n' "$*" >&2; }
+die() { printf 'test-tools: error: %s\n' "$*" >&2; exit 1; }
+
+if ! command -v go >/dev/null 2>&1; then
+    die "'go' not found on PATH. Install Go >= 1.26 (the tarball from go.dev/dl unpacked
+  into /usr/local/go with /usr/local/go/bin on PATH, or any Go >= 1.21 with the default
+  GOTOOLCHAIN=auto, which fetches go1.26 from the Go module proxy), then rerun."
+fi
+GO_VERSION="$(go version)"
+
+mkdir -p "$BIN"
+# Serialise concurrent runs (e.g. parallel test binaries calling this script).
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$BIN/.lock"
+    flock 9
+fi
+
+now_ms() { date +%s%3N; }
+
+# build_module <module dir under tests/tools> <binary>=<package> ...
+build_module() {
+    local mod="$1"; shift
+    local dir="$TOOLS/$mod"
+    local stamp="$BIN/.$mod.stamp"
+    local want have="" missing=0 spec name pkg start took tmp
+    local -a names=() pkgs=()
+    for spec in "$@"; do
+        names+=("${spec%%=*}")
+        pkgs+=("${spec#*=}")
+    done
+
+    # Inputs: go.mod, go.sum, every .go file of the module, and the toolchain.
+    want="$(
+        cd "$dir"
+        {
+            printf '%s\n' "$GO_VERSION"
+            find . -name '*.go' -o -name go.mod -o -name go.sum | LC_ALL=C sort | xargs sha256sum
+        } | sha256sum | cut -d' ' -f1
+    )"
+    [[ -f "$stamp" ]] && have="$(cat "$stamp")"
+    for name in "${names[@]}"; do
+        [[ -x "$BIN/$name" ]] || missing=1
+    done
+    if [[ "${TEST_TOOLS_FORCE:-}" != 1 && $missing == 0 && "$have" == "$want" ]]; then
+        log "reused ${names[*]} (tests/tools/$mod, stamp matches)"
+        return
+    fi
+
+    log "building ${names[*]} from tests/tools/$mod ($GO_VERSION); a cold build takes many minutes..."
+    start="$(now_ms)"
+    tmp="$(mktemp -d "$BIN/.build.XXXXXX")"
+    # -mod=readonly: build exactly what go.mod/go.sum pin; never rewrite them.
+    # -buildvcs=false: don't stamp (or fail on) the enclosing git checkout.
+    # CGO_ENABLED=0: static binaries, same result with or without a C compiler.
+    if ! (cd "$dir" && GOWORK=off CGO_ENABLED=0 nice go build -mod=readonly -buildvcs=false \
+            -trimpath -ldflags='-s -w' -o "$tmp/" "${pkgs[@]}"); then
+        rm -rf "$tmp"
+        die "go build failed in tests/tools/$mod (see output above)"
+    fi
+    for i in "${!names[@]}"; do
+        # go build -o dir/ names each binary after the last path element of its package.
+        mv -f "$tmp/$(basename "${pkgs[$i]}")" "$BIN/${names[$i]}"
+    done
+    rm -rf "$tmp"
+    printf '%s\n' "$want" >"$stamp"
+    took=$(( $(now_ms) - start ))
+    log "built ${names[*]} in $((took / 1000)).$(printf '%03d' $((took % 1000)))s"
+}
+
+total_start="$(now_ms)"
+build_module etcd etcd=./cmd/etcd
+build_module k8s kube-apiserver=./cmd/kube-apiserver kubectl=./cmd/kubectl
+took=$(( $(now_ms) - total_start ))
+log "done in $((took / 1000)).$(printf '%03d' $((took % 1000)))s; binaries in $BIN"
+echo "$BIN"
