@@ -24,7 +24,11 @@ if ! command -v go >/dev/null 2>&1; then
   into /usr/local/go with /usr/local/go/bin on PATH, or any Go >= 1.21 with the default
   GOTOOLCHAIN=auto, which fetches go1.26 from the Go module proxy), then rerun."
 fi
-GO_VERSION="$(go version)"
+
+# -mod=readonly: build exactly what go.mod/go.sum pin; never rewrite them.
+# -buildvcs=false: don't stamp (or fail on) the enclosing git checkout.
+# CGO_ENABLED=0 (below): static binaries, same result with or without a C compiler.
+GO_BUILD_FLAGS=(-mod=readonly -buildvcs=false -trimpath '-ldflags=-s -w')
 
 mkdir -p "$BIN"
 # Serialise concurrent runs (e.g. parallel test binaries calling this script).
@@ -47,11 +51,13 @@ build_module() {
         pkgs+=("${spec#*=}")
     done
 
-    # Inputs: go.mod, go.sum, every .go file of the module, and the toolchain.
+    # Inputs: go.mod, go.sum, every .go file of the module, the build flags and
+    # the toolchain (`go version` inside the module, where GOTOOLCHAIN applies).
     want="$(
         cd "$dir"
         {
-            printf '%s\n' "$GO_VERSION"
+            go version
+            printf 'CGO_ENABLED=0 %s\n' "${GO_BUILD_FLAGS[*]}"
             find . -name '*.go' -o -name go.mod -o -name go.sum | LC_ALL=C sort | xargs sha256sum
         } | sha256sum | cut -d' ' -f1
     )"
@@ -64,14 +70,11 @@ build_module() {
         return
     fi
 
-    log "building ${names[*]} from tests/tools/$mod ($GO_VERSION); a cold build takes many minutes..."
+    log "building ${names[*]} from tests/tools/$mod ($(cd "$dir" && go version)); a cold build takes minutes..."
     start="$(now_ms)"
     tmp="$(mktemp -d "$BIN/.build.XXXXXX")"
-    # -mod=readonly: build exactly what go.mod/go.sum pin; never rewrite them.
-    # -buildvcs=false: don't stamp (or fail on) the enclosing git checkout.
-    # CGO_ENABLED=0: static binaries, same result with or without a C compiler.
-    if ! (cd "$dir" && GOWORK=off CGO_ENABLED=0 nice go build -mod=readonly -buildvcs=false \
-            -trimpath -ldflags='-s -w' -o "$tmp/" "${pkgs[@]}"); then
+    if ! (cd "$dir" && GOWORK=off CGO_ENABLED=0 nice go build "${GO_BUILD_FLAGS[@]}" \
+            -o "$tmp/" "${pkgs[@]}"); then
         rm -rf "$tmp"
         die "go build failed in tests/tools/$mod (see output above)"
     fi
