@@ -1,0 +1,80 @@
+//! A typed async client for the Proxmox VE API (`/api2/json`), authenticated with an API token.
+//!
+//! - [`Config`] / [`Config::from_env`]: where and how to connect; [`Secret`] hides the token.
+//! - [`Client`]: every call has a timeout; reads are retried with exponential backoff and
+//!   jitter, writes only when PVE provably did not run them (no connection, HTTP 595, a lock
+//!   that could not be taken), so a create is never sent twice.
+//! - [`Error`]: classified from the HTTP status and PVE's message (PVE says "not found" and
+//!   "locked" with a 500), with [`Error::is_retryable`] and [`Error::category`] for metrics.
+//! - [`Upid`] and [`Client::wait_task`]: async calls return a task id at once; the outcome is
+//!   the task's exit status (`OK` / `WARNINGS: n` succeed), polled on the node the UPID names.
+//!
+//! # Supported Proxmox VE versions
+//!
+//! - **8.4 and 9.x**: everything.
+//! - **8.0–8.3**: all calls work except downloading disk images as content `import`
+//!   ([`Client::download_url`] checks the version and returns [`Error::Unsupported`]); such
+//!   images can only be imported from another VM's disk. On 8.0 `agent/exec` still takes the
+//!   command as a string (this client sends the array form of 8.0.1+). Before pve-http-server
+//!   5.2 (PVE < 8.4) error texts are only in the HTTP reason phrase, which this client reads.
+//! - 7.x is not supported (no `ciupgrade`, older `resize`/`exec` shapes).
+//!
+//! # Privileges of the API token
+//!
+//! Create the token with privilege separation and grant it a role with exactly these (checked
+//! against the 9.1.3 API schema's `permissions`):
+//!
+//! | call | privilege (path) |
+//! |---|---|
+//! | `version`, `cluster/nextid` | none beyond a valid token |
+//! | `cluster/resources?type=vm` | `VM.Audit` (`/vms`); without it the list is silently empty |
+//! | storage list, status, content | `Datastore.Audit` or `Datastore.AllocateSpace` (`/storage/{storage}`) |
+//! | `download-url` | `Datastore.AllocateTemplate` (`/storage/{storage}`) and either `Sys.Audit`+`Sys.Modify` (`/`) or `Sys.AccessNetwork` (`/nodes/{node}`, PVE 8.1+) |
+//! | delete a volume | `Datastore.Allocate` (`/storage/{storage}`) |
+//! | create a VM | `VM.Allocate` (`/vms/{vmid}` or `/pool/{pool}`), `Datastore.AllocateSpace` on target storages, `Datastore.Audit` on the `import-from` source storage, `SDN.Use` on the bridge, `VM.Config.*` for the options set |
+//! | config get, status | `VM.Audit` (`/vms/{vmid}`) |
+//! | config set (PUT/POST) | the `VM.Config.*` privilege of each key: `Options` (tags, description, protection, agent), `Disk`, `CDROM`, `CPU`, `Memory`, `Network`, `HWType`, `Cloudinit` |
+//! | resize | `VM.Config.Disk` |
+//! | start, shutdown, stop | `VM.PowerMgmt` |
+//! | template, delete | `VM.Allocate` |
+//! | clone | `VM.Clone` on the source, `VM.Allocate` on `/vms/{newid}` (or the pool), `Datastore.AllocateSpace`, `Pool.Allocate` only to manage pools themselves |
+//! | agent ping, network, osinfo | PVE 9: `VM.GuestAgent.Audit`; PVE 8: `VM.Monitor` |
+//! | agent exec, exec-status | PVE 9: `VM.GuestAgent.Unrestricted` (root-equivalent in the guest); PVE 8: `VM.Monitor` |
+//! | vzdump | `VM.Backup` (`/vms/{vmid}`), `Datastore.AllocateSpace` on the backup storage |
+//! | task status and log | none for the token's own tasks; `Sys.Audit` (`/nodes/{node}`) for others |
+//!
+//! Example (`pveum`): `pveum role add Sombrero -privs "VM.Allocate VM.Clone VM.Audit
+//! VM.Config.Disk VM.Config.CDROM VM.Config.CPU VM.Config.Memory VM.Config.Network
+//! VM.Config.HWType VM.Config.Options VM.Config.Cloudinit VM.PowerMgmt VM.GuestAgent.Audit
+//! VM.GuestAgent.Unrestricted VM.Backup Datastore.AllocateSpace Datastore.AllocateTemplate
+//! Datastore.Audit Sys.Audit Sys.AccessNetwork SDN.Use"` (on PVE 8 use `VM.Monitor` instead of
+//! the two `VM.GuestAgent.*`).
+
+pub mod agent;
+pub mod backup;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod lenient;
+pub mod qemu;
+pub mod retry;
+pub mod secret;
+pub mod storage;
+pub mod task;
+pub mod tls;
+
+pub use agent::{ExecStatus, IpAddress, NetworkInterface, OsInfo};
+pub use backup::Vzdump;
+pub use client::{Client, Params};
+pub use cluster::{ClusterVm, PveVersion, VersionInfo};
+pub use config::Config;
+pub use error::{Error, Result};
+pub use qemu::{
+    CloneRequest, ConfigUpdate, DeleteVm, QemuConfig, Shutdown, VmConfig, VmStatus, encode_sshkeys,
+};
+pub use retry::{Idempotency, RetryPolicy};
+pub use secret::Secret;
+pub use storage::{ChecksumAlgorithm, DownloadUrl, StorageInfo, StorageStatus, StorageVolume};
+pub use task::{PollSchedule, TaskLogLine, TaskOutcome, TaskStatus, Upid};
+pub use tls::TlsMode;

@@ -1,0 +1,398 @@
+//! Worker tasks: UPID parsing, status and log, and waiting for a task to finish.
+//!
+//! Every async PVE call answers with a UPID at once and does its work in a forked worker; the
+//! HTTP 200 says nothing about success. A finished task has `exitstatus` `OK` or `WARNINGS: n`
+//! (both success) or the error text.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::client::{Client, Params};
+use super::error::{Error, Result};
+use super::lenient;
+
+/// A parsed task id: `UPID:node:pid:pstart:starttime:type:id:user:`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Upid {
+    raw: String,
+    pub node: String,
+    pub pid: u32,
+    pub pstart: u64,
+    pub starttime: i64,
+    /// The task type: `qmcreate`, `qmclone`, `qmstart`, `download`, `vzdump`, ...
+    pub task_type: String,
+    /// The object the task works on: for `qmclone` the *source* VMID, for `download` the file.
+    pub id: String,
+    /// `user@realm` or, for API tokens, `user@realm!tokenid`.
+    pub user: String,
+}
+
+impl Upid {
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+}
+
+impl fmt::Display for Upid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+impl FromStr for Upid {
+    type Err = Error;
+
+    /// Follows pve-common `PVE::UPID::decode`, including the trailing colon.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::Decode {
+            request: "UPID".into(),
+            message: format!("{s:?} is not a task id: {why}"),
+        };
+        let s = s.trim();
+        let body = s
+            .strip_prefix("UPID:")
+            .ok_or_else(|| bad("missing UPID: prefix"))?;
+        let body = body
+            .strip_suffix(':')
+            .ok_or_else(|| bad("missing trailing ':'"))?;
+        let parts: Vec<&str> = body.split(':').collect();
+        let [node, pid, pstart, starttime, task_type, id, user] = parts[..] else {
+            return Err(bad("expected 7 fields"));
+        };
+        let node_ok = !node.is_empty()
+            && node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !node.starts_with('-')
+            && !node.ends_with('-');
+        if !node_ok {
+            return Err(bad("invalid node name"));
+        }
+        let hex = |v: &str, min: usize, max: usize, what: &str| -> Result<u64> {
+            if v.len() < min || v.len() > max {
+                return Err(bad(&format!("{what} must be {min}-{max} hex digits")));
+            }
+            u64::from_str_radix(v, 16).map_err(|_| bad(&format!("{what} is not hexadecimal")))
+        };
+        let pid = u32::try_from(hex(pid, 8, 8, "pid")?).map_err(|_| bad("pid out of range"))?;
+        let pstart = hex(pstart, 8, 9, "pstart")?;
+        let starttime = hex(starttime, 8, 8, "starttime")? as i64;
+        let field_ok = |v: &str| !v.chars().any(|c| c.is_whitespace() || c == '/');
+        if task_type.is_empty()
+            || !field_ok(task_type)
+            || !field_ok(id)
+            || user.is_empty()
+            || !field_ok(user)
+        {
+            return Err(bad("invalid type, id or user"));
+        }
+        Ok(Upid {
+            raw: s.to_owned(),
+            node: node.to_owned(),
+            pid,
+            pstart,
+            starttime,
+            task_type: task_type.to_owned(),
+            id: id.to_owned(),
+            user: user.to_owned(),
+        })
+    }
+}
+
+/// `GET /nodes/{node}/tasks/{upid}/status`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TaskStatus {
+    /// `running` or `stopped`.
+    pub status: String,
+    /// Only when stopped: `OK`, `WARNINGS: n` or the error text.
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub exitstatus: Option<String>,
+    #[serde(default, rename = "type")]
+    pub task_type: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+impl TaskStatus {
+    pub fn is_running(&self) -> bool {
+        self.status == "running"
+    }
+}
+
+/// One line of a task log.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TaskLogLine {
+    #[serde(deserialize_with = "lenient::int")]
+    pub n: i64,
+    #[serde(default)]
+    pub t: String,
+}
+
+/// How a successful task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskOutcome {
+    pub upid: Upid,
+    pub exitstatus: String,
+    /// `n` of `WARNINGS: n`; 0 for `OK`.
+    pub warnings: u32,
+}
+
+/// Decide from an exit status: `Some(warnings)` for `OK` / `WARNINGS: n` (success), `None`
+/// for anything else (a failure).
+pub fn exitstatus_warnings(exitstatus: &str) -> Option<u32> {
+    let s = exitstatus.trim();
+    if s == "OK" {
+        return Some(0);
+    }
+    s.strip_prefix("WARNINGS:").map(|n| n.trim().parse().unwrap_or(1))
+}
+
+/// Polling cadence of a task wait: fast at first so short tasks are noticed quickly, then
+/// backing off so long ones cost the API little.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PollSchedule {
+    pub initial: Duration,
+    pub factor: f64,
+    pub max: Duration,
+}
+
+impl Default for PollSchedule {
+    fn default() -> Self {
+        PollSchedule {
+            initial: Duration::from_millis(50),
+            factor: 1.5,
+            max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl PollSchedule {
+    /// The delay after `previous` (or the first delay).
+    pub fn next(&self, previous: Option<Duration>) -> Duration {
+        match previous {
+            None => self.initial.min(self.max),
+            Some(p) => p.mul_f64(self.factor.max(1.0)).min(self.max),
+        }
+    }
+}
+
+/// Lines of the log kept in [`Error::TaskFailed`].
+const LOG_TAIL: usize = 20;
+
+impl Client {
+    /// Status of a task, asked of the node the UPID names.
+    pub async fn task_status(&self, upid: &Upid) -> Result<TaskStatus> {
+        self.get(
+            &["nodes", &upid.node, "tasks", upid.as_str(), "status"],
+            &Params::new(),
+        )
+        .await
+    }
+
+    /// `limit` lines of a task's log from line `start` (0-based).
+    pub async fn task_log(&self, upid: &Upid, start: u64, limit: u64) -> Result<Vec<TaskLogLine>> {
+        let q = Params::new().set("start", start).set("limit", limit);
+        self.get(&["nodes", &upid.node, "tasks", upid.as_str(), "log"], &q)
+            .await
+    }
+
+    /// The last `lines` lines of a task's log.
+    pub async fn task_log_tail(&self, upid: &Upid, lines: u64) -> Result<Vec<String>> {
+        // Logs are usually short; one read of the first 1000 lines gives the total cheaply.
+        let mut all = self.task_log(upid, 0, 1000).await?;
+        if all.len() as u64 >= 1000 {
+            let mut start = 1000;
+            loop {
+                let more = self.task_log(upid, start, 1000).await?;
+                let n = more.len() as u64;
+                all.extend(more);
+                if n < 1000 {
+                    break;
+                }
+                start += n;
+                all.drain(..all.len().saturating_sub(lines as usize));
+            }
+        }
+        let skip = all.len().saturating_sub(lines as usize);
+        Ok(all.into_iter().skip(skip).map(|l| l.t).collect())
+    }
+
+    /// Wait until the task stops, at most `timeout`. `OK` and `WARNINGS: n` are success; any
+    /// other exit status is [`Error::TaskFailed`] with PVE's text and the log's last lines.
+    pub async fn wait_task(&self, upid: &Upid, timeout: Duration) -> Result<TaskOutcome> {
+        self.wait_task_with(upid, timeout, PollSchedule::default())
+            .await
+    }
+
+    pub async fn wait_task_with(
+        &self,
+        upid: &Upid,
+        timeout: Duration,
+        schedule: PollSchedule,
+    ) -> Result<TaskOutcome> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut delay = None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let status = match tokio::time::timeout(remaining, self.task_status(upid)).await {
+                Ok(status) => status?,
+                Err(_) => return Err(wait_timeout(upid, started)),
+            };
+            if !status.is_running() {
+                let exitstatus = status
+                    .exitstatus
+                    .unwrap_or_else(|| "unexpected status".to_owned());
+                return match exitstatus_warnings(&exitstatus) {
+                    Some(warnings) => {
+                        if warnings > 0 {
+                            tracing::warn!(upid = %upid, %exitstatus, "task finished with warnings");
+                        }
+                        tracing::debug!(upid = %upid, elapsed_ms = started.elapsed().as_millis() as u64, "task finished");
+                        Ok(TaskOutcome {
+                            upid: upid.clone(),
+                            exitstatus,
+                            warnings,
+                        })
+                    }
+                    None => {
+                        // The log explains the failure; losing it must not hide the failure itself.
+                        let log_tail = self
+                            .task_log_tail(upid, LOG_TAIL as u64)
+                            .await
+                            .unwrap_or_default();
+                        Err(Error::TaskFailed {
+                            upid: upid.to_string(),
+                            exitstatus,
+                            log_tail,
+                        })
+                    }
+                };
+            }
+            let d = schedule.next(delay);
+            delay = Some(d);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(wait_timeout(upid, started));
+            }
+            tokio::time::sleep(d.min(remaining)).await;
+        }
+    }
+}
+
+fn wait_timeout(upid: &Upid, started: Instant) -> Error {
+    Error::Timeout {
+        request: format!("wait for task {upid}"),
+        message: format!(
+            "still running after {:.1}s",
+            started.elapsed().as_secs_f64()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_token_upid() {
+        let u: Upid = "UPID:pve-mp:00000ACD:00006AE8:679A423B:qmclone:112:capmox@pve!capi:"
+            .parse()
+            .unwrap();
+        assert_eq!(u.node, "pve-mp");
+        assert_eq!(u.pid, 0xACD);
+        assert_eq!(u.pstart, 0x6AE8);
+        assert_eq!(u.starttime, 0x679A423B);
+        assert_eq!(u.task_type, "qmclone");
+        assert_eq!(u.id, "112");
+        assert_eq!(u.user, "capmox@pve!capi");
+        assert_eq!(
+            u.to_string(),
+            "UPID:pve-mp:00000ACD:00006AE8:679A423B:qmclone:112:capmox@pve!capi:"
+        );
+    }
+
+    #[test]
+    fn empty_id_and_nine_digit_pstart() {
+        let u: Upid = "UPID:pve:00001234:123456789:AABBCCDD:aptupdate::root@pam:"
+            .parse()
+            .unwrap();
+        assert_eq!(u.id, "");
+        assert_eq!(u.pstart, 0x123456789);
+        let u: Upid = "UPID:pve:00001234:00005678:AABBCCDD:download:noble.qcow2:root@pam:"
+            .parse()
+            .unwrap();
+        assert_eq!(u.id, "noble.qcow2");
+    }
+
+    #[test]
+    fn malformed_upids_are_refused() {
+        for bad in [
+            "",
+            "UPID:pve:00001234:00005678:AABBCCDD:qmstart:100:root@pam", // no trailing colon
+            "PID:pve:00001234:00005678:AABBCCDD:qmstart:100:root@pam:",
+            "UPID:pve:1234:00005678:AABBCCDD:qmstart:100:root@pam:",
+            "UPID:pve:0000123G:00005678:AABBCCDD:qmstart:100:root@pam:",
+            "UPID:-pve:00001234:00005678:AABBCCDD:qmstart:100:root@pam:",
+            "UPID:pve:00001234:00005678:AABBCCDD::100:root@pam:",
+            "UPID:pve:00001234:00005678:AABBCCDD:qmstart:100::",
+            "UPID:pve:00001234:00005678:AABBCCDD:qmstart:1 0:root@pam:",
+            "UPID:pve:00001234:00005678:AABBCCDD:qmstart:100:root@pam:extra:",
+        ] {
+            assert!(bad.parse::<Upid>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exit_statuses() {
+        assert_eq!(exitstatus_warnings("OK"), Some(0));
+        assert_eq!(exitstatus_warnings("WARNINGS: 3"), Some(3));
+        assert_eq!(exitstatus_warnings("VM 100 already running"), None);
+        assert_eq!(exitstatus_warnings("unexpected status"), None);
+        assert_eq!(exitstatus_warnings("job errors"), None);
+    }
+
+    #[test]
+    fn poll_schedule_starts_fast_and_caps() {
+        let s = PollSchedule::default();
+        let mut d = None;
+        let mut seen = Vec::new();
+        for _ in 0..15 {
+            let n = s.next(d);
+            seen.push(n);
+            d = Some(n);
+        }
+        assert_eq!(seen[0], Duration::from_millis(50));
+        assert!(seen.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*seen.last().unwrap(), Duration::from_secs(2));
+        // A task that ends at `t` is seen by the next poll, soon after: within 50% late for
+        // short tasks, within the 2 s cap for long ones.
+        let mut at = Duration::ZERO;
+        let times: Vec<Duration> = seen
+            .iter()
+            .map(|d| {
+                at += *d;
+                at
+            })
+            .collect();
+        let seen_after = |t: Duration| *times.iter().find(|p| **p >= t).unwrap();
+        assert!(seen_after(Duration::from_secs(1)) < Duration::from_millis(1600));
+        assert!(seen_after(Duration::from_millis(100)) <= Duration::from_millis(150));
+        assert!(seen_after(Duration::from_secs(10)) <= Duration::from_secs(12));
+    }
+
+    #[test]
+    fn task_status_decodes_leniently() {
+        let s: TaskStatus = serde_json::from_str(
+            r#"{"status":"stopped","exitstatus":"OK","type":"qmstart","id":100,"user":"a@pam","tokenid":"t","pid":"12","node":"pve"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.id.as_deref(), Some("100"));
+        assert!(!s.is_running());
+    }
+}
