@@ -303,7 +303,7 @@ pub fn render_description(existing: &str, marker: &Marker) -> Result<String, Mar
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 

@@ -13,4 +13,4 @@ pub use naming::{NAME_PLACEHOLDERS, NameTemplate, next_build_number};
 pub use output::TerraformOutput;
 pub use spec_hash::spec_hash;
 pub use tags::TagSet;
-pub use version::{TemplateVersion, ValidationStatus};
+pub use version::{TemplateVersion, ValidationStatus, VmFacts};

@@ -11,6 +11,10 @@ use thiserror::Error;
 /// Placeholders a name template may use (without braces). The CRD validation reuses this list.
 pub const NAME_PLACEHOLDERS: [&str; 4] = ["os", "type", "date", "build"];
 
+/// What a name template may look like, as a pattern the CRD schema can reuse (`{date}` and
+/// `{build}` being present is checked by [`NameTemplate::parse`]; a CEL rule can do the same).
+pub const NAME_TEMPLATE_PATTERN: &str = r"^([A-Za-z0-9.-]|\{(os|type|date|build)\})+$";
+
 /// The seed's naming scheme, e.g. `ubuntu-24.04-minimal-20250118-001`.
 pub const DEFAULT_NAME_TEMPLATE: &str = "{os}-{type}-{date}-{build}";
 

@@ -141,6 +141,42 @@ pub fn base_tags(
     Ok(tags)
 }
 
+/// The two tags that select the one latest validated template of an image.
+pub fn latest_selector(namespace: &str, name: &str) -> [String; 2] {
+    [image_tag(namespace, name), LATEST_TAG.to_string()]
+}
+
+/// A template's lifecycle as its tags show it. Proxmox copies tags into clones, so these are
+/// hints for consumers; the marker stays authoritative for the controller.
+impl TagSet {
+    /// Validation passed: `validated`, never `failed-validation`.
+    pub fn mark_validated(&mut self) {
+        self.remove(FAILED_VALIDATION_TAG);
+        self.insert(VALIDATED_TAG);
+    }
+
+    /// Validation failed: `failed-validation`; it can never be the latest.
+    pub fn mark_failed_validation(&mut self) {
+        self.remove(VALIDATED_TAG);
+        self.remove(LATEST_TAG);
+        self.insert(FAILED_VALIDATION_TAG);
+    }
+
+    /// Retired in `tag` mode: out of the channel, `archived`.
+    pub fn mark_archived(&mut self) {
+        self.remove(LATEST_TAG);
+        self.insert(ARCHIVED_TAG);
+    }
+
+    pub fn is_latest(&self) -> bool {
+        self.contains(LATEST_TAG)
+    }
+
+    pub fn is_archived(&self) -> bool {
+        self.contains(ARCHIVED_TAG)
+    }
+}
+
 /// A VM's tag list as PVE treats it by default: a set compared case-insensitively, sorted.
 /// The original spelling is kept so rewriting the list does not change users' tags when the
 /// datacenter is set to `case-sensitive=1`.
@@ -314,6 +350,27 @@ mod tests {
         assert_eq!(set.len(), 4);
         assert!(TagSet::parse("").is_empty());
         assert_eq!(TagSet::parse(" ; , ").len(), 0);
+    }
+
+    #[test]
+    fn lifecycle_marks() {
+        let mut tags = base_tags("platform", "ubuntu", "ubuntu-24.04", "minimal").unwrap();
+        tags.mark_validated();
+        tags.insert(LATEST_TAG);
+        assert!(
+            tags.contains_all(
+                latest_selector("platform", "ubuntu")
+                    .iter()
+                    .map(String::as_str)
+            )
+        );
+        assert!(tags.is_latest());
+        tags.mark_archived();
+        assert!(!tags.is_latest() && tags.is_archived() && tags.contains(VALIDATED_TAG));
+        tags.mark_failed_validation();
+        assert!(!tags.contains(VALIDATED_TAG) && tags.contains(FAILED_VALIDATION_TAG));
+        tags.mark_validated();
+        assert!(!tags.contains(FAILED_VALIDATION_TAG));
     }
 
     proptest! {

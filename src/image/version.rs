@@ -6,7 +6,8 @@ use std::cmp::Ordering;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::marker::ValidationRecord;
+use super::marker::{Marker, Ownership, Role, ValidationRecord, ownership};
+use super::tags::TagSet;
 
 /// Validation state of a template, without the details the marker keeps.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -56,7 +57,43 @@ pub struct TemplateVersion {
     pub created: Option<DateTime<Utc>>,
 }
 
+/// What the inventory knows about one template VM, to build a [`TemplateVersion`] from.
+#[derive(Debug, Clone, Copy)]
+pub struct VmFacts<'a> {
+    pub vmid: u32,
+    pub node: &'a str,
+    pub name: &'a str,
+    pub tags: &'a TagSet,
+    /// The marker parsed from the description, if any.
+    pub marker: Option<&'a Marker>,
+    pub protected: bool,
+    pub in_use_by: &'a [u32],
+}
+
 impl TemplateVersion {
+    /// Builds the view from inventory facts. Build date, number and validation come from the
+    /// marker (tags can be edited by anyone); latest and archived from the tags, as those are
+    /// what consumers select on. `None` without a marker: such a VM has no build date to order
+    /// by and is not ours anyway. A marker copied from another VMID gives `owned: false`.
+    pub fn from_vm(facts: VmFacts<'_>) -> Option<Self> {
+        let marker = facts.marker?;
+        let owned = ownership(Some(marker), facts.vmid) == Ownership::Ours(Role::Template);
+        Some(Self {
+            vmid: facts.vmid,
+            name: facts.name.to_string(),
+            node: facts.node.to_string(),
+            build_date: marker.metadata.build_date,
+            build_number: marker.metadata.build_number,
+            validation: ValidationStatus::from(&marker.metadata.validation),
+            latest: facts.tags.is_latest(),
+            archived: facts.tags.is_archived(),
+            protected: facts.protected,
+            in_use_by: facts.in_use_by.to_vec(),
+            owned,
+            created: marker.metadata.created_at,
+        })
+    }
+
     pub fn validated(&self) -> bool {
         self.validation == ValidationStatus::Passed
     }
@@ -121,6 +158,48 @@ mod tests {
         let v = version(1, (2025, 1, 18), 1);
         assert_eq!(v.created_at().to_rfc3339(), "2025-01-18T00:00:00+00:00");
         assert!(v.validated() && !v.in_use());
+    }
+
+    #[test]
+    fn from_vm_facts() {
+        let marker = crate::image::marker::tests::sample_marker();
+        let tags = TagSet::parse("sombrero;sombrero-latest;validated");
+        let facts = VmFacts {
+            vmid: 8024,
+            node: "pve1",
+            name: "ubuntu-24.04-minimal-20250118-001",
+            tags: &tags,
+            marker: Some(&marker),
+            protected: true,
+            in_use_by: &[201],
+        };
+        let v = TemplateVersion::from_vm(facts).unwrap();
+        assert!(v.owned && v.latest && v.validated() && v.protected && v.in_use());
+        assert!(!v.archived);
+        assert_eq!(
+            (v.build_date, v.build_number),
+            (marker.metadata.build_date, 1)
+        );
+        // A consumer's clone carries the same marker: not ours.
+        let clone = TemplateVersion::from_vm(VmFacts { vmid: 201, ..facts }).unwrap();
+        assert!(!clone.owned);
+        // A build VM is not a template version we may retire.
+        let build = marker.retarget(Role::Build, 8024);
+        assert!(
+            !TemplateVersion::from_vm(VmFacts {
+                marker: Some(&build),
+                ..facts
+            })
+            .unwrap()
+            .owned
+        );
+        assert!(
+            TemplateVersion::from_vm(VmFacts {
+                marker: None,
+                ..facts
+            })
+            .is_none()
+        );
     }
 
     #[test]
