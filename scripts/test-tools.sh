@@ -28,7 +28,7 @@ fi
 # -mod=readonly: build exactly what go.mod/go.sum pin; never rewrite them.
 # -buildvcs=false: don't stamp (or fail on) the enclosing git checkout.
 # CGO_ENABLED=0 (below): static binaries, same result with or without a C compiler.
-GO_BUILD_FLAGS=(-mod=readonly -buildvcs=false -trimpath '-ldflags=-s -w')
+GO_BUILD_FLAGS=(-mod=readonly -buildvcs=false -trimpath)
 
 mkdir -p "$BIN"
 # Serialise concurrent runs (e.g. parallel test binaries calling this script).
@@ -39,9 +39,9 @@ fi
 
 now_ms() { date +%s%3N; }
 
-# build_module <module dir under tests/tools> <binary>=<package> ...
+# build_module <module dir under tests/tools> <extra -ldflags> <binary>=<package> ...
 build_module() {
-    local mod="$1"; shift
+    local mod="$1" ldflags="-s -w $2"; shift 2
     local dir="$TOOLS/$mod"
     local stamp="$BIN/.$mod.stamp"
     local want have="" missing=0 spec name pkg start took tmp
@@ -57,7 +57,7 @@ build_module() {
         cd "$dir"
         {
             go version
-            printf 'CGO_ENABLED=0 %s\n' "${GO_BUILD_FLAGS[*]}"
+            printf 'CGO_ENABLED=0 %s -ldflags=%s\n' "${GO_BUILD_FLAGS[*]}" "$ldflags"
             find . -name '*.go' -o -name go.mod -o -name go.sum | LC_ALL=C sort | xargs sha256sum
         } | sha256sum | cut -d' ' -f1
     )"
@@ -74,7 +74,7 @@ build_module() {
     start="$(now_ms)"
     tmp="$(mktemp -d "$BIN/.build.XXXXXX")"
     if ! (cd "$dir" && GOWORK=off CGO_ENABLED=0 nice go build "${GO_BUILD_FLAGS[@]}" \
-            -o "$tmp/" "${pkgs[@]}"); then
+            -ldflags="$ldflags" -o "$tmp/" "${pkgs[@]}"); then
         rm -rf "$tmp"
         die "go build failed in tests/tools/$mod (see output above)"
     fi
@@ -89,8 +89,19 @@ build_module() {
 }
 
 total_start="$(now_ms)"
-build_module etcd etcd=./cmd/etcd
-build_module k8s kube-apiserver=./cmd/kube-apiserver kubectl=./cmd/kubectl
+build_module etcd "" etcd=./cmd/etcd
+
+# Stamp the Kubernetes version into the binaries as the release build does;
+# otherwise /version and `kubectl version` say "v0.0.0-master+$Format:%H$",
+# which kubectl (and version parsers) reject.
+K8S_VERSION="$(awk '$1 == "k8s.io/kubernetes" { print $2; exit }' "$TOOLS/k8s/go.mod")"
+[[ "$K8S_VERSION" =~ ^v([0-9]+)\.([0-9]+)\. ]] || die "cannot read the k8s.io/kubernetes version from tests/tools/k8s/go.mod"
+K8S_LDFLAGS=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    K8S_LDFLAGS+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=${BASH_REMATCH[1]}"
+    K8S_LDFLAGS+=" -X $pkg.gitMinor=${BASH_REMATCH[2]} -X $pkg.gitTreeState=clean"
+done
+build_module k8s "$K8S_LDFLAGS" kube-apiserver=./cmd/kube-apiserver kubectl=./cmd/kubectl
 took=$(( $(now_ms) - total_start ))
 log "done in $((took / 1000)).$(printf '%03d' $((took % 1000)))s; binaries in $BIN"
 echo "$BIN"
