@@ -1,4 +1,5 @@
 //! Test support shared by the integration test binaries.
 #![allow(dead_code)]
 
+pub mod fakepve;
 pub mod kube;
