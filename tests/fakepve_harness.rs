@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::fakepve::{CommandFailure, Failure, FakePve, GuestSettings, Image};
+use support::fakepve::{CommandFailure, Failure, FakePve, GuestSettings, Image, sshkeys_param};
 
 /// A bare API caller: JSON bodies, the main token unless `limited`.
 struct Api<'a> {
@@ -365,4 +365,56 @@ async fn agent_exec_installs_and_template_and_clones_carry_the_contents() {
         pve.guest(9101).await.machine_id().is_empty(),
         "the full clone has not booted"
     );
+}
+
+#[tokio::test]
+async fn ssh_installs_the_agent_into_a_cloud_image_without_it() {
+    let pve = FakePve::start().await;
+    let api = Api::new(&pve);
+    pve.add_image(Image::new("noble.qcow2").present()).await;
+    let key = pve.ssh_keygen();
+    let ip = pve.guest_ip(10);
+    let create = json!({
+        "vmid": 9002, "name": "build", "agent": "1", "ciuser": "ubuntu",
+        "sshkeys": sshkeys_param(&[&key.public_key]), "ipconfig0": format!("ip={ip}/8"),
+        "scsi0": "local-lvm:0,import-from=local:import/noble.qcow2", "net0": "virtio,bridge=vmbr0",
+    });
+    assert_eq!(
+        api.wait(&api.ok(Method::POST, "/nodes/pve1/qemu", Some(create)).await)
+            .await,
+        "OK"
+    );
+    assert_eq!(
+        api.wait(
+            &api.ok(Method::POST, "/nodes/pve1/qemu/9002/status/start", None)
+                .await
+        )
+        .await,
+        "OK"
+    );
+
+    let script = "sudo apt-get update && sudo apt-get install -y qemu-guest-agent && sudo systemctl enable --now qemu-guest-agent";
+    let mut result = Err(String::new());
+    for _ in 0..100 {
+        result = pve.ssh_run(&ip, "ubuntu", &key, script).await;
+        if result.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // sshd comes up with the boot
+    }
+    let out = result.expect("ssh into the guest");
+    assert_eq!(out.exitcode, 0, "{out:?}");
+    api.ok(Method::POST, "/nodes/pve1/qemu/9002/agent/ping", None)
+        .await;
+
+    // Another user, or another key, is refused.
+    assert!(pve.ssh_run(&ip, "root", &key, "true").await.is_err());
+    assert!(
+        pve.ssh_run(&ip, "ubuntu", &pve.ssh_keygen(), "true")
+            .await
+            .is_err()
+    );
+    let commands = pve.agent_commands(9002).await;
+    assert_eq!(commands.len(), 1);
+    assert_eq!(commands[0].via, "ssh");
 }

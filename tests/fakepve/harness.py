@@ -574,7 +574,7 @@ class Harness(object):
 
     async def stop(self):
         if self.ssh:
-            await self.ssh.close_all()
+            await self.ssh.stop()
         if self.pve:
             await self.pve.stop()
         if self.control_runner:

@@ -63,6 +63,12 @@
 //!   `sh: 1: X: not found`. [`GuestSettings::failures`] makes matching commands fail.
 //! - `network-get-interfaces` answers `lo` plus `ethN` with the address of `ipconfigN`
 //!   (`ip=A/P`; dhcp gives 192.0.2.x); `get-osinfo` the os-release of the contents.
+//! - SSH: a running, booted VM with `openssh-server` (in the default image), host keys (made by
+//!   cloud-init at first boot) and `ipconfig0: ip=127.x.y.z/n` (see [`FakePve::guest_ip`])
+//!   listens on that address and [`FakePve::ssh_port`] with a real SSH server. It accepts user
+//!   `ciuser` (default `ubuntu`) with a key from `sshkeys` ([`sshkeys_param`] encodes them) and
+//!   runs exec requests through the same shell as the agent (recorded with `via: "ssh"`).
+//!   [`FakePve::ssh_keygen`] and [`FakePve::ssh_run`] are a client for tests.
 //! - `POST /nodes/{node}/vzdump` stores a backup volume (`local:backup/vzdump-qemu-...`, with
 //!   notes from `notes-template` and `protected`); [`FakePve::add_backup`] adds one directly.
 //!
@@ -367,6 +373,38 @@ pub struct Backup {
     pub ctime: Option<i64>,
 }
 
+/// An SSH key pair made by [`FakePve::ssh_keygen`].
+#[derive(Debug, Clone)]
+pub struct SshKey {
+    pub private_key_path: PathBuf,
+    /// `ssh-ed25519 AAAA... sombrero-test`
+    pub public_key: String,
+}
+
+/// What a command run by [`FakePve::ssh_run`] gave.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SshOutput {
+    pub exitcode: i64,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The `sshkeys` value PVE wants: the keys joined with newlines, then percent-encoded strictly
+/// (everything outside `[-A-Za-z0-9_.!~*'()]`, so a space is `%20`, never `+`).
+pub fn sshkeys_param(public_keys: &[&str]) -> String {
+    let joined = public_keys.join("\n");
+    let mut out = String::new();
+    for b in joined.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+static SSH_KEYS: AtomicU32 = AtomicU32::new(0);
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 static VENV: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
@@ -741,6 +779,71 @@ impl FakePve {
     /// Back to a fresh fake (same URL, tokens and CA): VMs, images, settings and logs go.
     pub async fn reset(&self) {
         self.control("/reset", Some(json!({}))).await;
+    }
+
+    // ------------------------------------------------------------ SSH
+
+    /// A loopback address for a VM's `ipconfig0` (`ip=<this>/8`), distinct per instance and `n`.
+    /// Its SSH endpoint listens there on [`FakePve::ssh_port`] once the guest has booted.
+    pub fn guest_ip(&self, n: u8) -> String {
+        let parts: Vec<u8> = self
+            .host
+            .split('.')
+            .map(|p| p.parse().unwrap_or(0))
+            .collect();
+        format!("127.{}.{}.{}", parts[1], parts[2] ^ 0x80, n.max(1))
+    }
+
+    /// Makes an ed25519 key pair in this instance's temp dir (through the venv's asyncssh).
+    pub fn ssh_keygen(&self) -> SshKey {
+        let n = SSH_KEYS.fetch_add(1, Ordering::Relaxed);
+        let path = self._dir.path().join(format!("id_ed25519_{n}"));
+        let out = std::process::Command::new(venv_python())
+            .arg(repo_root().join("tests/fakepve/ssh_client.py"))
+            .arg("keygen")
+            .arg(&path)
+            .output()
+            .expect("run ssh_client.py keygen");
+        assert!(
+            out.status.success(),
+            "ssh keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SshKey {
+            private_key_path: path,
+            public_key: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        }
+    }
+
+    /// Runs `command` over SSH on a fake guest (`ip` from its `ipconfig0`, the harness's SSH
+    /// port). `Err` for a connection or authentication failure (e.g. the guest has not booted yet).
+    pub async fn ssh_run(
+        &self,
+        ip: &str,
+        user: &str,
+        key: &SshKey,
+        command: &str,
+    ) -> Result<SshOutput, String> {
+        let port = self.ssh_port.expect("the harness serves no SSH endpoint");
+        let out = Command::new(venv_python())
+            .arg(repo_root().join("tests/fakepve/ssh_client.py"))
+            .args(["run", ip, &port.to_string(), user])
+            .arg(&key.private_key_path)
+            .arg(command)
+            .output()
+            .await
+            .map_err(|e| format!("run ssh_client.py: {e}"))?;
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "ssh_client.py said ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if let Some(err) = v.get("error") {
+            return Err(err.as_str().unwrap_or_default().to_string());
+        }
+        serde_json::from_value(v).map_err(|e| e.to_string())
     }
 
     /// Where the CA certificate is, for tools that take a file.
