@@ -149,7 +149,8 @@ pub fn exitstatus_warnings(exitstatus: &str) -> Option<u32> {
     if s == "OK" {
         return Some(0);
     }
-    s.strip_prefix("WARNINGS:").map(|n| n.trim().parse().unwrap_or(1))
+    s.strip_prefix("WARNINGS:")
+        .map(|n| n.trim().parse().unwrap_or(1))
 }
 
 /// Polling cadence of a task wait: fast at first so short tasks are noticed quickly, then
