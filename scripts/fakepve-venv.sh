@@ -30,6 +30,14 @@ if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; t
   exit 0
 fi
 
+# Test binaries may call this at the same time: one installs, the others wait and then find it done.
+mkdir -p "$root/.venv"
+exec 9>"$root/.venv/.fakepve.lock"
+if command -v flock >/dev/null 2>&1; then flock 9; fi
+if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  exit 0
+fi
+
 echo "fakepve-venv: installing $req into $venv" >&2
 if ! "$python" -m venv "$venv" 2>/dev/null; then
   echo "fakepve-venv: '$python -m venv' failed (on Debian: apt-get install python3-venv)" >&2

@@ -223,6 +223,7 @@ async fn agent_exec_installs_and_template_and_clones_carry_the_contents() {
         .await;
     let create = json!({
         "vmid": 9001, "name": "build", "agent": "1", "ipconfig0": "ip=127.0.0.51/8", "net0": "virtio,bridge=vmbr0",
+        "ide2": "local-lvm:cloudinit",
         "scsi0": format!("local-lvm:0,import-from={}", img.volid.unwrap()),
     });
     assert_eq!(
@@ -337,6 +338,20 @@ async fn agent_exec_installs_and_template_and_clones_carry_the_contents() {
         "OK"
     );
 
+    let clone_config = api
+        .ok(Method::GET, "/nodes/pve1/qemu/9100/config", None)
+        .await;
+    assert_eq!(
+        clone_config["ide2"],
+        "local-lvm:vm-9100-cloudinit,media=cdrom"
+    );
+    assert!(
+        clone_config["scsi0"]
+            .as_str()
+            .unwrap()
+            .starts_with("local-lvm:"),
+        "{clone_config}"
+    );
     let template = pve.guest(9001).await;
     assert!(template.has_package("htop"));
     assert_eq!(template.machine_id(), "");

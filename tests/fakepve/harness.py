@@ -221,11 +221,26 @@ class GuestPve(FakePve):
         self._qm_image_store(sid, user)
         self._import_source(user, key, src, vmid)
 
+    def _cloudinit_name(self, value, volids):
+        """PVE names a cloud-init drive vm-<vmid>-cloudinit (fakepve: the next vm-<vmid>-disk-N)."""
+        volid = volids[0]
+        sid, name = volume_ref(volid)
+        new_name = re.sub(r'vm-(\d+)-disk-\d+', r'vm-\1-cloudinit', name)
+        volumes = self.storages[sid]['volumes']
+        if new_name in volumes:
+            raise die("volume '{0}:{1}' already exists".format(sid, new_name))
+        volumes[new_name] = volumes.pop(name)
+        new_volid = '{0}:{1}'.format(sid, new_name)
+        return value.replace(volid, new_volid, 1), [new_volid]
+
     def _qm_new_drive(self, vmid, key, value, default):
         volume, props = split_drive(value)
         src = props.get('import-from')
         if src is None:
-            return super()._qm_new_drive(vmid, key, value, default)
+            value, volids = super()._qm_new_drive(vmid, key, value, default)
+            if volume.endswith(':cloudinit') and volids:
+                value, volids = self._cloudinit_name(value, volids)
+            return value, volids
         props = dict(props)
         props.pop('import-from')
         sid = NEW_DISK.match(volume).group(1) or default
@@ -278,9 +293,15 @@ class GuestPve(FakePve):
         return await super().task(node, ttype, tid, user, body, vm=vm, lock=lock, log=log)
 
     def _copy_guest(self, src, new):
-        """Every disk of the clone gets the contents of the source disk in the same slot."""
+        """Every disk of the clone gets the contents of the source disk in the same slot, and its
+        own cloud-init drive (fakepve would point the clone at the source's)."""
         if src is None:
             return
+        for key, volume, props in drives_of(new.config):
+            if volume.endswith('-cloudinit') and volume_ref(volume)[1].endswith('vm-{0}-cloudinit'.format(src.vmid)):
+                sid = volume_ref(volume)[0]
+                value, _ids = self._qm_new_drive(new.vmid, key, '{0}:cloudinit'.format(sid), None)
+                new.config[key] = join_drive(split_drive(value)[0], dict(props))
         for key, volume, _props in drives_of(src.config, skip_cdrom=True):
             vol = self.volume_dict(volume)
             if vol is None or vol.get('_guest') is None or key not in new.config:
@@ -746,7 +767,7 @@ class Harness(object):
             return await handler(request)
         except web.HTTPException:
             raise
-        except (KeyError, ValueError, TypeError, PveError) as e:
+        except (KeyError, ValueError, TypeError, re.error, PveError) as e:
             msg = getattr(e, 'message', None) or '{0}: {1}'.format(type(e).__name__, e)
             return web.json_response({'error': msg}, status=400)
 
