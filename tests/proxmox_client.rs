@@ -791,3 +791,24 @@ async fn the_token_secret_never_appears_in_errors_or_logs() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_message_is_found_when_the_body_is_not_pves_json() {
+    let pve = FakePve::start().await;
+    let c = Client::new(config(&pve).with_retry(RetryPolicy::none())).unwrap();
+    add_vm(&pve, 4901, "stopped").await;
+    // A proxy's HTML page (or PVE < 8.4's bare JSON): the text is only in the reason phrase.
+    pve.fail(
+        Failure::status(
+            "GET",
+            "/nodes/pve1/qemu/4901/config",
+            500,
+            "VM is locked (clone)",
+        )
+        .html(),
+    )
+    .await;
+    let e = c.vm_config(&pve.node, 4901).await.unwrap_err();
+    assert_eq!(e.category(), "locked", "{e:?}");
+    assert_eq!(e.pve_message(), Some("VM is locked (clone)"));
+}

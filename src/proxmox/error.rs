@@ -170,6 +170,14 @@ impl Error {
                     .map(|r| r.trim().to_owned())
                     .filter(|r| !r.is_empty())
             })
+            // A proxy's page or a plain-text error: its text is better than a bare status.
+            .or_else(|| {
+                if parsed.is_none() {
+                    body_text(body)
+                } else {
+                    None
+                }
+            })
             .or_else(|| {
                 reqwest::StatusCode::from_u16(status)
                     .ok()
@@ -179,6 +187,27 @@ impl Error {
             .unwrap_or_else(|| format!("HTTP status {status}"));
         classify(request.to_owned(), status, message, errors)
     }
+}
+
+/// The readable text of a non-JSON body: tags dropped, whitespace collapsed, at most 300 chars.
+fn body_text(body: &[u8]) -> Option<String> {
+    let raw = String::from_utf8_lossy(body);
+    let mut text = String::new();
+    let mut in_tag = false;
+    for ch in raw.chars() {
+        match ch {
+            '<' => {
+                in_tag = true;
+                text.push(' ');
+            }
+            '>' if in_tag => in_tag = false,
+            _ if !in_tag => text.push(ch),
+            _ => {}
+        }
+    }
+    let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let text: String = text.chars().take(300).collect();
+    (!text.is_empty()).then_some(text)
 }
 
 fn classify(
@@ -308,7 +337,17 @@ mod tests {
         assert_eq!(e.category(), "locked");
         assert!(e.is_retryable());
         assert!(e.to_string().contains("lock-203.conf"));
-        let e = err(500, None, "not json at all");
+        let e = err(
+            502,
+            None,
+            "<html><head><title>502</title></head><body><h1>Bad Gateway</h1>\n upstream down</body></html>",
+        );
+        assert!(
+            e.to_string().contains("502 Bad Gateway upstream down"),
+            "{e}"
+        );
+        assert_eq!(err(500, None, "VM is locked (clone)").category(), "locked");
+        let e = err(500, None, "");
         assert_eq!(
             e,
             Error::Api {
