@@ -797,7 +797,8 @@ async fn the_message_is_found_when_the_body_is_not_pves_json() {
     let pve = FakePve::start().await;
     let c = Client::new(config(&pve).with_retry(RetryPolicy::none())).unwrap();
     add_vm(&pve, 4901, "stopped").await;
-    // A proxy's HTML page (or PVE < 8.4's bare JSON): the text is only in the reason phrase.
+    // A proxy's HTML page instead of PVE's JSON: the message is the page's text. (PVE < 8.4 puts it
+    // only in the reason phrase; that path is unit-tested in src/proxmox/error.rs.)
     pve.fail(
         Failure::status(
             "GET",
