@@ -9,6 +9,7 @@ use (apt-get, systemctl, cloud-init, dpkg-query, ...) against both, for the agen
 """
 
 import copy
+import json
 import re
 import secrets
 import shlex
@@ -120,6 +121,7 @@ class Shell(object):
         self.on_poweroff = on_poweroff
         self.since_boot = pve_secs_since_boot
         self.secs = 0.0
+        self.errexit = False
 
     # ------------------------------------------------------------ parsing
 
@@ -130,54 +132,44 @@ class Shell(object):
         if prog in ('sh', 'bash', 'dash'):
             flags = [a for a in argv[1:] if a.startswith('-')]
             rest = [a for a in argv[1:] if not a.startswith('-')]
+            errexit = any('e' in f for f in flags)
             if any('c' in f for f in flags):
-                return self.script(rest[0] if rest else '')
-            return self.script(input_data or '')
+                return self.script(rest[0] if rest else '', errexit)
+            return self.script(input_data or '', errexit)
         return self.simple(argv)
 
-    def script(self, text):
-        """A small subset of sh: `;`, `&&`, `||`, newlines, a trailing `| filter` ignored, redirections dropped."""
-        text = re.sub(r'\s*\d*>>?\s*&?\s*(?:&\d+|\S+)', '', text)  # 2>&1, > /dev/null, >> log
-        text = re.sub(r'\s*<\s*\S+', '', text)
+    def script(self, text, errexit=False):
+        """A small subset of sh: `;`, `&&`, `||`, newlines, `set -e`, a `| filter` is not run (its
+        input passes through), redirections are dropped, `exit n` ends the script."""
+        text = re.sub(r'\s*(?:&|\d*)>>?\s*(?:&\d+|[^\s;&|]+)', '', text)  # 2>&1, > /dev/null, &>> log
+        text = re.sub(r'\s*<\s*[^\s;&|]+', '', text)
         lexer = shlex.shlex(text.replace('\n', ';'), posix=True, punctuation_chars=';&|')
         lexer.whitespace_split = True
         try:
             tokens = list(lexer)
         except ValueError as e:
             return 2, '', 'sh: 1: Syntax error: {0}\n'.format(e), 0
+        self.errexit = errexit
         code, out, err = 0, [], []
-        op = ';'
-        cmd = []
-        skip_pipe = False
-
-        def flush(cmd, op, code):
-            if not cmd:
-                return code, False
-            if (op == '&&' and code != 0) or (op == '||' and code == 0):
-                return code, False
-            rc, o, e, _ = self.simple(cmd)
-            out.append(o)
-            err.append(e)
-            return rc, rc == 'exit'
-
+        op, cmd, in_filter = ';', [], False
         for tok in tokens + [';']:
-            if tok in (';', '&&', '||', '|', '&'):
-                if skip_pipe:
-                    skip_pipe = tok == '|'
-                    if tok != '|':
-                        op = tok
-                    cmd = []
-                    continue
-                code, _ = flush(cmd, op, code)
-                if isinstance(code, tuple):  # `exit n`
-                    return code[1], ''.join(out), ''.join(err), self.secs
-                cmd = []
-                if tok == '|':
-                    skip_pipe = True  # `cmd | tail -n1`: the filter is not run, its input passes through
-                else:
-                    op = tok if tok != '&' else ';'
-            else:
-                cmd.append(tok)
+            if tok not in (';', '&&', '||', '|', '&'):
+                if not in_filter:
+                    cmd.append(tok)
+                continue
+            if cmd and not ((op == '&&' and code != 0) or (op == '||' and code == 0)):
+                rc, o, e, _ = self.simple(cmd)
+                out.append(o)
+                err.append(e)
+                if isinstance(rc, tuple):  # `exit n`
+                    return rc[1], ''.join(out), ''.join(err), self.secs
+                code = rc
+                if code != 0 and self.errexit and tok in (';', '&', '|'):
+                    return code, ''.join(out), ''.join(err), self.secs
+            cmd = []
+            in_filter = tok == '|'
+            if tok != '|':
+                op = ';' if tok == '&' else tok
         return code, ''.join(out), ''.join(err), self.secs
 
     def simple(self, argv):
@@ -216,7 +208,14 @@ class Shell(object):
         if handler is None:
             return 127, '', 'sh: 1: {0}: not found\n'.format(argv[0]), 0
         result = handler(argv[1:])
-        verb = next((a for a in argv[1:] if not a.startswith('-')), '')
+        args = iter(argv[1:])
+        verb = ''
+        for a in args:
+            if a in ('-o', '--option', '-c', '-t'):
+                next(args, None)
+            elif not a.startswith('-'):
+                verb = a
+                break
         self.secs += DURATIONS.get(prog + ' ' + verb, 0)
         return result + (0,) if len(result) == 3 else result
 
@@ -236,10 +235,14 @@ class Shell(object):
         return 0, '', ''
 
     def cmd_set(self, args):
+        if any(a.startswith('-') and 'e' in a for a in args) or args[:2] == ['-o', 'errexit']:
+            self.errexit = True
         return 0, '', ''
 
-    cmd_export = cmd_set
-    cmd_sync = cmd_set
+    def cmd_export(self, args):
+        return 0, '', ''
+
+    cmd_sync = cmd_export
 
     def cmd_hostname(self, args):
         return 0, self.c['hostname'] + '\n', ''
@@ -341,7 +344,12 @@ class Shell(object):
         return 0, '', ''
 
     def cmd_apt_get(self, args):
-        words = [a for a in args if not a.startswith('-')]
+        words, it = [], iter(args)
+        for a in it:
+            if a in ('-o', '--option', '-c', '--config-file', '-t', '--target-release'):
+                next(it, None)  # the option's value
+            elif not a.startswith('-'):
+                words.append(a)
         yes = any(a in ('-y', '--yes', '--assume-yes', '-qy', '-yq') for a in args)
         if not words:
             return 100, '', 'E: Invalid operation\n'
@@ -447,6 +455,11 @@ class Shell(object):
                 return 0, 'status: running\n', ''
             self.secs += remaining
             status = ci['status']
+            if '--format' in args or any(a.startswith('--format=') for a in args):
+                shown = {'not-run': 'not started'}.get(status, status)
+                detail = {'status': shown, 'extended_status': shown, 'errors': ['script-user failure']
+                          if status == 'error' else [], 'recoverable_errors': {}, 'boot_status_code': 'enabled-by-generator'}
+                return {'error': 1, 'degraded': 2}.get(status, 0), json.dumps(detail) + '\n', ''
             long = '--long' in args or '-l' in args
             if status == 'error':
                 return 1, 'status: error\n' + ('detail:\nscript-user failure\n' if long else ''), ''

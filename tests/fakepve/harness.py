@@ -531,6 +531,13 @@ class GuestPve(FakePve):
         if command == 'shutdown':
             self.h.poweroff(vm)
             return {'result': None}
+        if command == 'file-read':
+            shell = guestos.Shell(contents, rt, [], {}, lambda: None, 0)
+            code, out, _err = shell.cmd_cat([values['file']])
+            if code != 0:
+                raise PveError(500, "Agent error: Failed to open file '{0}': No such file or directory".format(
+                    values['file']))
+            return {'content': out, 'truncated': False, 'bytes-read': len(out.encode())}
         return guest_agent.result(vm, command, values)
 
 
