@@ -10,8 +10,33 @@ end of stdin (so a test process that dies never leaves it behind). Logs go to st
 fakepve (PyPI, AGPL) is used unchanged through its Python API: `GuestPve` subclasses its `FakePve`
 and overrides a few of its handler methods (create/config drives for `import-from`, the agent,
 download-url, clone) and adds routes for `resize` and `vzdump`. The guest OS itself is guest.py.
-The control API (plain HTTP+JSON on --control-port, same address) is documented in CONTROL below and,
-for Rust callers, in tests/support/fakepve.rs.
+The control API is plain HTTP+JSON on --control-port (same address). Rust callers use
+tests/support/fakepve.rs, which wraps every call. A 400 {"error": ...} answers a bad call.
+
+    GET  /health
+    GET  /images/{name}            the bytes of a registered image (what download-url fetches)
+    POST /images        {filename, contents?, agent?, virtual_size?, size?, present?, storage?, content?}
+                        -> {filename, url, size, virtual_size, checksums: {sha256, ...}, volid?}
+    POST /fail          {method, path, status?, message?, error?, html?, times?}   fakepve's fail()
+    POST /fail/clear
+    GET  /errors?method=&path=     catalogue errors [{name, status, message, in_task}]
+    POST /time-scale    {scale}
+    POST /lock          {vmid, lock}       lock=null unlocks
+    POST /config-lock   {vmid, secs?} | {vmid, release: true}
+    POST /network       {latency, jitter, node, drop_rate, hang_rate, hang_secs, seed}
+    POST /node          {node, online}     an unknown node is added
+    POST /quorum        {quorate}
+    POST /guest         {vmid|null, cloud_init?, cloud_init_secs?, boot_secs?, failures?: [{pattern,
+                         exitcode, stderr, stdout?, times?}]}   vmid null: defaults for every VM
+    GET  /guest/{vmid}  {vmid, contents, running, active_services, agent_up}
+    POST /vms           {vmid, name?, node?, status?, template?, config?, contents?|agent?, storage?,
+                         disk_size?, with_disk?}   an existing VM or template with a modelled disk
+    POST /vm-attr       {vmid, start_error?, start_secs?, stop_secs?, shutdown_secs?, acpi?, agent_hangs?}
+    GET  /requests?since=SEQ       [{seq, method, path, params, status, token_id}], secrets as ***
+    GET  /agent-commands?vmid=     [{vmid, via, command, input_data, exitcode, stdout, stderr, time}]
+    POST /backups       {vmid, storage?, filename?, notes?, protected?, size?, ctime?} -> {volid}
+    GET  /tasks         [{upid, node, type, id, user, status, exitstatus, starttime, endtime}]
+    POST /reset         a fresh fake on the same address, tokens and CA
 """
 
 import argparse
