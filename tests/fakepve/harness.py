@@ -433,7 +433,7 @@ class GuestPve(FakePve):
         """download-url fetches the URL (loopback only, to keep tests hermetic), verifies the checksum
         as PVE's download_file_from_url does, and stores the file with the guest model it describes.
         fakepve alone pretends a 1 MiB download and ignores the checksum."""
-        from fakepve.server import USER, int_param, ok, params
+        from fakepve.server import USER, ok, params
         name = request.match_info['storage']
         store = self._active_store(name, request.match_info['node'])
         user = request[USER]
