@@ -108,13 +108,13 @@ fn start() -> Result<ControlPlane, String> {
 
     let mut child = Command::new("bash")
         .arg(repo_root().join("tests/support/control-plane.sh"))
-        .env("ETCD", &etcd)
-        .env("KUBE_APISERVER", &apiserver)
-        .env("DIR", &dir)
-        .env("ADDR", addr)
-        .env("ETCD_PORT", free_port().to_string())
-        .env("PEER_PORT", free_port().to_string())
-        .env("API_PORT", api_port.to_string())
+        .env("CP_ETCD", &etcd)
+        .env("CP_APISERVER", &apiserver)
+        .env("CP_DIR", &dir)
+        .env("CP_ADDR", addr)
+        .env("CP_ETCD_PORT", free_port().to_string())
+        .env("CP_PEER_PORT", free_port().to_string())
+        .env("CP_API_PORT", api_port.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -210,6 +210,7 @@ fn write_pki(pki: &Path, addr: &str) -> Result<(), String> {
 
     let sa_key = KeyPair::generate().map_err(err)?;
     write(&pki.join("sa.key"), &sa_key.serialize_pem())?;
+    write(&pki.join("sa.pub"), &sa_key.public_key_pem())?;
     Ok(())
 }
 
