@@ -1,5 +1,8 @@
 //! `TemplateRetention`: which templates to keep, archive or delete.
 
+// Repeated `printcolumn(type_ = ..)` arguments of kube's derive read as duplicates to clippy.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};

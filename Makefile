@@ -1,0 +1,30 @@
+# One entry point for people and CI. `make test` installs what the tests need (the Go-built
+# kube-apiserver/etcd/kubectl, cached in .cache/tools; the fake Proxmox in .venv/fakepve),
+# then runs formatting, lints and the whole test suite.
+
+CARGO ?= cargo
+# 2-core machines: one test binary at a time keeps memory and CPU contention predictable.
+CARGO_TEST_FLAGS ?=
+
+.PHONY: test tools venv fmt-check clippy cargo-test crds crds-check demo
+
+test: tools venv fmt-check clippy cargo-test
+
+tools:
+	scripts/test-tools.sh
+
+venv:
+	scripts/fakepve-venv.sh
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+cargo-test:
+	$(CARGO) test --locked $(CARGO_TEST_FLAGS)
+
+# Regenerate the checked-in CRDs (a unit test fails when they are stale).
+crds:
+	$(CARGO) run --quiet -- crd --out-dir crds
