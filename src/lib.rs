@@ -1,6 +1,7 @@
 //! sombrero: keeps Proxmox VE VM templates ("golden images") as a platform team declares them.
 
 pub mod api;
+pub mod cli;
 pub mod image;
-pub mod retention;
 pub mod proxmox;
+pub mod retention;
