@@ -146,7 +146,6 @@ API_URL="https://127.0.0.1:$API_PORT"
 start_ms="$(now_ms)"
 "$APISERVER" \
     --etcd-servers="$ETCD_URL" \
-    --cert-dir="$PKI" \
     --tls-cert-file="$PKI/apiserver.crt" \
     --tls-private-key-file="$PKI/apiserver.key" \
     --secure-port="$API_PORT" \
