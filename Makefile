@@ -25,6 +25,7 @@ clippy:
 cargo-test:
 	$(CARGO) test --locked $(CARGO_TEST_FLAGS)
 
-# Regenerate the checked-in CRDs (a unit test fails when they are stale).
+# Regenerate the checked-in CRDs and the Helm chart's copies (tests fail when either is stale).
 crds:
 	$(CARGO) run --quiet -- crd --out-dir crds
+	$(CARGO) run --quiet -- crd --out-dir charts/sombrero/crds

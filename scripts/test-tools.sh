@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the real control-plane binaries the integration tests run against
-# (kube-apiserver, kubectl, etcd) from the pinned Go modules in tests/tools/,
+# (kube-apiserver, kubectl, etcd), plus helm and sombrero-health (Argo CD Lua
+# and Flux kstatus health), from the pinned Go modules in tests/tools/,
 # into .cache/tools/bin/ under the repo root.
 #
 # A build is skipped when the binaries exist and the stamp next to them
@@ -102,6 +103,21 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     K8S_LDFLAGS+=" -X $pkg.gitMinor=${BASH_REMATCH[2]} -X $pkg.gitTreeState=clean"
 done
 build_module k8s "$K8S_LDFLAGS" kube-apiserver=./cmd/kube-apiserver kubectl=./cmd/kubectl
+
+# helm (tests/chart.rs): built from its own cmd/helm through go.mod's `tool`
+# directive (a main package cannot be imported). As helm's release Makefile
+# does, stamp its version, and the Kubernetes version `helm template`/`lint`
+# assume without a cluster (the test apiserver's, instead of helm's 1.20).
+HELM_VERSION="$(awk '$1 == "helm.sh/helm/v3" { print $2; exit }' "$TOOLS/helm/go.mod")"
+[[ -n "$HELM_VERSION" ]] || die "cannot read the helm.sh/helm/v3 version from tests/tools/helm/go.mod"
+[[ "$K8S_VERSION" =~ ^v([0-9]+)\.([0-9]+)\. ]]
+HELM_LDFLAGS="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    HELM_LDFLAGS+=" -X $pkg.k8sVersionMajor=${BASH_REMATCH[1]} -X $pkg.k8sVersionMinor=${BASH_REMATCH[2]}"
+done
+build_module helm "$HELM_LDFLAGS" helm=helm.sh/helm/v3/cmd/helm
+# Argo CD Lua health scripts (gopher-lua) and Flux's kstatus (tests/health.rs).
+build_module health "" sombrero-health=./cmd/sombrero-health
 took=$(( $(now_ms) - total_start ))
 log "done in $((took / 1000)).$(printf '%03d' $((took % 1000)))s; binaries in $BIN"
 echo "$BIN"
