@@ -1,7 +1,9 @@
 //! sombrero: keeps Proxmox VE VM templates ("golden images") as a platform team declares them.
 
 pub mod api;
+pub mod build;
 pub mod cli;
 pub mod image;
 pub mod proxmox;
 pub mod retention;
+pub mod validate;
