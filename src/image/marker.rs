@@ -137,6 +137,18 @@ pub struct TemplateMetadata {
     pub created_at: Option<DateTime<Utc>>,
 }
 
+/// Progress of a build (`crate::build`), kept in the build VM's marker so an interrupted build
+/// resumes where it stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildProgress {
+    /// The last build stage that finished (`crate::build::Stage` names: `CreateVm`, `Provision`, ...).
+    pub stage: String,
+    /// The package manifest (`name=version`) once provisioning recorded it; also kept on the
+    /// template when the description has room (else only `metadata.package_manifest_digest`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+}
+
 /// The whole marker block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marker {
@@ -147,6 +159,9 @@ pub struct Marker {
     /// The VMID this marker was written for.
     pub vmid: u32,
     pub metadata: TemplateMetadata,
+    /// Build progress (role `build`) and the package manifest; absent on older markers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildProgress>,
 }
 
 impl Marker {
@@ -339,6 +354,7 @@ pub(crate) mod tests {
                 },
                 created_at: None,
             },
+            build: None,
         }
     }
 

@@ -1,0 +1,207 @@
+//! The build pipeline: from a cloud image or a base template to a versioned, tagged Proxmox VE
+//! template, resumable at every step.
+//!
+//! # How callers use it
+//!
+//! ```ignore
+//! let req = BuildRequest { spec, owner, build_id: "b-20250118-001".into(), today };
+//! let outcome = sombrero::build::run_build(&client, &req, &progress).await?;
+//! // outcome.vmid / outcome.name: an unvalidated template (validation `pending`).
+//! ```
+//!
+//! - The controller calls [`run_build`] from its reconciler and writes [`Progress`] into
+//!   `status.build`; `sombrero build -f image.yaml` prints it on stderr.
+//! - [`run_build`] **resumes**: it first looks for a build VM (or an unfinished template) of
+//!   this owner: a VM whose marker is written for its own VMID, role `build`, same owner uid. With
+//!   the same spec hash it continues from the stage its marker records (same VMID, same build
+//!   number, no second VM); with another spec hash it destroys it and starts over.
+//! - [`cleanup_abandoned_builds`] destroys every build VM of an owner (finalizer, cleanup).
+//! - The template it leaves is not validated (`ValidationRecord::Pending`, no `validated` tag);
+//!   validation and promotion are `crate::validate`'s and the controller's job.
+//!
+//! # Stages ([`Stage`])
+//!
+//! 1. `Source`: `cloudImage`: resolve `checksumUrl` (a `SHA256SUMS`/`SHA512SUMS` list) to the
+//!    image's checksum, normalize the file name (`.img` -> `.qcow2`, as `content=import` wants),
+//!    reuse a file of that name already on the import storage when Proxmox confirms the checksum
+//!    (download-url with a checksum answers "got correct file already"), else download it with
+//!    the checksum verified by Proxmox. `template`: find the base template (by VMID or unique
+//!    name); the clone happens in `CreateVm`.
+//! 2. `CreateVm`: `nextid` (not reserved: on "already exists" take the next), create with
+//!    `import-from` (or full-clone the base), resize to `hardware.diskGiB`, cloud-init drive,
+//!    serial console, `agent=1`, hardware, network, `ipconfig0`, the throwaway SSH key, tags
+//!    and the ownership marker (role `build`) in the same call that creates the VM.
+//! 3. `Provision`: start, wait for SSH (or the guest agent), run the seed's steps one command at
+//!    a time (`apt-get update`, `upgrade -y`, install `qemu-guest-agent cloud-init` + spec
+//!    packages, enable services, spec commands, `apt-get clean`, `autoremove -y`), record the
+//!    package manifest, then clean for cloning (`cloud-init clean`, empty machine-id, no SSH host
+//!    keys, no build key; the `sshkeys` option is removed from the config too).
+//! 4. `Shutdown`: graceful shutdown with a timeout, then a hard stop.
+//! 5. `Convert`: the `template` endpoint (never `template=1` in the config).
+//! 6. `Finalize`: role `template`, final tags and the description block with the seed's
+//!    metadata (os, type, builder, builder version, build date and number, source, spec hash,
+//!    package manifest digest).
+//!
+//! The name is `{os}-{type}-{YYYYMMDD}-{NNN}` (or `spec.nameTemplate`); the build number is the
+//! highest existing for this image and day + 1, reserved from the start by the build VM's marker
+//! (and its name), so an interrupted build keeps its number.
+//!
+//! # Safety
+//!
+//! A VM is touched only when its marker names its own VMID and our owner uid
+//! ([`crate::image::marker::ownership`]): a consumer's clone of our template carries our tag and
+//! a copied marker naming another VMID, and is never adopted, changed or deleted.
+
+pub mod admission;
+mod commands;
+mod error;
+mod inventory;
+mod pipeline;
+mod plan;
+mod provision;
+mod source;
+mod ssh;
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+
+use crate::api::GoldenImageSpec;
+use crate::image::marker::Owner;
+
+pub use error::{BuildError, ErrorCategory};
+pub use pipeline::{cleanup_abandoned_builds, run_build};
+pub use plan::{cli_owner_uid, normalize_file_name, parse_checksum_list};
+
+/// One build to run.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    pub spec: GoldenImageSpec,
+    /// The object that owns the VMs (namespace, name, uid); written into every marker.
+    pub owner: Owner,
+    /// Recorded in the marker (`build_id`). A resumed build keeps the id its marker has.
+    pub build_id: String,
+    /// Build date of a new build (UTC day). A resumed build keeps the date its marker has.
+    pub today: NaiveDate,
+}
+
+/// What a finished build produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildOutcome {
+    /// VMID of the new (unvalidated) template.
+    pub vmid: u32,
+    pub name: String,
+    pub node: String,
+    pub build_date: NaiveDate,
+    pub build_number: u16,
+    /// Size of the system disk, bytes.
+    pub size_bytes: u64,
+    /// `sha256:<hex>` of the cloud image (`None` for a template source).
+    pub source_checksum: Option<String>,
+    pub spec_hash: String,
+    /// `name=version` of every installed package, sorted (the drift baseline).
+    pub package_manifest: Vec<String>,
+    /// Duration of each stage run by this call (a resumed build lists only what it ran).
+    pub stages: Vec<StageTiming>,
+}
+
+/// Duration of one stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageTiming {
+    pub stage: Stage,
+    pub seconds: f64,
+}
+
+/// The stages of a build, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Stage {
+    Source,
+    CreateVm,
+    Provision,
+    Shutdown,
+    Convert,
+    Finalize,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 6] = [
+        Stage::Source,
+        Stage::CreateVm,
+        Stage::Provision,
+        Stage::Shutdown,
+        Stage::Convert,
+        Stage::Finalize,
+    ];
+
+    /// The name used in markers, status and progress output (`CreateVm`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Source => "Source",
+            Stage::CreateVm => "CreateVm",
+            Stage::Provision => "Provision",
+            Stage::Shutdown => "Shutdown",
+            Stage::Convert => "Convert",
+            Stage::Finalize => "Finalize",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The stage after this one (`None` after `Finalize`).
+    pub fn next(self) -> Option<Stage> {
+        let i = Stage::ALL.iter().position(|s| *s == self)?;
+        Stage::ALL.get(i + 1).copied()
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a build reports progress. Called from the build's task; keep it cheap (the controller
+/// buffers and patches status at most every few seconds; the CLI prints).
+pub trait Progress: Send + Sync {
+    /// A stage starts.
+    fn stage(&self, stage: Stage);
+    /// A human-readable step within the stage (`apt-get upgrade -y`, `downloading ...`).
+    fn message(&self, text: &str);
+    /// Percent of the current stage, when known (download), 0..=100.
+    fn percent(&self, p: f32);
+}
+
+/// A [`Progress`] that discards everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn stage(&self, _: Stage) {}
+    fn message(&self, _: &str) {}
+    fn percent(&self, _: f32) {}
+}
+
+/// Timeouts of the Proxmox side of a build (the guest side uses `spec.provisioning.timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// One Proxmox task (create, clone, resize, template, delete).
+    pub task: Duration,
+    /// The download of a cloud image.
+    pub download: Duration,
+    /// Graceful shutdown before a hard stop.
+    pub shutdown: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            task: Duration::from_secs(600),
+            download: Duration::from_secs(3600),
+            shutdown: Duration::from_secs(120),
+        }
+    }
+}

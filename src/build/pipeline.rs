@@ -1,0 +1,908 @@
+//! The build as a resumable sequence of stages; its progress lives in the build VM's marker.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use super::commands::{self, Step};
+use super::error::{BuildError, ErrorCategory};
+use super::inventory::{self, TaggedVm};
+use super::plan::{hardware_config, static_ip};
+use super::provision::{self, Channel};
+use super::source::{self, Prepared};
+use super::ssh::BuildKey;
+use super::{BuildOutcome, BuildRequest, Progress, Stage, StageTiming, Timeouts};
+use crate::api::GoldenImageSpec;
+use crate::api::golden_image::ProvisioningChannel;
+use crate::image::marker::{
+    BUILDER, BuildProgress, MARKER_SCHEMA_VERSION, Marker, MarkerError, Owner, Role,
+    TemplateMetadata, ValidationRecord, render_description,
+};
+use crate::image::naming::{NameTemplate, next_build_number};
+use crate::image::spec_hash::spec_hash;
+use crate::image::tags::base_tags;
+use crate::proxmox::{
+    self, Client, CloneRequest, ConfigUpdate, DeleteVm, QemuConfig, Shutdown, VmConfig,
+};
+use crate::retention::duration::parse_duration;
+
+/// Runs (or resumes) one build to a finished, unvalidated template. See the module docs.
+pub async fn run_build(
+    client: &Client,
+    req: &BuildRequest,
+    progress: &dyn Progress,
+) -> Result<BuildOutcome, BuildError> {
+    run_build_with(client, req, progress, &Timeouts::default()).await
+}
+
+/// [`run_build`] with explicit Proxmox timeouts.
+pub async fn run_build_with(
+    client: &Client,
+    req: &BuildRequest,
+    progress: &dyn Progress,
+    timeouts: &Timeouts,
+) -> Result<BuildOutcome, BuildError> {
+    let spec = &req.spec;
+    let names = name_template(spec)?;
+    let hash = spec_hash(spec)
+        .map_err(|e| BuildError::invalid_spec(e.to_string(), "the spec must serialize to JSON"))?;
+    let vms = inventory::scan(client, &req.owner).await?;
+    let mut resume: Option<TaggedVm> = None;
+    for vm in vms.iter().filter(|v| v.is_our_build(&req.owner)) {
+        let same_spec = vm
+            .marker
+            .as_ref()
+            .is_some_and(|m| m.metadata.spec_hash == hash);
+        if same_spec && resume.is_none() {
+            resume = Some(vm.clone());
+        } else {
+            progress.message(&format!(
+                "destroying abandoned build VM {} (another spec or a duplicate)",
+                vm.vmid
+            ));
+            destroy_vm(client, &vm.node, vm.vmid, vm.running, timeouts)
+                .await
+                .map_err(|e| BuildError::proxmox("destroy abandoned build VM", &e))?;
+        }
+    }
+    let mut run = Run {
+        client,
+        spec,
+        progress,
+        timeouts,
+        timings: Vec::new(),
+    };
+    let mut state = match resume {
+        Some(vm) => match run.resume_state(vm).await? {
+            Some(s) => s,
+            None => run.start(req, &names, &hash).await?,
+        },
+        None => run.start(req, &names, &hash).await?,
+    };
+    let result = run.continue_build(&mut state).await;
+    match result {
+        Ok(outcome) => Ok(outcome),
+        Err(mut err) => {
+            if destroys_on_failure(&err) {
+                if spec.provisioning.keep_failed_build {
+                    err.kept_vmid = Some(state.vmid);
+                } else {
+                    progress.message(&format!("destroying the failed build VM {}", state.vmid));
+                    if let Err(e) =
+                        destroy_vm(client, &state.node, state.vmid, true, timeouts).await
+                    {
+                        tracing::warn!(vmid = state.vmid, error = %e, "could not destroy the failed build VM; the next run cleans it up");
+                    }
+                }
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Proxmox trouble keeps the VM for the next run to resume; everything else is a failed build.
+fn destroys_on_failure(err: &BuildError) -> bool {
+    match err.category {
+        ErrorCategory::ProxmoxTransient | ErrorCategory::ProxmoxAuth => false,
+        ErrorCategory::Timeout => err.stage == Some(Stage::Provision),
+        _ => true,
+    }
+}
+
+/// Destroys every build VM (role `build`, written for its own VMID, this owner) and answers
+/// their VMIDs. Templates are never touched.
+pub async fn cleanup_abandoned_builds(
+    client: &Client,
+    owner: &Owner,
+) -> Result<Vec<u32>, BuildError> {
+    let timeouts = Timeouts::default();
+    let mut removed = Vec::new();
+    for vm in inventory::scan(client, owner).await? {
+        if vm.is_our_build(owner) {
+            destroy_vm(client, &vm.node, vm.vmid, vm.running, &timeouts)
+                .await
+                .map_err(|e| BuildError::proxmox("destroy build VM", &e))?;
+            removed.push(vm.vmid);
+        }
+    }
+    Ok(removed)
+}
+
+fn name_template(spec: &GoldenImageSpec) -> Result<NameTemplate, BuildError> {
+    match &spec.name_template {
+        None => Ok(NameTemplate::default()),
+        Some(t) => NameTemplate::parse(t)
+            .map_err(|e| BuildError::invalid_spec(e.to_string(), "fix spec.nameTemplate")),
+    }
+}
+
+/// Where a build is.
+struct State {
+    vmid: u32,
+    node: String,
+    marker: Marker,
+    /// The last stage that finished.
+    done: Stage,
+    source_checksum: Option<String>,
+}
+
+struct Run<'a> {
+    client: &'a Client,
+    spec: &'a GoldenImageSpec,
+    progress: &'a dyn Progress,
+    timeouts: &'a Timeouts,
+    timings: Vec<StageTiming>,
+}
+
+impl Run<'_> {
+    fn begin(&self, stage: Stage) -> Instant {
+        self.progress.stage(stage);
+        Instant::now()
+    }
+
+    fn end(&mut self, stage: Stage, started: Instant) {
+        self.timings.push(StageTiming {
+            stage,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+
+    fn pve<'e>(&self, stage: Stage, step: &'e str) -> impl Fn(proxmox::Error) -> BuildError + 'e {
+        move |e| BuildError::proxmox(step, &e).at(stage)
+    }
+
+    /// A build VM found in Proxmox: continue it, or `None` to start over (it was destroyed
+    /// because its creation never finished).
+    async fn resume_state(&mut self, vm: TaggedVm) -> Result<Option<State>, BuildError> {
+        let Some(marker) = vm.marker.clone() else {
+            return Ok(None);
+        };
+        let done = marker
+            .build
+            .as_ref()
+            .and_then(|b| Stage::parse(&b.stage))
+            .unwrap_or(Stage::Source);
+        let half_created =
+            done == Stage::Source && (vm.config.lock.is_some() || boot_disk(&vm.config).is_none());
+        if half_created {
+            self.progress.message(&format!(
+                "build VM {} was interrupted while being created: destroying it",
+                vm.vmid
+            ));
+            destroy_vm(self.client, &vm.node, vm.vmid, vm.running, self.timeouts)
+                .await
+                .map_err(|e| BuildError::proxmox("destroy half-created build VM", &e))?;
+            return Ok(None);
+        }
+        self.progress.message(&format!(
+            "resuming build {} in VM {} after stage {done}",
+            marker.metadata.name, vm.vmid
+        ));
+        let source_checksum = match &marker.metadata.source {
+            Some(crate::image::marker::SourceInfo::CloudImage { checksum, .. }) => checksum.clone(),
+            _ => None,
+        };
+        Ok(Some(State {
+            vmid: vm.vmid,
+            node: vm.node,
+            marker,
+            done,
+            source_checksum,
+        }))
+    }
+
+    /// A new build: source, number, then the VM created with its marker.
+    async fn start(
+        &mut self,
+        req: &BuildRequest,
+        names: &NameTemplate,
+        hash: &str,
+    ) -> Result<State, BuildError> {
+        let t = self.begin(Stage::Source);
+        let prepared =
+            source::prepare(self.client, self.spec, self.timeouts, self.progress).await?;
+        self.end(Stage::Source, t);
+
+        let t = self.begin(Stage::CreateVm);
+        // Numbers are read again right before the VM (which reserves the number) is created.
+        let vms = inventory::scan(self.client, &req.owner)
+            .await
+            .map_err(|e| e.at(Stage::CreateVm))?;
+        let used = inventory::used_numbers(&vms, names, &self.spec.os, &self.spec.type_);
+        let number = next_build_number(used, req.today).map_err(|e| {
+            BuildError::invalid_spec(e.to_string(), "wait for the next day").at(Stage::CreateVm)
+        })?;
+        let name = names
+            .render(&self.spec.os, &self.spec.type_, req.today, number)
+            .map_err(|e| {
+                BuildError::invalid_spec(
+                    e.to_string(),
+                    "fix spec.os, spec.type or spec.nameTemplate",
+                )
+                .at(Stage::CreateVm)
+            })?;
+        let marker = Marker {
+            schema: MARKER_SCHEMA_VERSION,
+            owner: req.owner.clone(),
+            build_id: req.build_id.clone(),
+            role: Role::Build,
+            vmid: 0,
+            metadata: TemplateMetadata {
+                name: name.clone(),
+                os: self.spec.os.clone(),
+                image_type: self.spec.type_.clone(),
+                builder: BUILDER.to_string(),
+                builder_version: env!("CARGO_PKG_VERSION").to_string(),
+                build_date: req.today,
+                build_number: number,
+                source: Some(source::source_info(self.spec, &prepared)),
+                spec_hash: hash.to_string(),
+                package_manifest_digest: None,
+                validation: ValidationRecord::Pending,
+                created_at: None,
+            },
+            build: Some(BuildProgress {
+                stage: Stage::Source.as_str().into(),
+                packages: Vec::new(),
+            }),
+        };
+        self.progress.message(&format!("creating build VM {name}"));
+        let (vmid, node) = self.create_vm(&prepared, &marker, &name).await?;
+        let mut state = State {
+            vmid,
+            node,
+            marker: Marker { vmid, ..marker },
+            done: Stage::Source,
+            source_checksum: prepared.checksum(),
+        };
+        self.finish_create(&mut state).await?;
+        self.end(Stage::CreateVm, t);
+        Ok(state)
+    }
+
+    /// nextid + create (or clone) with the marker in the same call; "already exists" takes the
+    /// next id.
+    async fn create_vm(
+        &self,
+        prepared: &Prepared,
+        marker: &Marker,
+        name: &str,
+    ) -> Result<(u32, String), BuildError> {
+        let stage = Stage::CreateVm;
+        let spec = self.spec;
+        let node = spec.placement.node.clone();
+        let tags = tags_of(marker)?;
+        for _attempt in 0..20 {
+            let vmid = self
+                .client
+                .next_vmid()
+                .await
+                .map_err(self.pve(stage, "nextid"))?;
+            let description = describe(
+                &Marker {
+                    vmid,
+                    ..marker.clone()
+                },
+                "",
+            )?;
+            let created = match prepared {
+                Prepared::Image { volid, .. } => {
+                    let mut config = hardware_config(spec)
+                        .name(name)
+                        .scsi(
+                            0,
+                            &format!(
+                                "{}:0,import-from={volid},discard=on",
+                                spec.placement.storage
+                            ),
+                        )
+                        .ide(2, &format!("{}:cloudinit", spec.placement.storage))
+                        .boot("order=scsi0")
+                        .tags(&tags)
+                        .description(&description);
+                    if let Some(pool) = &spec.placement.pool {
+                        config = config.pool(pool);
+                    }
+                    self.client.create_vm(&node, vmid, &config).await
+                }
+                Prepared::Template {
+                    node: base_node,
+                    vmid: base,
+                } => {
+                    let mut req = CloneRequest::new(vmid);
+                    req.name = Some(name.to_string());
+                    req.description = Some(description.clone());
+                    req.full = Some(true);
+                    req.storage = Some(spec.placement.storage.clone());
+                    req.pool = spec.placement.pool.clone();
+                    if *base_node != node {
+                        req.target = Some(node.clone());
+                    }
+                    self.client.clone_vm(base_node, *base, &req).await
+                }
+            };
+            let upid = match created {
+                Ok(u) => u,
+                Err(e) if e.is_already_exists() => continue,
+                Err(e) => return Err(BuildError::proxmox("create VM", &e).at(stage)),
+            };
+            match self.client.wait_task(&upid, self.timeouts.task).await {
+                Ok(_) => return Ok((vmid, node)),
+                Err(proxmox::Error::TaskFailed { exitstatus, .. })
+                    if exitstatus.contains("already exists") =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(BuildError::proxmox("create VM", &e).at(stage)),
+            }
+        }
+        Err(BuildError::new(
+            ErrorCategory::ProxmoxTransient,
+            "20 VMIDs in a row were taken between nextid and create",
+            "something else is creating VMs very fast; the next run tries again",
+        )
+        .at(stage))
+    }
+
+    /// After the VM exists: hardware and cloud-init for a clone, the disk resized, stage recorded.
+    async fn finish_create(&mut self, state: &mut State) -> Result<(), BuildError> {
+        let stage = Stage::CreateVm;
+        let spec = self.spec;
+        let config = self
+            .client
+            .vm_config(&state.node, state.vmid)
+            .await
+            .map_err(self.pve(stage, "read VM config"))?;
+        if spec.source.template.is_some() {
+            let mut set = hardware_config(spec).tags(&tags_of(&state.marker)?);
+            if !has_cloudinit_drive(&config) {
+                set = set.ide(2, &format!("{}:cloudinit", spec.placement.storage));
+            }
+            self.client
+                .update_vm_config(&state.node, state.vmid, &ConfigUpdate::new(set))
+                .await
+                .map_err(self.pve(stage, "configure the cloned VM"))?;
+        }
+        let Some((disk, size)) = boot_disk(&config) else {
+            return Err(BuildError::new(
+                ErrorCategory::Proxmox,
+                format!("VM {} has no system disk after creation", state.vmid),
+                "check the import storage and the source image",
+            )
+            .at(stage));
+        };
+        let want = u64::from(spec.hardware.disk_gib) << 30;
+        if size.is_none_or(|s| s < want) {
+            self.progress
+                .message(&format!("resize {disk} to {}G", spec.hardware.disk_gib));
+            let upid = self
+                .client
+                .resize_disk(
+                    &state.node,
+                    state.vmid,
+                    &disk,
+                    &format!("{}G", spec.hardware.disk_gib),
+                )
+                .await
+                .map_err(self.pve(stage, "resize"))?;
+            if let Some(u) = upid {
+                self.client
+                    .wait_task(&u, self.timeouts.task)
+                    .await
+                    .map_err(self.pve(stage, "resize"))?;
+            }
+        }
+        self.record(state, Stage::CreateVm, None).await
+    }
+
+    /// Writes the marker with `done` as the finished stage.
+    async fn record(
+        &self,
+        state: &mut State,
+        done: Stage,
+        packages: Option<Vec<String>>,
+    ) -> Result<(), BuildError> {
+        let mut marker = state.marker.clone();
+        let mut progress = marker.build.clone().unwrap_or_default();
+        progress.stage = done.as_str().into();
+        if let Some(p) = packages {
+            marker.metadata.package_manifest_digest = Some(commands::manifest_digest(&p));
+            progress.packages = p;
+        }
+        marker.build = Some(progress);
+        let current = self
+            .client
+            .vm_config(&state.node, state.vmid)
+            .await
+            .map_err(self.pve(done, "read VM config"))?;
+        let existing = current.description.unwrap_or_default();
+        let description = match render_description(&existing, &marker) {
+            Ok(d) => d,
+            // The manifest does not fit the 8 KiB description: keep its digest only.
+            Err(MarkerError::TooLong { .. }) => {
+                if let Some(b) = marker.build.as_mut() {
+                    b.packages.clear();
+                }
+                describe(&marker, &existing)?
+            }
+            Err(e) => return Err(marker_error(e)),
+        };
+        self.client
+            .update_vm_config(
+                &state.node,
+                state.vmid,
+                &ConfigUpdate::new(QemuConfig::new().description(&description)),
+            )
+            .await
+            .map_err(self.pve(done, "write the marker"))?;
+        state.marker = marker;
+        state.done = done;
+        Ok(())
+    }
+
+    async fn continue_build(&mut self, state: &mut State) -> Result<BuildOutcome, BuildError> {
+        if state.done == Stage::Source {
+            let t = self.begin(Stage::CreateVm);
+            self.finish_create(state).await?;
+            self.end(Stage::CreateVm, t);
+        }
+        let mut packages = state
+            .marker
+            .build
+            .as_ref()
+            .map(|b| b.packages.clone())
+            .unwrap_or_default();
+        if state.done < Stage::Provision {
+            let t = self.begin(Stage::Provision);
+            packages = self.provision(state).await?;
+            self.record(state, Stage::Provision, Some(packages.clone()))
+                .await?;
+            self.end(Stage::Provision, t);
+        }
+        if state.done < Stage::Shutdown {
+            let t = self.begin(Stage::Shutdown);
+            self.shutdown(state).await?;
+            self.record(state, Stage::Shutdown, None).await?;
+            self.end(Stage::Shutdown, t);
+        }
+        if state.done < Stage::Convert {
+            let t = self.begin(Stage::Convert);
+            let config = self
+                .client
+                .vm_config(&state.node, state.vmid)
+                .await
+                .map_err(self.pve(Stage::Convert, "read VM config"))?;
+            if !config.template {
+                let upid = self
+                    .client
+                    .convert_to_template(&state.node, state.vmid)
+                    .await
+                    .map_err(self.pve(Stage::Convert, "template"))?;
+                if let Some(u) = upid {
+                    self.client
+                        .wait_task(&u, self.timeouts.task)
+                        .await
+                        .map_err(self.pve(Stage::Convert, "template"))?;
+                }
+            }
+            self.record(state, Stage::Convert, None).await?;
+            self.end(Stage::Convert, t);
+        }
+        let t = self.begin(Stage::Finalize);
+        let size = self.finalize(state).await?;
+        self.end(Stage::Finalize, t);
+        let m = &state.marker.metadata;
+        Ok(BuildOutcome {
+            vmid: state.vmid,
+            name: m.name.clone(),
+            node: state.node.clone(),
+            build_date: m.build_date,
+            build_number: m.build_number,
+            size_bytes: size,
+            source_checksum: state.source_checksum.clone(),
+            spec_hash: m.spec_hash.clone(),
+            package_manifest: packages,
+            stages: std::mem::take(&mut self.timings),
+        })
+    }
+
+    /// Starts the VM, runs the seed's steps, records the manifest, cleans for cloning.
+    async fn provision(&mut self, state: &mut State) -> Result<Vec<String>, BuildError> {
+        let stage = Stage::Provision;
+        let p = &self.spec.provisioning;
+        let limit = parse_duration(&p.timeout)
+            .ok()
+            .and_then(|d| d.to_std().ok())
+            .unwrap_or(Duration::from_secs(1800));
+        let deadline = Instant::now() + limit;
+        let (node, vmid) = (state.node.clone(), state.vmid);
+        let status = self
+            .client
+            .vm_status(&node, vmid)
+            .await
+            .map_err(self.pve(stage, "VM status"))?;
+        if status.is_running() {
+            // An interrupted provisioning: start over from a clean boot with a new key.
+            self.progress
+                .message("stopping the build VM left running by an interrupted run");
+            self.stop(&node, vmid)
+                .await
+                .map_err(|e| BuildError::proxmox("stop", &e).at(stage))?;
+        }
+        let key = match p.via {
+            ProvisioningChannel::Ssh => {
+                let key = BuildKey::generate().map_err(|e| {
+                    BuildError::new(ErrorCategory::Guest, e, "internal error").at(stage)
+                })?;
+                // A changed cloud-init config is a new instance id: cloud-init runs (again) at
+                // boot and installs this key.
+                self.client
+                    .update_vm_config(
+                        &node,
+                        vmid,
+                        &ConfigUpdate::new(
+                            QemuConfig::new().sshkeys(&[key.public_openssh.as_str()]),
+                        ),
+                    )
+                    .await
+                    .map_err(self.pve(stage, "set the build key"))?;
+                Some(key)
+            }
+            ProvisioningChannel::GuestAgent => None,
+        };
+        self.progress.message("starting the build VM");
+        let upid = self
+            .client
+            .start_vm(&node, vmid)
+            .await
+            .map_err(self.pve(stage, "start"))?;
+        self.client
+            .wait_task(&upid, self.timeouts.task)
+            .await
+            .map_err(self.pve(stage, "start"))?;
+        let mut channel = match &key {
+            Some(key) => {
+                let host = self.ssh_host(&node, vmid, deadline).await?;
+                let session = provision::wait_for_ssh(
+                    &host,
+                    p.ssh.port,
+                    &p.ssh.user,
+                    key,
+                    deadline,
+                    self.progress,
+                )
+                .await?;
+                Channel::Ssh(session)
+            }
+            None => {
+                provision::wait_for_agent(self.client, &node, vmid, deadline, self.progress)
+                    .await?;
+                Channel::Agent {
+                    client: self.client,
+                    node: node.clone(),
+                    vmid,
+                }
+            }
+        };
+        let result = async {
+            provision::run_steps(
+                &mut channel,
+                &commands::install_steps(p),
+                deadline,
+                self.progress,
+            )
+            .await?;
+            self.progress.message("recording the package manifest");
+            let manifest_step = Step {
+                name: "package manifest".into(),
+                line: commands::MANIFEST_COMMAND.into(),
+                ok_codes: &[0],
+            };
+            let out = provision::run_step(&mut channel, &manifest_step, deadline).await?;
+            let manifest = commands::parse_manifest(&out.stdout);
+            provision::run_steps(
+                &mut channel,
+                &commands::clean_steps(p),
+                deadline,
+                self.progress,
+            )
+            .await?;
+            Ok::<_, BuildError>(manifest)
+        }
+        .await;
+        channel.close().await;
+        let manifest = result?;
+        if key.is_some() {
+            // The key is useless now (removed from the guest), but must not be inherited by clones.
+            self.client
+                .update_vm_config(
+                    &node,
+                    vmid,
+                    &ConfigUpdate::new(QemuConfig::new()).delete("sshkeys"),
+                )
+                .await
+                .map_err(self.pve(stage, "remove the build key"))?;
+        }
+        Ok(manifest)
+    }
+
+    /// `provisioning.ssh.host`, else the static IP of `ipConfig`, else what the agent reports.
+    async fn ssh_host(
+        &self,
+        node: &str,
+        vmid: u32,
+        deadline: Instant,
+    ) -> Result<String, BuildError> {
+        let ssh = &self.spec.provisioning.ssh;
+        if let Some(h) = &ssh.host {
+            return Ok(h.clone());
+        }
+        if let Some(ip) = static_ip(&ssh.ip_config) {
+            return Ok(ip);
+        }
+        provision::wait_for_agent(self.client, node, vmid, deadline, self.progress).await?;
+        let ifaces = self
+            .client
+            .agent_network_interfaces(node, vmid)
+            .await
+            .map_err(self.pve(Stage::Provision, "agent network-get-interfaces"))?;
+        ifaces
+            .iter()
+            .filter(|i| !i.is_loopback())
+            .flat_map(|i| i.ip_addresses.iter())
+            .find(|a| a.ip_address_type == "ipv4")
+            .map(|a| a.ip_address.clone())
+            .ok_or_else(|| {
+                BuildError::invalid_spec(
+                    "the build VM got no IPv4 address the guest agent could report",
+                    "set provisioning.ssh.host or a static provisioning.ssh.ipConfig",
+                )
+                .at(Stage::Provision)
+            })
+    }
+
+    /// Graceful shutdown with a timeout, then a hard stop; done when the VM is stopped.
+    async fn shutdown(&self, state: &State) -> Result<(), BuildError> {
+        let stage = Stage::Shutdown;
+        let (node, vmid) = (&state.node, state.vmid);
+        let status = self
+            .client
+            .vm_status(node, vmid)
+            .await
+            .map_err(self.pve(stage, "VM status"))?;
+        if !status.is_running() {
+            return Ok(());
+        }
+        self.progress.message("shutting down");
+        let secs = self.timeouts.shutdown.as_secs().max(1);
+        let graceful = async {
+            let upid = self
+                .client
+                .shutdown_vm(
+                    node,
+                    vmid,
+                    Shutdown {
+                        timeout: Some(secs as u32),
+                        force_stop: false,
+                    },
+                )
+                .await?;
+            self.client
+                .wait_task(&upid, self.timeouts.shutdown + Duration::from_secs(30))
+                .await
+        }
+        .await;
+        if let Err(e) = graceful {
+            self.progress
+                .message(&format!("graceful shutdown failed ({e}); stopping"));
+            self.stop(node, vmid)
+                .await
+                .map_err(|e| BuildError::proxmox("stop", &e).at(stage))?;
+        }
+        let status = self
+            .client
+            .vm_status(node, vmid)
+            .await
+            .map_err(self.pve(stage, "VM status"))?;
+        if status.is_running() {
+            self.stop(node, vmid)
+                .await
+                .map_err(|e| BuildError::proxmox("stop", &e).at(stage))?;
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, node: &str, vmid: u32) -> proxmox::Result<()> {
+        let upid = self.client.stop_vm(node, vmid).await?;
+        self.client.wait_task(&upid, self.timeouts.task).await?;
+        Ok(())
+    }
+
+    /// Role `template`, final tags, the seed's metadata; the build network's settings removed.
+    async fn finalize(&mut self, state: &mut State) -> Result<u64, BuildError> {
+        let stage = Stage::Finalize;
+        let config = self
+            .client
+            .vm_config(&state.node, state.vmid)
+            .await
+            .map_err(self.pve(stage, "read VM config"))?;
+        let size = boot_disk(&config).and_then(|(_, s)| s).unwrap_or(0);
+        let mut marker = state.marker.retarget(Role::Template, state.vmid);
+        marker.metadata.created_at = Some(Utc::now());
+        if let Some(b) = marker.build.as_mut() {
+            b.stage = Stage::Finalize.as_str().into();
+        }
+        let existing = config.description.clone().unwrap_or_default();
+        let description = match render_description(&existing, &marker) {
+            Ok(d) => d,
+            Err(MarkerError::TooLong { .. }) => {
+                if let Some(b) = marker.build.as_mut() {
+                    b.packages.clear();
+                }
+                describe(&marker, &existing)?
+            }
+            Err(e) => return Err(marker_error(e).at(stage)),
+        };
+        let mut update = ConfigUpdate::new(
+            QemuConfig::new()
+                .name(&marker.metadata.name)
+                .tags(&tags_of(&marker)?)
+                .description(&description),
+        );
+        // Consumers set their own network and keys at clone time.
+        for key in ["ipconfig0", "sshkeys"] {
+            if config.value(key).is_some() {
+                update = update.delete(key);
+            }
+        }
+        self.client
+            .update_vm_config(&state.node, state.vmid, &update)
+            .await
+            .map_err(self.pve(stage, "finalize tags and description"))?;
+        state.marker = marker;
+        Ok(size)
+    }
+}
+
+fn marker_error(e: MarkerError) -> BuildError {
+    BuildError::invalid_spec(
+        e.to_string(),
+        "shorten the notes of the VM outside the sombrero block",
+    )
+}
+
+fn describe(marker: &Marker, existing: &str) -> Result<String, BuildError> {
+    render_description(existing, marker).map_err(marker_error)
+}
+
+fn tags_of(marker: &Marker) -> Result<Vec<String>, BuildError> {
+    let tags = base_tags(
+        &marker.owner.namespace,
+        &marker.owner.name,
+        &marker.metadata.os,
+        &marker.metadata.image_type,
+    )
+    .map_err(|e| BuildError::invalid_spec(e.to_string(), "fix spec.os / spec.type"))?;
+    Ok(tags.iter().map(str::to_string).collect())
+}
+
+/// The system disk key and its size in bytes (if the config says).
+fn boot_disk(config: &VmConfig) -> Option<(String, Option<u64>)> {
+    for key in ["scsi0", "virtio0", "sata0", "ide0"] {
+        let Some(v) = config.value(key) else { continue };
+        if v.contains("media=cdrom") || v.contains("cloudinit") || v.contains("import-from") {
+            continue;
+        }
+        let size = v
+            .split(',')
+            .find_map(|p| p.strip_prefix("size="))
+            .and_then(parse_size);
+        return Some((key.to_string(), size));
+    }
+    None
+}
+
+fn has_cloudinit_drive(config: &VmConfig) -> bool {
+    config.extra.iter().any(|(k, v)| {
+        k.starts_with(['i', 's']) && v.as_str().is_some_and(|s| s.contains("cloudinit"))
+    })
+}
+
+/// `10G`, `3584M`, `512K`, `1T`, bytes without a unit.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        'T' | 't' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: f64 = num.parse().ok()?;
+    Some((n * mult as f64) as u64)
+}
+
+/// Stops (if running) and destroys a VM with its disks.
+pub(crate) async fn destroy_vm(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    maybe_running: bool,
+    timeouts: &Timeouts,
+) -> proxmox::Result<()> {
+    if maybe_running {
+        match client.vm_status(node, vmid).await {
+            Ok(s) if s.is_running() => {
+                let upid = client.stop_vm(node, vmid).await?;
+                client.wait_task(&upid, timeouts.task).await?;
+            }
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    let opts = DeleteVm {
+        purge: true,
+        destroy_unreferenced_disks: true,
+    };
+    match client.delete_vm(node, vmid, opts).await {
+        Ok(upid) => {
+            client.wait_task(&upid, timeouts.task).await?;
+            Ok(())
+        }
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_disks() {
+        assert_eq!(parse_size("10G"), Some(10 << 30));
+        assert_eq!(parse_size("3584M"), Some(3584 << 20));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("x"), None);
+        let c: VmConfig = serde_json::from_value(serde_json::json!({
+            "ide2": "local-lvm:vm-100-cloudinit,media=cdrom",
+            "scsi0": "local-lvm:vm-100-disk-0,discard=on,size=3584M"
+        }))
+        .unwrap();
+        assert_eq!(boot_disk(&c), Some(("scsi0".into(), Some(3584 << 20))));
+        assert!(has_cloudinit_drive(&c));
+    }
+
+    #[test]
+    fn failures_that_keep_the_vm_for_resume() {
+        let t = BuildError::new(ErrorCategory::ProxmoxTransient, "x", "y");
+        assert!(!destroys_on_failure(&t));
+        let g = BuildError::new(ErrorCategory::Guest, "x", "y");
+        assert!(destroys_on_failure(&g));
+        let pt = BuildError::new(ErrorCategory::Timeout, "x", "y").at(Stage::Provision);
+        assert!(destroys_on_failure(&pt));
+        let ct = BuildError::new(ErrorCategory::Timeout, "x", "y").at(Stage::Convert);
+        assert!(!destroys_on_failure(&ct));
+    }
+}

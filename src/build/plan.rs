@@ -1,0 +1,223 @@
+//! Pure helpers of the build: file names, checksums, the CLI owner uid, the build VM's config.
+
+use sha2::{Digest, Sha256};
+
+use crate::api::GoldenImageSpec;
+use crate::api::golden_image::Bios;
+use crate::proxmox::{ChecksumAlgorithm, QemuConfig};
+
+/// The import file name for a cloud image URL: the URL's last path segment, characters PVE
+/// refuses replaced by `_`, and `.img` (Ubuntu) made `.qcow2`, because `content=import` only
+/// accepts `.qcow2`, `.raw`, `.vmdk` (and `.ova`). Any other extension gets `.qcow2` appended
+/// (cloud images are qcow2 in practice; `source.cloudImage.fileName` overrides).
+pub fn normalize_file_name(url: &str) -> String {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    let last = path.rsplit('/').find(|s| !s.is_empty()).unwrap_or("image");
+    let mut name: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.starts_with(['.', '-', '+']) {
+        name.insert(0, '_');
+    }
+    if let Some(stem) = name.strip_suffix(".img") {
+        return format!("{stem}.qcow2");
+    }
+    if [".qcow2", ".raw", ".vmdk"]
+        .iter()
+        .any(|e| name.ends_with(e))
+    {
+        return name;
+    }
+    format!("{name}.qcow2")
+}
+
+/// `sha256:<hex>` / `sha512:<hex>` -> PVE's algorithm and the hex digest.
+pub fn parse_checksum(text: &str) -> Option<(ChecksumAlgorithm, String)> {
+    let (alg, hex) = text.trim().split_once(':')?;
+    let alg = match alg {
+        "sha256" if hex.len() == 64 => ChecksumAlgorithm::Sha256,
+        "sha512" if hex.len() == 128 => ChecksumAlgorithm::Sha512,
+        _ => return None,
+    };
+    hex.chars()
+        .all(|c| c.is_ascii_hexdigit())
+        .then(|| (alg, hex.to_ascii_lowercase()))
+}
+
+/// Finds `file` in a checksum list (`SHA256SUMS`, `SHA512SUMS`) and answers `sha256:<hex>` or
+/// `sha512:<hex>`. Understands GNU lines (`<hex> *file`, `<hex>  file`, also with a `./` path)
+/// and BSD lines (`SHA256 (file) = <hex>`); the algorithm follows from the digest length.
+pub fn parse_checksum_list(text: &str, file: &str) -> Option<String> {
+    let matches_file = |f: &str| {
+        let f = f.trim().trim_start_matches('*').trim_start_matches("./");
+        f == file
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let digest = if let Some((head, hex)) = line.split_once(") = ") {
+            // BSD: SHA256 (file) = hex
+            let (_, f) = head.split_once(" (")?;
+            matches_file(f).then_some(hex.trim())
+        } else {
+            let (hex, f) = line.split_once(char::is_whitespace)?;
+            matches_file(f).then_some(hex)
+        };
+        let Some(hex) = digest else { continue };
+        let alg = match hex.len() {
+            64 => "sha256",
+            128 => "sha512",
+            _ => continue,
+        };
+        if hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Some(format!("{alg}:{}", hex.to_ascii_lowercase()));
+        }
+    }
+    None
+}
+
+/// The owner uid of a CLI run (no Kubernetes object, so no real uid): a UUID-shaped SHA-256 of
+/// `sombrero-cli/<namespace>/<name>`. Stable, so a second `sombrero build` of the same file
+/// resumes the first one's build VM and numbers builds in the same sequence; different from any
+/// real object's uid, so a controller never adopts a CLI build (or the other way round).
+pub fn cli_owner_uid(namespace: &str, name: &str) -> String {
+    let h = hex::encode(Sha256::digest(
+        format!("sombrero-cli/{namespace}/{name}").as_bytes(),
+    ));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The static address of an `ipconfig0` value (`ip=10.0.0.5/24,gw=...` -> `10.0.0.5`).
+pub fn static_ip(ip_config: &str) -> Option<String> {
+    ip_config.split(',').find_map(|part| {
+        let v = part.trim().strip_prefix("ip=")?;
+        if v == "dhcp" {
+            return None;
+        }
+        Some(v.split('/').next().unwrap_or(v).to_string())
+    })
+}
+
+/// Hardware, network, cloud-init and serial settings of the build VM (no disk, no marker).
+pub fn hardware_config(spec: &GoldenImageSpec) -> QemuConfig {
+    let hw = &spec.hardware;
+    let mut net = format!("virtio,bridge={}", spec.placement.bridge);
+    if let Some(vlan) = spec.placement.vlan {
+        net.push_str(&format!(",tag={vlan}"));
+    }
+    let mut c = QemuConfig::new()
+        .cores(hw.cores)
+        .memory_mib(u64::from(hw.memory_mib))
+        .cpu(&hw.cpu)
+        .machine(&hw.machine)
+        .bios(match hw.bios {
+            Bios::Seabios => "seabios",
+            Bios::Ovmf => "ovmf",
+        })
+        .ostype("l26")
+        .scsihw("virtio-scsi-single")
+        .net(0, &net)
+        .serial(0, "socket")
+        .vga("serial0")
+        .agent("enabled=1")
+        .ipconfig(0, &spec.provisioning.ssh.ip_config)
+        .ciuser(&spec.provisioning.ssh.user)
+        // The build upgrades packages itself, step by step, so failures name the step.
+        .ciupgrade(false);
+    if hw.bios == Bios::Ovmf {
+        c = c.set(
+            "efidisk0",
+            format!(
+                "{}:1,efitype=4m,pre-enrolled-keys=0",
+                spec.placement.storage
+            ),
+        );
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names() {
+        assert_eq!(
+            normalize_file_name(
+                "https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-amd64.img"
+            ),
+            "noble-server-cloudimg-amd64.qcow2"
+        );
+        assert_eq!(
+            normalize_file_name(
+                "https://cloud.debian.org/x/debian-12-genericcloud-amd64.qcow2?x=1"
+            ),
+            "debian-12-genericcloud-amd64.qcow2"
+        );
+        assert_eq!(normalize_file_name("http://h/a b.raw"), "a_b.raw");
+        assert_eq!(normalize_file_name("http://h/disk"), "disk.qcow2");
+        assert_eq!(normalize_file_name("http://h/"), "h.qcow2");
+    }
+
+    #[test]
+    fn checksums() {
+        let hex = "a".repeat(64);
+        assert_eq!(parse_checksum(&format!("sha256:{hex}")).unwrap().1, hex);
+        assert!(parse_checksum("sha256:abc").is_none());
+        assert!(parse_checksum("md5:abc").is_none());
+        let list = format!(
+            "# comment\n{} *noble-server-cloudimg-amd64.img\n{hex}  other.img\n{} ./x.qcow2\nSHA256 (bsd.img) = {}\n",
+            "b".repeat(64),
+            "c".repeat(128),
+            "d".repeat(64)
+        );
+        assert_eq!(
+            parse_checksum_list(&list, "noble-server-cloudimg-amd64.img"),
+            Some(format!("sha256:{}", "b".repeat(64)))
+        );
+        assert_eq!(
+            parse_checksum_list(&list, "x.qcow2"),
+            Some(format!("sha512:{}", "c".repeat(128)))
+        );
+        assert_eq!(
+            parse_checksum_list(&list, "bsd.img"),
+            Some(format!("sha256:{}", "d".repeat(64)))
+        );
+        assert_eq!(parse_checksum_list(&list, "missing.img"), None);
+        assert_eq!(parse_checksum_list("garbage", "x"), None);
+    }
+
+    #[test]
+    fn owner_uid_is_stable_and_uuid_shaped() {
+        let a = cli_owner_uid("default", "ubuntu");
+        assert_eq!(a, cli_owner_uid("default", "ubuntu"));
+        assert_ne!(a, cli_owner_uid("other", "ubuntu"));
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.matches('-').count(), 4);
+    }
+
+    #[test]
+    fn ips() {
+        assert_eq!(
+            static_ip("ip=10.0.0.5/24,gw=10.0.0.1").as_deref(),
+            Some("10.0.0.5")
+        );
+        assert_eq!(static_ip("ip=dhcp"), None);
+    }
+}

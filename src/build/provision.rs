@@ -1,0 +1,199 @@
+//! Provisioning: a command channel into the build VM (SSH or the guest agent) and the run of the
+//! seed's steps through it.
+
+use std::time::{Duration, Instant};
+
+use super::commands::{self, Step};
+use super::error::BuildError;
+use super::ssh::{BuildKey, SshSession};
+use super::{Progress, Stage};
+use crate::proxmox::Client;
+
+/// What a command gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    pub exitcode: i64,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The way into the guest.
+pub enum Channel<'a> {
+    Ssh(SshSession),
+    Agent {
+        client: &'a Client,
+        node: String,
+        vmid: u32,
+    },
+}
+
+impl Channel<'_> {
+    pub async fn run(&mut self, line: &str, deadline: Instant) -> Result<CommandOutput, String> {
+        match self {
+            Channel::Ssh(session) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::time::timeout(left, session.run(line))
+                    .await
+                    .map_err(|_| "timed out".to_string())?
+            }
+            Channel::Agent { client, node, vmid } => {
+                agent_run(client, node, *vmid, line, deadline).await
+            }
+        }
+    }
+
+    pub async fn close(self) {
+        if let Channel::Ssh(s) = self {
+            s.close().await;
+        }
+    }
+}
+
+async fn agent_run(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    line: &str,
+    deadline: Instant,
+) -> Result<CommandOutput, String> {
+    let pid = client
+        .agent_exec(node, vmid, &["/bin/sh", "-c", line], None)
+        .await
+        .map_err(|e| format!("agent exec: {e}"))?;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let st = client
+            .agent_exec_status(node, vmid, pid)
+            .await
+            .map_err(|e| format!("agent exec-status: {e}"))?;
+        if st.exited {
+            let mut stderr = st.err_data.unwrap_or_default();
+            if let Some(sig) = st.signal {
+                stderr.push_str(&format!("\nkilled by signal {sig}"));
+            }
+            return Ok(CommandOutput {
+                exitcode: st
+                    .exitcode
+                    .unwrap_or(if st.signal.is_some() { -1 } else { 0 }),
+                stdout: st.out_data.unwrap_or_default(),
+                stderr,
+            });
+        }
+        if Instant::now() + delay > deadline {
+            return Err("timed out".into());
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Waits until SSH accepts the build key (cloud-init has run) or the deadline passes.
+pub async fn wait_for_ssh(
+    host: &str,
+    port: u16,
+    user: &str,
+    key: &BuildKey,
+    deadline: Instant,
+    progress: &dyn Progress,
+) -> Result<SshSession, BuildError> {
+    progress.message(&format!("waiting for SSH on {host}:{port}"));
+    let mut delay = Duration::from_millis(200);
+    let mut last = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(BuildError::timeout(
+                "wait for SSH",
+                format!("SSH on {host}:{port} did not accept the build key in time: {last}"),
+                "check provisioning.ssh (ipConfig, host, port, user) and that the build network is reachable from sombrero; raise provisioning.timeout for slow boots",
+            )
+            .at(Stage::Provision));
+        }
+        match SshSession::connect(host, port, user, key, left.min(Duration::from_secs(30))).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(delay.min(left)).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Waits until the guest agent answers.
+pub async fn wait_for_agent(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    deadline: Instant,
+    progress: &dyn Progress,
+) -> Result<(), BuildError> {
+    progress.message("waiting for the guest agent");
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let err = match client.agent_ping(node, vmid).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if Instant::now() + delay > deadline {
+            return Err(BuildError::timeout(
+                "wait for the guest agent",
+                format!("the guest agent of VM {vmid} did not answer in time: {err}"),
+                "provisioning.via guestAgent needs a source image with qemu-guest-agent installed and enabled; use via: ssh otherwise",
+            )
+            .at(Stage::Provision));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Runs steps in order; the first failure ends the run with the step and the stderr tail.
+pub async fn run_steps(
+    channel: &mut Channel<'_>,
+    steps: &[Step],
+    deadline: Instant,
+    progress: &dyn Progress,
+) -> Result<(), BuildError> {
+    for step in steps {
+        progress.message(&step.name);
+        run_step(channel, step, deadline).await?;
+    }
+    Ok(())
+}
+
+pub async fn run_step(
+    channel: &mut Channel<'_>,
+    step: &Step,
+    deadline: Instant,
+) -> Result<CommandOutput, BuildError> {
+    let out = channel.run(&step.line, deadline).await.map_err(|e| {
+        if e == "timed out" {
+            BuildError::timeout(
+                &step.name,
+                format!("{} did not finish before provisioning.timeout", step.name),
+                "raise spec.provisioning.timeout, or check the guest (a prompt waiting for input?)",
+            )
+        } else {
+            BuildError::guest(
+                &step.name,
+                format!("could not run {}: {e}", step.name),
+                Vec::new(),
+                "the connection to the build VM broke; the next run resumes the build",
+            )
+        }
+        .at(Stage::Provision)
+    })?;
+    if !step.ok_codes.contains(&out.exitcode) {
+        let mut details = commands::tail(&out.stderr, 10);
+        if details.is_empty() {
+            details = commands::tail(&out.stdout, 10);
+        }
+        return Err(BuildError::guest(
+            &step.name,
+            format!("{} exited with {}", step.name, out.exitcode),
+            details,
+            "fix the command or package list in spec.provisioning (the output above is the guest's); set provisioning.keepFailedBuild: true to keep the build VM for debugging",
+        )
+        .at(Stage::Provision));
+    }
+    Ok(out)
+}

@@ -1,0 +1,234 @@
+//! Stage `Source`: the cloud image on the import storage (checksum verified by Proxmox), or the
+//! base template to clone.
+
+use std::time::Duration;
+
+use super::error::BuildError;
+use super::plan::{normalize_file_name, parse_checksum, parse_checksum_list};
+use super::{Progress, Stage, Timeouts};
+use crate::api::GoldenImageSpec;
+use crate::image::marker::SourceInfo;
+use crate::proxmox::{Client, DownloadUrl};
+
+/// What the `Source` stage found or fetched.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prepared {
+    /// `import-from` this volume (`local:import/<file>`).
+    Image { volid: String, checksum: String },
+    /// Full-clone this template.
+    Template { node: String, vmid: u32 },
+}
+
+impl Prepared {
+    pub fn checksum(&self) -> Option<String> {
+        match self {
+            Prepared::Image { checksum, .. } => Some(checksum.clone()),
+            Prepared::Template { .. } => None,
+        }
+    }
+}
+
+/// The marker's record of the source.
+pub fn source_info(spec: &GoldenImageSpec, prepared: &Prepared) -> SourceInfo {
+    match (prepared, &spec.source.cloud_image) {
+        (Prepared::Image { checksum, .. }, Some(ci)) => SourceInfo::CloudImage {
+            url: ci.url.clone(),
+            checksum: Some(checksum.clone()),
+        },
+        (Prepared::Image { checksum, .. }, None) => SourceInfo::CloudImage {
+            url: String::new(),
+            checksum: Some(checksum.clone()),
+        },
+        (Prepared::Template { vmid, .. }, _) => SourceInfo::Template {
+            vmid: Some(*vmid),
+            name: spec.source.template.as_ref().and_then(|t| t.name.clone()),
+        },
+    }
+}
+
+/// The import file name: `fileName` when given, else the URL's name normalized, with the first
+/// 12 hex digits of the checksum before the extension, so an upstream update under the same URL
+/// becomes a new file (PVE refuses to overwrite a file whose checksum differs) and a file with
+/// the same checksum is reused.
+pub fn import_file_name(url: &str, file_name: Option<&str>, checksum: &str) -> String {
+    if let Some(f) = file_name {
+        return f.to_string();
+    }
+    let base = normalize_file_name(url);
+    let hex = checksum.split_once(':').map_or(checksum, |(_, h)| h);
+    let short: String = hex.chars().take(12).collect();
+    match base.rsplit_once('.') {
+        Some((stem, ext)) => format!("{stem}-{short}.{ext}"),
+        None => format!("{base}-{short}"),
+    }
+}
+
+pub async fn prepare(
+    client: &Client,
+    spec: &GoldenImageSpec,
+    timeouts: &Timeouts,
+    progress: &dyn Progress,
+) -> Result<Prepared, BuildError> {
+    let at = |e: BuildError| e.at(Stage::Source);
+    if let Some(t) = &spec.source.template {
+        return find_base_template(client, t.vmid, t.name.as_deref())
+            .await
+            .map_err(at);
+    }
+    let Some(ci) = &spec.source.cloud_image else {
+        return Err(at(BuildError::invalid_spec(
+            "spec.source has neither cloudImage nor template",
+            "set exactly one of spec.source.cloudImage or spec.source.template",
+        )));
+    };
+    let checksum = match (&ci.checksum, &ci.checksum_url) {
+        (Some(c), _) => c.clone(),
+        (None, Some(list_url)) => {
+            progress.message(&format!("resolving the checksum from {list_url}"));
+            resolve_checksum_url(list_url, &ci.url).await.map_err(at)?
+        }
+        (None, None) => {
+            return Err(at(BuildError::invalid_spec(
+                "spec.source.cloudImage has neither checksum nor checksumUrl",
+                "set cloudImage.checksum (sha256:<hex>) or cloudImage.checksumUrl (a SHA256SUMS file)",
+            )));
+        }
+    };
+    let Some((alg, hex)) = parse_checksum(&checksum) else {
+        return Err(at(BuildError::invalid_spec(
+            format!("checksum {checksum:?} is not sha256:<64 hex> or sha512:<128 hex>"),
+            "fix spec.source.cloudImage.checksum",
+        )));
+    };
+    let node = &spec.placement.node;
+    let storage = &spec.placement.import_storage;
+    let file = import_file_name(&ci.url, ci.file_name.as_deref(), &checksum);
+    progress.message(&format!("download {} -> {storage}:import/{file}", ci.url));
+    progress.percent(0.0);
+    let request = DownloadUrl::import(&ci.url, &file).with_checksum(alg, hex);
+    // With a checksum PVE answers "got correct file already" for a good existing file: that is
+    // the reuse, verified by Proxmox itself.
+    let upid = client
+        .download_url(node, storage, &request)
+        .await
+        .map_err(|e| at(BuildError::proxmox("download-url", &e)))?;
+    client
+        .wait_task(&upid, timeouts.download)
+        .await
+        .map_err(|e| at(BuildError::proxmox("download-url", &e)))?;
+    progress.percent(100.0);
+    Ok(Prepared::Image {
+        volid: format!("{storage}:import/{file}"),
+        checksum,
+    })
+}
+
+async fn find_base_template(
+    client: &Client,
+    vmid: Option<u32>,
+    name: Option<&str>,
+) -> Result<Prepared, BuildError> {
+    let vms = client
+        .cluster_vms()
+        .await
+        .map_err(|e| BuildError::proxmox("list VMs", &e))?;
+    let found: Vec<_> = vms
+        .iter()
+        .filter(|v| v.is_qemu())
+        .filter(|v| match (vmid, name) {
+            (Some(id), _) => v.vmid == id,
+            (None, Some(n)) => v.name.as_deref() == Some(n),
+            (None, None) => false,
+        })
+        .collect();
+    let what = match (vmid, name) {
+        (Some(id), _) => format!("VMID {id}"),
+        (None, Some(n)) => format!("name {n:?}"),
+        (None, None) => "nothing".into(),
+    };
+    match found.as_slice() {
+        [one] if one.template => Ok(Prepared::Template {
+            node: one.node.clone(),
+            vmid: one.vmid,
+        }),
+        [one] => Err(BuildError::invalid_spec(
+            format!("the base {what} (VM {}) is not a template", one.vmid),
+            "spec.source.template must name a template (convert the VM, or pick another)",
+        )),
+        [] => Err(BuildError::invalid_spec(
+            format!("no VM with {what} exists"),
+            "check spec.source.template (the token needs VM.Audit to see it)",
+        )),
+        many => Err(BuildError::invalid_spec(
+            format!(
+                "{} VMs have {what}: {:?}",
+                many.len(),
+                many.iter().map(|v| v.vmid).collect::<Vec<_>>()
+            ),
+            "template names are not unique in Proxmox: use spec.source.template.vmid",
+        )),
+    }
+}
+
+/// Fetches a checksum list and finds the image's file in it.
+async fn resolve_checksum_url(list_url: &str, image_url: &str) -> Result<String, BuildError> {
+    let file = image_url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(image_url)
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| {
+            BuildError::new(
+                super::ErrorCategory::Checksum,
+                format!("HTTP client: {e}"),
+                "internal error",
+            )
+        })?;
+    let fail = |msg: String| {
+        let mut e = BuildError::new(
+            super::ErrorCategory::Checksum,
+            msg,
+            "check spec.source.cloudImage.checksumUrl, or set cloudImage.checksum instead",
+        );
+        e.step = Some("checksumUrl".into());
+        e
+    };
+    let rsp = http
+        .get(list_url)
+        .send()
+        .await
+        .map_err(|e| fail(format!("cannot fetch {list_url}: {e}")))?;
+    if !rsp.status().is_success() {
+        return Err(fail(format!("{list_url} answered HTTP {}", rsp.status())));
+    }
+    let text = rsp
+        .text()
+        .await
+        .map_err(|e| fail(format!("cannot read {list_url}: {e}")))?;
+    parse_checksum_list(&text, &file)
+        .ok_or_else(|| fail(format!("{list_url} has no sha256/sha512 line for {file:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_names_carry_the_checksum() {
+        let sum = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            import_file_name("https://x/noble-server-cloudimg-amd64.img", None, &sum),
+            "noble-server-cloudimg-amd64-abababababab.qcow2"
+        );
+        assert_eq!(
+            import_file_name("https://x/a.img", Some("mine.raw"), &sum),
+            "mine.raw"
+        );
+    }
+}
