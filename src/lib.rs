@@ -3,7 +3,9 @@
 pub mod api;
 pub mod build;
 pub mod cli;
+pub mod controller;
 pub mod image;
 pub mod proxmox;
 pub mod retention;
+pub mod telemetry;
 pub mod validate;

@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the Kubernetes controller.
+    Controller(Box<cli::controller::ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML (pipe into `kubectl apply -f -`).
     Crd(cli::crd::CrdArgs),
     /// Print the version.
@@ -29,6 +31,7 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Controller(args) => cli::controller::run(&args).await,
         Command::Crd(args) => cli::crd::run(&args),
         Command::Version => {
             println!("sombrero {}", env!("CARGO_PKG_VERSION"));

@@ -1,5 +1,6 @@
 //! Subcommands of the `sombrero` binary, one module each. `main.rs` only parses and dispatches.
 
+pub mod controller;
 pub mod crd;
 
 /// Process exit codes shared by the one-shot commands, so CI pipelines can tell failures apart.

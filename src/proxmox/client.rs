@@ -79,6 +79,24 @@ impl std::fmt::Debug for Params {
     }
 }
 
+/// Called once per HTTP attempt with the method, the API path (`nodes/pve1/qemu/100/config`)
+/// and the HTTP status (0 when no response came). The controller counts requests with it.
+pub type RequestObserver = fn(method: &str, path: &str, status: u16);
+
+static REQUEST_OBSERVER: std::sync::OnceLock<RequestObserver> = std::sync::OnceLock::new();
+
+/// Installs the process-wide [`RequestObserver`]; the first call wins.
+pub fn set_request_observer(observer: RequestObserver) {
+    let _ = REQUEST_OBSERVER.set(observer);
+}
+
+fn observe(method: &Method, request: &str, status: u16) {
+    if let Some(observer) = REQUEST_OBSERVER.get() {
+        let path = request.split_once(" /").map(|(_, p)| p).unwrap_or(request);
+        observer(method.as_str(), path, status);
+    }
+}
+
 #[derive(Deserialize)]
 struct Envelope<T> {
     data: T,
@@ -285,11 +303,12 @@ impl Client {
                 )
                 .body(params.encode())
         };
-        let response = builder
-            .send()
-            .await
-            .map_err(|e| transport_failure(request, &e))?;
+        let response = builder.send().await.map_err(|e| {
+            observe(method, request, 0);
+            transport_failure(request, &e)
+        })?;
         let status = response.status();
+        observe(method, request, status.as_u16());
         let reason = response
             .extensions()
             .get::<hyper::ext::ReasonPhrase>()

@@ -1,0 +1,347 @@
+//! Background jobs (build -> validate -> promote) per GoldenImage, so a build of many minutes
+//! never blocks the reconcile loop. At most one job per image; a global limit and a per-node
+//! limit on jobs running at once. The reconciler starts a job, reads its progress into
+//! `status.build` while it runs, and takes its outcome once it finished.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+
+use crate::api::golden_image::{BuildStatus, StageTiming, ValidationReport};
+
+/// Progress of a running job, as `status.build` shows it.
+#[derive(Debug, Clone)]
+pub struct JobProgress {
+    pub id: String,
+    pub stage: String,
+    pub message: Option<String>,
+    pub vmid: Option<u32>,
+    pub started_at: DateTime<Utc>,
+    pub stages: Vec<(String, f64)>,
+    stage_started: Instant,
+}
+
+impl JobProgress {
+    pub fn to_status(&self) -> BuildStatus {
+        BuildStatus {
+            id: self.id.clone(),
+            vmid: self.vmid,
+            stage: self.stage.clone(),
+            started_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                super::status::to_timestamp(self.started_at),
+            )),
+            stages: self
+                .stages
+                .iter()
+                .map(|(s, secs)| StageTiming {
+                    stage: s.clone(),
+                    seconds: (*secs * 10.0).round() / 10.0,
+                })
+                .collect(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+/// Shared, cheap handle the job writes its progress into.
+#[derive(Clone)]
+pub struct ProgressHandle(Arc<Mutex<JobProgress>>);
+
+impl ProgressHandle {
+    fn new(id: &str, stage: &str) -> Self {
+        ProgressHandle(Arc::new(Mutex::new(JobProgress {
+            id: id.to_string(),
+            stage: stage.to_string(),
+            message: None,
+            vmid: None,
+            started_at: Utc::now(),
+            stages: Vec::new(),
+            stage_started: Instant::now(),
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JobProgress> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new stage starts: the previous one's duration is recorded.
+    pub fn stage(&self, stage: &str) {
+        let mut p = self.lock();
+        if p.stage == stage {
+            return;
+        }
+        let secs = p.stage_started.elapsed().as_secs_f64();
+        let prev = std::mem::replace(&mut p.stage, stage.to_string());
+        p.stages.push((prev, secs));
+        p.stage_started = Instant::now();
+        p.message = None;
+    }
+
+    pub fn message(&self, text: &str) {
+        self.lock().message = Some(text.chars().take(300).collect());
+    }
+
+    /// Percent of the current stage (downloads).
+    pub fn percent(&self, p: f32) {
+        let mut g = self.lock();
+        let text = format!("{}: {p:.0}%", g.stage);
+        g.message = Some(text);
+    }
+
+    pub fn vmid(&self, vmid: u32) {
+        self.lock().vmid = Some(vmid);
+    }
+
+    pub fn snapshot(&self) -> JobProgress {
+        self.lock().clone()
+    }
+
+    /// Finished stages with their durations (the current one closed now).
+    pub fn finished_stages(&self) -> Vec<(String, f64)> {
+        let p = self.lock();
+        let mut v = p.stages.clone();
+        v.push((p.stage.clone(), p.stage_started.elapsed().as_secs_f64()));
+        v
+    }
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub enum JobOutcome {
+    /// A new template passed validation (or validation is off) and is the latest now.
+    Promoted {
+        vmid: u32,
+        name: String,
+        report: Option<ValidationReport>,
+        touched: Vec<u32>,
+    },
+    /// The template was built but failed validation: marked failed, not promoted.
+    ValidationFailed {
+        vmid: u32,
+        name: String,
+        failed_check: String,
+        message: String,
+        report: ValidationReport,
+    },
+    /// The build (or a Proxmox step) failed.
+    Failed {
+        stage: Option<String>,
+        reason: &'static str,
+        message: String,
+        retryable: bool,
+        touched: Vec<u32>,
+    },
+}
+
+struct Job {
+    node: String,
+    progress: ProgressHandle,
+    outcome: Arc<Mutex<Option<JobOutcome>>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// What the reconciler sees of an image's job.
+pub enum JobView {
+    Running(JobProgress),
+    Finished(JobProgress, JobOutcome),
+}
+
+/// Limits on concurrent jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub global: usize,
+    pub per_node: usize,
+}
+
+pub struct Tracker {
+    jobs: Mutex<HashMap<String, Job>>,
+    limits: Limits,
+    running: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Tracker {
+    pub fn new(limits: Limits, running: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Tracker {
+            jobs: Mutex::new(HashMap::new()),
+            limits,
+            running,
+        }
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Job>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts `work` for `key` unless a job of that image exists or a limit is reached; `Err`
+    /// says why it has to wait.
+    pub fn try_start<F, Fut>(
+        &self,
+        key: &str,
+        node: &str,
+        id: &str,
+        first_stage: &str,
+        work: F,
+    ) -> Result<(), String>
+    where
+        F: FnOnce(ProgressHandle) -> Fut,
+        Fut: Future<Output = JobOutcome> + Send + 'static,
+    {
+        let mut jobs = self.jobs();
+        if jobs.contains_key(key) {
+            return Err("a build of this image is already running".into());
+        }
+        let running: Vec<&Job> = jobs
+            .values()
+            .filter(|j| j.outcome.lock().map(|o| o.is_none()).unwrap_or(true))
+            .collect();
+        if running.len() >= self.limits.global {
+            return Err(format!(
+                "waiting for a build slot: {} builds run (--max-concurrent-builds {})",
+                running.len(),
+                self.limits.global
+            ));
+        }
+        let on_node = running.iter().filter(|j| j.node == node).count();
+        if on_node >= self.limits.per_node {
+            return Err(format!(
+                "waiting for a build slot on node {node}: {on_node} builds run there (--max-builds-per-node {})",
+                self.limits.per_node
+            ));
+        }
+        let progress = ProgressHandle::new(id, first_stage);
+        let outcome = Arc::new(Mutex::new(None));
+        let fut = work(progress.clone());
+        let slot = outcome.clone();
+        let gauge = self.running.clone();
+        gauge.inc();
+        let handle = tokio::spawn(async move {
+            let result = fut.await;
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+            gauge.dec();
+        });
+        jobs.insert(
+            key.to_string(),
+            Job {
+                node: node.to_string(),
+                progress,
+                outcome,
+                handle,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn view(&self, key: &str) -> Option<JobView> {
+        let jobs = self.jobs();
+        let job = jobs.get(key)?;
+        let progress = job.progress.snapshot();
+        let outcome = job
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Some(match outcome {
+            Some(o) => JobView::Finished(progress, o),
+            None => JobView::Running(progress),
+        })
+    }
+
+    /// Forgets a finished job (its outcome was recorded).
+    pub fn remove_finished(&self, key: &str) {
+        let mut jobs = self.jobs();
+        let finished = jobs
+            .get(key)
+            .map(|j| j.outcome.lock().map(|o| o.is_some()).unwrap_or(true))
+            .unwrap_or(false);
+        if finished {
+            jobs.remove(key);
+        }
+    }
+
+    /// Stops the job of `key` (the object is being deleted). The build VM stays with its marker
+    /// and is removed by the cleanup that follows.
+    pub fn abort(&self, key: &str) {
+        if let Some(job) = self.jobs().remove(key) {
+            let running = job.outcome.lock().map(|o| o.is_none()).unwrap_or(false);
+            job.handle.abort();
+            if running {
+                self.running.dec();
+            }
+        }
+    }
+
+    pub fn is_tracked(&self, key: &str) -> bool {
+        self.jobs().contains_key(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn failed() -> JobOutcome {
+        JobOutcome::Failed {
+            stage: None,
+            reason: "X",
+            message: "x".into(),
+            retryable: true,
+            touched: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn one_job_per_image_and_limits_hold() {
+        let t = Tracker::new(
+            Limits {
+                global: 2,
+                per_node: 1,
+            },
+            Default::default(),
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        t.try_start("ns/a", "pve1", "b1", "Source", |p| async move {
+            p.stage("CreateVm");
+            let _ = rx.await;
+            failed()
+        })
+        .unwrap();
+        let again = t.try_start("ns/a", "pve1", "b2", "Source", |_| async { failed() });
+        assert!(again.unwrap_err().contains("already running"));
+        let node = t.try_start("ns/b", "pve1", "b3", "Source", |_| async { failed() });
+        assert!(node.unwrap_err().contains("node pve1"));
+        t.try_start("ns/c", "pve2", "b4", "Source", |_| std::future::pending())
+            .unwrap();
+        let global = t.try_start("ns/d", "pve3", "b5", "Source", |_| async { failed() });
+        assert!(global.unwrap_err().contains("--max-concurrent-builds 2"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match t.view("ns/a") {
+            Some(JobView::Running(p)) => {
+                assert_eq!(p.stage, "CreateVm");
+                assert_eq!(p.stages.len(), 1);
+            }
+            _ => panic!("expected a running job"),
+        }
+        tx.send(()).unwrap();
+        for _ in 0..100 {
+            if matches!(t.view("ns/a"), Some(JobView::Finished(..))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(matches!(t.view("ns/a"), Some(JobView::Finished(..))));
+        // A finished job frees its node slot, and stays until its outcome was taken.
+        t.try_start("ns/b", "pve1", "b3", "Source", |_| std::future::pending())
+            .unwrap();
+        assert!(t.is_tracked("ns/a"));
+        t.remove_finished("ns/a");
+        assert!(!t.is_tracked("ns/a"));
+        t.remove_finished("ns/b");
+        assert!(t.is_tracked("ns/b"), "a running job is not removed");
+        t.abort("ns/c");
+        assert!(!t.is_tracked("ns/c"));
+    }
+}

@@ -1,0 +1,138 @@
+//! Reconcile errors, each with a category (a metrics label) and a verdict: `Stalled` (a person
+//! must change something: the spec, the Secret, the token's privileges) or transient
+//! (`Reconciling`, retried with backoff).
+
+use crate::proxmox;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec is wrong in a way only the controller can judge.
+    #[error("spec.{field}: {message}")]
+    InvalidSpec { field: String, message: String },
+    /// The Proxmox connection cannot be made from what was given (Secret missing or invalid).
+    #[error("{0}")]
+    Connection(String),
+    #[error("Proxmox: {0}")]
+    Proxmox(#[from] proxmox::Error),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A build or validation step failed for a reason that retrying may fix.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl Error {
+    pub fn invalid_spec(field: &str, message: impl Into<String>) -> Self {
+        Error::InvalidSpec {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Short, stable metrics label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec { .. } => "invalid_spec",
+            Error::Connection(_) => "connection_config",
+            Error::Proxmox(e) => match e {
+                proxmox::Error::Unauthenticated { .. } => "proxmox_unauthenticated",
+                proxmox::Error::Forbidden { .. } => "proxmox_forbidden",
+                proxmox::Error::Tls { .. } => "proxmox_tls",
+                e if e.is_retryable() => "proxmox_transient",
+                _ => "proxmox",
+            },
+            Error::Kube(_) => "kubernetes",
+            Error::Transient(_) => "transient",
+        }
+    }
+
+    /// Whether retrying without a change cannot help (kstatus `Stalled=True`).
+    pub fn is_stalled(&self) -> bool {
+        match self {
+            Error::InvalidSpec { .. } | Error::Connection(_) => true,
+            Error::Proxmox(e) => matches!(
+                e,
+                proxmox::Error::Unauthenticated { .. }
+                    | proxmox::Error::Forbidden { .. }
+                    | proxmox::Error::Tls { .. }
+                    | proxmox::Error::Config { .. }
+                    | proxmox::Error::Unsupported { .. }
+            ),
+            Error::Kube(kube::Error::Api(s)) => s.is_forbidden(),
+            Error::Kube(_) | Error::Transient(_) => false,
+        }
+    }
+
+    /// CamelCase condition/Event reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec { .. } => "InvalidSpec",
+            Error::Connection(_) => "ProxmoxConnectionInvalid",
+            Error::Proxmox(e) => match e {
+                proxmox::Error::Unauthenticated { .. } => "ProxmoxAuthFailed",
+                proxmox::Error::Forbidden { .. } => "ProxmoxForbidden",
+                proxmox::Error::Tls { .. } => "ProxmoxTlsFailed",
+                e if e.is_retryable() => "ProxmoxUnreachable",
+                _ => "ProxmoxError",
+            },
+            Error::Kube(_) => "KubernetesApiError",
+            Error::Transient(_) => "RetryingAfterError",
+        }
+    }
+
+    /// What a person can do about it, appended to the message of conditions and Events.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec { .. } => "fix the field named above",
+            Error::Connection(_) => {
+                "fix the Secret named in spec.proxmox.secretRef (or the controller's default connection)"
+            }
+            Error::Proxmox(proxmox::Error::Unauthenticated { .. }) => {
+                "the API token was refused: update tokenId/tokenSecret in the Secret"
+            }
+            Error::Proxmox(proxmox::Error::Forbidden { .. }) => {
+                "grant the token the privileges listed in the sombrero docs"
+            }
+            Error::Proxmox(proxmox::Error::Tls { .. }) => {
+                "set caCert or fingerprint in the Secret to trust the Proxmox certificate"
+            }
+            Error::Proxmox(_) => "retrying with backoff",
+            Error::Kube(_) => "retrying with backoff",
+            Error::Transient(_) => "retrying with backoff",
+        }
+    }
+
+    /// Message for conditions and Events. Never contains a secret: Proxmox errors never carry
+    /// the token, and Secret values are never put into errors.
+    pub fn message(&self) -> String {
+        format!("{self}; {}", self.hint())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_and_spec_errors_stall_transient_ones_do_not() {
+        let auth = Error::Proxmox(proxmox::Error::Unauthenticated {
+            request: "GET /version".into(),
+            message: "invalid token".into(),
+        });
+        assert!(auth.is_stalled());
+        assert_eq!(auth.reason(), "ProxmoxAuthFailed");
+        assert_eq!(auth.category(), "proxmox_unauthenticated");
+        let down = Error::Proxmox(proxmox::Error::Transient {
+            request: "GET /cluster/resources".into(),
+            message: "connection refused".into(),
+        });
+        assert!(!down.is_stalled());
+        assert_eq!(down.reason(), "ProxmoxUnreachable");
+        assert_eq!(down.category(), "proxmox_transient");
+        let spec = Error::invalid_spec("rebuild.schedule", "not a cron expression");
+        assert!(spec.is_stalled());
+        assert!(spec.message().starts_with("spec.rebuild.schedule: "));
+    }
+}

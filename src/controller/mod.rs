@@ -1,0 +1,207 @@
+//! The Kubernetes controller (`sombrero controller`): kube-runtime wiring for `GoldenImage`.
+//!
+//! - [`reconcile`]: dereference (Secret, shared inventory) -> validate -> decide (rebuild
+//!   triggers, background jobs) -> apply (jobs, output ConfigMap) -> status (server-side apply
+//!   of `status` with `observedGeneration`, `Ready`/`Reconciling`/`Stalled` as kstatus reads
+//!   them, `Validated`, `UpToDate`, `build`, `versions`, `latest`, `lastValidation`), and a
+//!   finalizer that honours `deletionPolicy`.
+//! - [`builds`]: the build -> validate -> promote job runs in the background, one per image,
+//!   with a global and a per-node limit; a restarted controller resumes from `status.build`.
+//! - [`inventory`]: one `cluster/resources` list per Proxmox cluster per resync interval,
+//!   shared by every object of that cluster.
+//! - [`connection`]: the Proxmox connection from a Secret or the controller's default; Secrets
+//!   are watched so a fixed credential takes effect at once.
+//! - [`leader`]: a Lease (kube-lease-manager): only the leader acts; losing the lease stops the
+//!   controller and the process exits (the pod restarts as a standby).
+//! - [`http`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! [`run`] joins the controllers into one future; a second controller (retention) is added
+//! there next to the GoldenImage one.
+
+pub mod builds;
+pub mod connection;
+pub mod context;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod inventory;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod source;
+pub mod status;
+pub mod triggers;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, ListParams};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, controller, watcher};
+use kube::{Client, ResourceExt};
+
+use crate::api::GoldenImage;
+use builds::{Limits, Tracker};
+use connection::DefaultConnection;
+use context::{Context, Pipeline, Settings};
+
+/// Everything `run` needs.
+#[derive(Clone)]
+pub struct Options {
+    /// Watch only this namespace (`None`: all).
+    pub namespace: Option<String>,
+    pub metrics_addr: SocketAddr,
+    pub leader_election: bool,
+    pub lease_name: String,
+    /// Namespace of the Lease (and of the default Proxmox Secret): the controller's own.
+    pub controller_namespace: String,
+    /// This replica's identity in the Lease (the pod name).
+    pub identity: String,
+    pub limits: Limits,
+    pub settings: Settings,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+}
+
+/// Runs the controller until a shutdown signal (Ok) or lost leadership (Err: exit so the pod
+/// restarts and queues up as a standby).
+pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> Result<(), String> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let bound = http::serve(opts.metrics_addr, metrics.clone(), ready.clone())
+        .await
+        .map_err(|e| format!("cannot listen on {} for /metrics: {e}", opts.metrics_addr))?;
+    tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
+
+    let gis: Api<GoldenImage> = match &opts.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    gis.list(&ListParams::default().limit(1)).await.map_err(|e| {
+        format!("cannot list GoldenImages ({e}); install the CRDs with `sombrero crd | kubectl apply -f -` and check the RBAC")
+    })?;
+
+    let mut lost = None;
+    let mut lease_task = None;
+    if opts.leader_election {
+        ready.store(true, Ordering::Relaxed);
+        let (rx, task) = leader::acquire(&client, &opts).await?;
+        lost = Some(leader::lost(rx));
+        lease_task = Some(task);
+    }
+    ready.store(true, Ordering::Relaxed);
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: opts.settings.manager.clone(),
+                instance: Some(opts.identity.clone()),
+            },
+        ),
+        tracker: Tracker::new(opts.limits, metrics.builds_running.clone()),
+        metrics,
+        inventories: Default::default(),
+        pipeline,
+        settings: opts.settings.clone(),
+        failed: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    let golden = golden_image_controller(client.clone(), &opts, gis, ctx);
+    let result = match lost {
+        Some(lost) => {
+            tokio::select! {
+                _ = golden => Ok(()),
+                _ = lost => Err("lost the leader Lease; exiting so the pod restarts as a standby".to_string()),
+            }
+        }
+        None => {
+            golden.await;
+            Ok(())
+        }
+    };
+    if let Some(t) = lease_task {
+        t.abort();
+    }
+    result
+}
+
+/// The GoldenImage controller as a future (ends on a shutdown signal).
+fn golden_image_controller(
+    client: Client,
+    opts: &Options,
+    gis: Api<GoldenImage>,
+    ctx: Arc<Context>,
+) -> impl std::future::Future<Output = ()> {
+    let (cms, secrets): (Api<ConfigMap>, Api<Secret>) = match &opts.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let controller = Controller::new(gis, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let default_secret = match &opts.settings.default_connection {
+        DefaultConnection::Secret { namespace, name } => Some((namespace.clone(), name.clone())),
+        _ => None,
+    };
+    // The default Secret may live outside the watched namespace; watch it there too.
+    let default_watch = default_secret.as_ref().and_then(|(ns, _)| {
+        (opts.namespace.as_deref().is_some_and(|w| w != ns))
+            .then(|| Api::<Secret>::namespaced(client.clone(), ns))
+    });
+    let mapper = move |s: Secret| {
+        let ns = s.namespace().unwrap_or_default();
+        let name = s.name_any();
+        let is_default = default_secret
+            .as_ref()
+            .is_some_and(|(dn, dname)| *dn == ns && *dname == name);
+        store
+            .state()
+            .into_iter()
+            .filter(|gi| match &gi.spec.proxmox {
+                Some(p) => gi.namespace().as_deref() == Some(&ns) && p.secret_ref.name == name,
+                None => is_default,
+            })
+            .map(|gi| ObjectRef::from_obj(&*gi))
+            .collect::<Vec<_>>()
+    };
+    let mut c = controller.owns(cms, watcher::Config::default()).watches(
+        secrets,
+        watcher::Config::default(),
+        mapper.clone(),
+    );
+    if let Some(api) = default_watch {
+        c = c.watches(api, watcher::Config::default(), mapper);
+    }
+    c.with_config(controller::Config::default().concurrency(opts.concurrency))
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+}
+
+/// Defaults for tests and the CLI.
+impl Settings {
+    pub fn new(default_connection: DefaultConnection) -> Self {
+        Settings {
+            resync: Duration::from_secs(60),
+            requeue: Duration::from_secs(300),
+            poll: Duration::from_secs(3),
+            default_connection,
+            manager: "sombrero-controller".into(),
+        }
+    }
+}

@@ -1,0 +1,866 @@
+//! The GoldenImage reconciler: dereference (Secret, inventory) -> validate (what only the
+//! controller can judge) -> decide (triggers, jobs) -> apply (start jobs, output ConfigMap)
+//! -> status. Errors are categorised: bad spec or credentials give `Stalled=True`, transient
+//! Proxmox trouble `Reconciling=True` and a backoff requeue; never a crash loop.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::builds::{JobOutcome, JobView};
+use super::connection;
+use super::context::{Context, FailedBuild, JobRequest};
+use super::error::{Error, Result};
+use super::inventory::Snapshot;
+use super::status::{self, Cond, Verdict};
+use super::triggers::{self, Attempt, REBUILD_ANNOTATION, Trigger};
+use crate::api::common::ConditionStatus;
+use crate::api::golden_image::{
+    DeletionPolicy, GoldenImage, GoldenImageStatus, TemplateRef, TemplateVersionStatus,
+};
+use crate::image::marker::{Owner, Role, SourceInfo, ownership};
+use crate::image::output::TerraformOutput;
+use crate::image::version::{TemplateVersion, VmFacts};
+use crate::proxmox;
+
+pub const FINALIZER: &str = "images.sombrero.dev/cleanup";
+const KIND: &str = "GoldenImage";
+
+/// `namespace/name`.
+pub fn key_of(gi: &GoldenImage) -> String {
+    format!("{}/{}", gi.namespace().unwrap_or_default(), gi.name_any())
+}
+
+fn owner_of(gi: &GoldenImage) -> Owner {
+    Owner {
+        namespace: gi.namespace().unwrap_or_default(),
+        name: gi.name_any(),
+        uid: gi.uid().unwrap_or_default(),
+    }
+}
+
+/// Entry point for kube-runtime: metrics, finalizer dispatch, and the error's status.
+#[tracing::instrument(skip(gi, ctx), fields(object = %key_of(&gi)))]
+pub async fn reconcile(gi: Arc<GoldenImage>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    let ns = gi.namespace().unwrap_or_default();
+    let api: Api<GoldenImage> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, gi.clone(), |event| async {
+        match event {
+            Finalizer::Apply(gi) => apply(&gi, &ctx).await,
+            Finalizer::Cleanup(gi) => cleanup(&gi, &ctx).await,
+        }
+    })
+    .await;
+    match result {
+        Ok(action) => {
+            ctx.reset_backoff(&key_of(&gi));
+            Ok(action)
+        }
+        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
+        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => {
+            report_error(&gi, &ctx, &e).await;
+            Err(e)
+        }
+        Err(kube::runtime::finalizer::Error::AddFinalizer(e))
+        | Err(kube::runtime::finalizer::Error::RemoveFinalizer(e)) => Err(Error::Kube(e)),
+        Err(e) => Err(Error::Transient(e.to_string())),
+    }
+}
+
+/// After a failed reconcile: count it; requeue with backoff (a Stalled object is retried
+/// slowly too, but a change of the object or its Secret triggers a reconcile at once).
+pub fn error_policy(gi: Arc<GoldenImage>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(KIND, error.category());
+    let delay = if error.is_stalled() {
+        Duration::from_secs(300)
+    } else {
+        ctx.backoff(&key_of(&gi))
+    };
+    Action::requeue(delay)
+}
+
+async fn event(
+    ctx: &Context,
+    gi: &GoldenImage,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &gi.object_ref(&())).await {
+        warn!(error = %e, reason, "cannot publish Event");
+    }
+}
+
+/// Writes the error into the conditions and an Event.
+async fn report_error(gi: &GoldenImage, ctx: &Context, e: &Error) {
+    warn!(category = e.category(), error = %e, "reconcile failed");
+    event(
+        ctx,
+        gi,
+        EventType::Warning,
+        e.reason(),
+        "Reconcile",
+        e.message(),
+    )
+    .await;
+    let mut st = gi.status.clone().unwrap_or_default();
+    let current_ready = crate::api::common::find_condition(&st.conditions, "Ready").cloned();
+    let ready = match current_ready {
+        Some(c) if !e.is_stalled() => Cond {
+            status: if c.status == "True" {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            },
+            reason: c.reason,
+            message: c.message,
+        },
+        _ => Cond::new(ConditionStatus::False, e.reason(), e.message()),
+    };
+    let pair = Some((e.reason().to_string(), e.message()));
+    let verdict = Verdict {
+        ready,
+        reconciling: if e.is_stalled() { None } else { pair.clone() },
+        stalled: if e.is_stalled() { pair } else { None },
+        validated: None,
+        up_to_date: None,
+    };
+    status::apply(
+        &mut st.conditions,
+        &verdict,
+        gi.metadata.generation,
+        Utc::now(),
+    );
+    st.observed_generation = gi.metadata.generation;
+    if let Err(err) = write_status(ctx, gi, &st).await {
+        warn!(error = %err, "cannot write status");
+    }
+}
+
+async fn write_status(ctx: &Context, gi: &GoldenImage, st: &GoldenImageStatus) -> Result<()> {
+    if gi.status.as_ref() == Some(st) {
+        return Ok(());
+    }
+    let api: Api<GoldenImage> =
+        Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": format!("{}/{}", crate::api::GROUP, crate::api::VERSION),
+        "kind": KIND,
+        "status": st,
+    });
+    api.patch_status(
+        &gi.name_any(),
+        &PatchParams::apply(&ctx.settings.manager).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The spec hash the build records in its markers (compared with the newest template's).
+pub fn current_spec_hash(gi: &GoldenImage) -> Result<String> {
+    crate::image::spec_hash::spec_hash(&gi.spec)
+        .map_err(|e| Error::invalid_spec("", format!("cannot hash the spec: {e}")))
+}
+
+/// Templates of this image (ours, role template, this owner), newest first.
+fn versions(snap: &Snapshot, uid: &str) -> Vec<(TemplateVersion, Attempt)> {
+    let mut out: Vec<(TemplateVersion, Attempt)> = snap
+        .of_owner(uid)
+        .filter(|v| v.vm.template)
+        .filter_map(|v| {
+            let m = v.marker.as_ref()?;
+            if ownership(Some(m), v.vm.vmid)
+                != crate::image::marker::Ownership::Ours(Role::Template)
+            {
+                return None;
+            }
+            let tv = TemplateVersion::from_vm(VmFacts {
+                vmid: v.vm.vmid,
+                node: &v.vm.node,
+                name: v
+                    .vm
+                    .name
+                    .as_deref()
+                    .or(v.config.name.as_deref())
+                    .unwrap_or(""),
+                tags: &v.tags,
+                marker: Some(m),
+                protected: v.config.protection,
+                in_use_by: &[],
+            })?;
+            let source_checksum = match &m.metadata.source {
+                Some(SourceInfo::CloudImage { checksum, .. }) => checksum.clone(),
+                _ => None,
+            };
+            let attempt = Attempt {
+                spec_hash: m.metadata.spec_hash.clone(),
+                created: tv.created_at(),
+                source_checksum,
+            };
+            Some((tv, attempt))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp_newest_first(&b.0));
+    out
+}
+
+fn template_ref(v: &TemplateVersion, snap: &Snapshot) -> TemplateRef {
+    let marker = snap
+        .ours
+        .iter()
+        .find(|o| o.vm.vmid == v.vmid)
+        .and_then(|o| o.marker.as_ref());
+    TemplateRef {
+        vmid: v.vmid,
+        name: v.name.clone(),
+        node: v.node.clone(),
+        build_date: v.build_date.format("%Y-%m-%d").to_string(),
+        build_number: v.build_number,
+        source_checksum: marker.and_then(|m| match &m.metadata.source {
+            Some(SourceInfo::CloudImage { checksum, .. }) => checksum.clone(),
+            _ => None,
+        }),
+        spec_hash: marker.map(|m| m.metadata.spec_hash.clone()),
+        validated_at: marker
+            .and_then(|m| m.metadata.validation.validated_at())
+            .map(status::time),
+    }
+}
+
+async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
+    let key = key_of(gi);
+    let owner = owner_of(gi);
+    let now = Utc::now();
+
+    // Validate what the schema cannot.
+    let schedule = gi
+        .spec
+        .rebuild
+        .schedule
+        .as_deref()
+        .map(triggers::parse_schedule)
+        .transpose()?;
+    let check_interval =
+        crate::retention::duration::parse_duration(&gi.spec.rebuild.source_check_interval)
+            .map_err(|e| Error::invalid_spec("rebuild.sourceCheckInterval", e.to_string()))?;
+    let spec_hash = current_spec_hash(gi)?;
+
+    // Dereference: connection and the shared inventory.
+    let conn = connection::resolve(&ctx.client, &ctx.settings.default_connection, gi).await?;
+    let inv = ctx.inventories.get(&conn).await?;
+    let client = inv.client().await;
+    let mut snap = inv.snapshot(ctx.settings.resync).await?;
+
+    let mut st = gi.status.clone().unwrap_or_default();
+    let mut requeue = ctx.settings.requeue;
+    let mut reconciling: Option<(String, String)> = None;
+    let mut stalled: Option<(String, String)> = None;
+
+    // A finished job: record its outcome.
+    if let Some(JobView::Finished(progress, outcome)) = ctx.tracker.view(&key) {
+        for (stage, secs) in &progress.stages {
+            ctx.metrics
+                .build_stage_duration
+                .get_or_create(&super::metrics::StageLabels {
+                    stage: stage.clone(),
+                })
+                .observe(*secs);
+        }
+        let mut touched = Vec::new();
+        match &outcome {
+            JobOutcome::Promoted {
+                vmid,
+                name,
+                report,
+                touched: t,
+            } => {
+                touched.extend(t.iter().copied());
+                touched.push(*vmid);
+                st.last_validation = report.clone();
+                st.build = None;
+                ctx.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                info!(vmid, name, "template promoted");
+                event(
+                    ctx,
+                    gi,
+                    EventType::Normal,
+                    "Promoted",
+                    "Promote",
+                    format!(
+                        "template {name} (VMID {vmid}) is now the latest{}",
+                        if report.is_some() {
+                            " after passing validation"
+                        } else {
+                            " (validation disabled)"
+                        }
+                    ),
+                )
+                .await;
+            }
+            JobOutcome::ValidationFailed {
+                vmid,
+                name,
+                failed_check,
+                message,
+                report,
+            } => {
+                touched.push(*vmid);
+                st.last_validation = Some(report.clone());
+                st.build = None;
+                warn!(vmid, name, failed_check, "validation failed");
+                event(ctx, gi, EventType::Warning, "ValidationFailed", "Validate",
+                    format!("template {name} (VMID {vmid}) failed check {failed_check}: {message}; it is tagged failed-validation and not promoted, the previous latest stays; change the spec or request a rebuild")).await;
+            }
+            JobOutcome::Failed {
+                stage,
+                reason,
+                message,
+                retryable,
+                touched: t,
+            } => {
+                touched.extend(t.iter().copied());
+                let stage_text = stage.clone().unwrap_or_else(|| progress.stage.clone());
+                let mut b = progress.to_status();
+                b.stage = "Failed".into();
+                b.message = Some(format!("{stage_text}: {message}"));
+                st.build = Some(b);
+                ctx.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                    key.clone(),
+                    FailedBuild {
+                        spec_hash: spec_hash.clone(),
+                        reason,
+                        message: format!("build failed in stage {stage_text}: {message}"),
+                        retry_at: retryable.then(|| {
+                            std::time::Instant::now() + ctx.backoff(&format!("build:{key}"))
+                        }),
+                    },
+                );
+                warn!(stage = %stage_text, reason, error = %message, "build failed");
+                event(
+                    ctx,
+                    gi,
+                    EventType::Warning,
+                    reason,
+                    "Build",
+                    format!(
+                        "build failed in stage {stage_text}: {message}{}",
+                        if *retryable {
+                            "; retrying with backoff"
+                        } else {
+                            "; fix the cause and change the spec or request a rebuild"
+                        }
+                    ),
+                )
+                .await;
+            }
+        }
+        ctx.tracker.remove_finished(&key);
+        inv.invalidate(&touched).await;
+        snap = inv.snapshot(ctx.settings.resync).await?;
+    }
+
+    let versions = versions(&snap, &owner.uid);
+    let latest = versions.iter().find(|(v, _)| v.latest && v.owned);
+    let newest = versions.first();
+
+    // Upstream checksum, at most once per interval.
+    let mut upstream: Option<String> = None;
+    if gi.spec.rebuild.on_source_change
+        && let Some(ci) = &gi.spec.source.cloud_image
+        && let Some(url) = &ci.checksum_url
+    {
+        let due = st
+            .last_source_check
+            .as_ref()
+            .map(|t| {
+                let last = DateTime::<Utc>::from_timestamp(t.0.as_second(), 0).unwrap_or_default();
+                now - last >= check_interval
+            })
+            .unwrap_or(true);
+        if due {
+            match super::source::upstream_checksum(url, &ci.url).await {
+                Ok(sum) => {
+                    st.source_checksum = Some(sum);
+                    st.last_source_check = Some(status::time(now));
+                }
+                Err(msg) => {
+                    st.last_source_check = Some(status::time(now));
+                    event(
+                        ctx,
+                        gi,
+                        EventType::Warning,
+                        "SourceCheckFailed",
+                        "CheckSource",
+                        format!(
+                            "cannot read {url}: {msg}; retrying after rebuild.sourceCheckInterval"
+                        ),
+                    )
+                    .await;
+                }
+            }
+        }
+        upstream = st.source_checksum.clone();
+    }
+
+    // Decide.
+    let annotation = gi.annotations().contains_key(REBUILD_ANNOTATION);
+    let inputs = triggers::Inputs {
+        spec_hash: &spec_hash,
+        newest: newest.map(|(_, a)| a),
+        schedule: schedule.as_ref(),
+        now,
+        requested_at: gi.spec.rebuild.requested_at.as_deref(),
+        handled_request: st.handled_rebuild_request.as_deref(),
+        annotation,
+        upstream_checksum: upstream.as_deref(),
+    };
+    let mut trigger = triggers::decide(&inputs);
+    // Resume a build the previous controller process left running.
+    let resume_id = st
+        .build
+        .as_ref()
+        .filter(|b| b.stage != "Failed" && !ctx.tracker.is_tracked(&key))
+        .map(|b| b.id.clone());
+
+    match ctx.tracker.view(&key) {
+        Some(JobView::Running(p)) => {
+            st.build = Some(p.to_status());
+            let msg = format!(
+                "build {} in stage {}{}",
+                p.id,
+                p.stage,
+                p.message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            );
+            reconciling = Some(("Building".into(), msg));
+            requeue = ctx.settings.poll;
+            trigger = None;
+        }
+        _ => {
+            let failed = ctx
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .cloned();
+            let manual = trigger == Some(Trigger::Manual);
+            if let Some(f) = failed.filter(|f| f.spec_hash == spec_hash && !manual) {
+                match f.retry_at {
+                    None => {
+                        stalled = Some((f.reason.to_string(), f.message.clone()));
+                        trigger = None;
+                    }
+                    Some(at) if at > std::time::Instant::now() => {
+                        reconciling = Some(("RetryingBuild".into(), f.message.clone()));
+                        requeue = at - std::time::Instant::now();
+                        trigger = None;
+                    }
+                    Some(_) => {
+                        trigger = trigger.or(Some(Trigger::SpecChanged));
+                    }
+                }
+            }
+            if resume_id.is_some()
+                && trigger.is_none()
+                && stalled.is_none()
+                && reconciling.is_none()
+            {
+                trigger = Some(Trigger::SpecChanged);
+            }
+        }
+    }
+
+    if let Some(t) = trigger {
+        let build_id = resume_id
+            .clone()
+            .unwrap_or_else(|| format!("b-{}", now.format("%Y%m%d%H%M%S")));
+        let request = JobRequest {
+            client: client.clone(),
+            spec: gi.spec.clone(),
+            owner: owner.clone(),
+            build_id: build_id.clone(),
+            today: now.date_naive(),
+        };
+        let pipeline = ctx.pipeline.clone();
+        match ctx.tracker.try_start(
+            &key,
+            &gi.spec.placement.node,
+            &build_id,
+            "Source",
+            move |p| pipeline.run(request, p),
+        ) {
+            Ok(()) => {
+                ctx.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                let why = if resume_id.is_some() {
+                    "ResumingBuild"
+                } else {
+                    t.reason()
+                };
+                info!(build_id, trigger = why, "build started");
+                event(
+                    ctx,
+                    gi,
+                    EventType::Normal,
+                    "BuildStarted",
+                    "Build",
+                    format!(
+                        "{why}: build {build_id} of {}-{} started on node {}",
+                        gi.spec.os, gi.spec.type_, gi.spec.placement.node
+                    ),
+                )
+                .await;
+                if let Some(v) = ctx.tracker.view(&key)
+                    && let JobView::Running(p) = v
+                {
+                    st.build = Some(p.to_status());
+                }
+                if let Some(r) = &gi.spec.rebuild.requested_at {
+                    st.handled_rebuild_request = Some(r.clone());
+                }
+                if annotation {
+                    remove_rebuild_annotation(ctx, gi).await?;
+                }
+                reconciling = Some((
+                    "Building".into(),
+                    format!("{why}: build {build_id} started"),
+                ));
+                requeue = ctx.settings.poll;
+            }
+            Err(wait) => {
+                reconciling = Some(("WaitingForBuildSlot".into(), wait));
+                requeue = ctx.settings.poll.max(Duration::from_secs(5));
+            }
+        }
+    }
+
+    // Output ConfigMap for the latest.
+    if let (Some(out), Some((l, _))) = (&gi.spec.output, latest) {
+        write_config_map(
+            ctx,
+            gi,
+            &out.config_map_name,
+            l,
+            st.build.as_ref().map(|b| b.id.as_str()),
+        )
+        .await?;
+    }
+
+    // Status.
+    st.latest = latest.map(|(v, _)| template_ref(v, &snap));
+    st.versions = versions
+        .iter()
+        .map(|(v, _)| TemplateVersionStatus {
+            vmid: v.vmid,
+            name: v.name.clone(),
+            node: v.node.clone(),
+            build_date: v.build_date.format("%Y-%m-%d").to_string(),
+            build_number: v.build_number,
+            validation: format!("{:?}", v.validation),
+            latest: v.latest,
+        })
+        .collect();
+    let image = super::metrics::ImageLabels {
+        namespace: owner.namespace.clone(),
+        name: owner.name.clone(),
+    };
+    ctx.metrics
+        .templates
+        .get_or_create(&image)
+        .set(versions.len() as i64);
+    if let Some((l, _)) = latest {
+        ctx.metrics
+            .latest_age_seconds
+            .get_or_create(&image)
+            .set((now - l.created_at()).num_seconds());
+    }
+
+    let ready = match (&st.latest, &stalled) {
+        (Some(l), _) => Cond::new(
+            ConditionStatus::True,
+            "TemplateAvailable",
+            format!("template {} (VMID {}) on {}", l.name, l.vmid, l.node),
+        ),
+        (None, Some((r, m))) => Cond::new(ConditionStatus::False, r, m.clone()),
+        (None, None) => Cond::new(
+            ConditionStatus::False,
+            "NoTemplateYet",
+            "no validated template yet; the first build runs",
+        ),
+    };
+    let validated = newest.map(|(v, _)| match v.validation {
+        crate::image::version::ValidationStatus::Passed => Cond::new(
+            ConditionStatus::True,
+            "ValidationPassed",
+            format!("template {} (VMID {}) passed validation", v.name, v.vmid),
+        ),
+        crate::image::version::ValidationStatus::Failed => {
+            let check = st
+                .last_validation
+                .as_ref()
+                .and_then(|r| r.checks.iter().find(|c| !c.passed))
+                .map(|c| format!("check {} failed: {}", c.name, c.message))
+                .unwrap_or_else(|| "validation failed".into());
+            Cond::new(
+                ConditionStatus::False,
+                "ValidationFailed",
+                format!("template {} (VMID {}): {check}", v.name, v.vmid),
+            )
+        }
+        crate::image::version::ValidationStatus::Pending => Cond::new(
+            ConditionStatus::Unknown,
+            "ValidationPending",
+            format!("template {} (VMID {}) is not validated yet", v.name, v.vmid),
+        ),
+    });
+    let up_to_date = match (&reconciling, &stalled) {
+        (None, None) => Cond::new(
+            ConditionStatus::True,
+            "UpToDate",
+            "the newest template matches the spec; no rebuild is due",
+        ),
+        (Some((r, m)), _) | (None, Some((r, m))) => Cond::new(ConditionStatus::False, r, m.clone()),
+    };
+    let verdict = Verdict {
+        ready,
+        reconciling,
+        stalled,
+        validated,
+        up_to_date: Some(up_to_date),
+    };
+    status::apply(&mut st.conditions, &verdict, gi.metadata.generation, now);
+    st.observed_generation = gi.metadata.generation;
+    write_status(ctx, gi, &st).await?;
+
+    // Wake up for the next scheduled rebuild.
+    if let (Some(cron), Some((_, a))) = (&schedule, newest)
+        && let Some(due) = triggers::next_due(cron, a.created)
+        && let Ok(d) = (due - now).to_std()
+    {
+        requeue = requeue.min(d.max(Duration::from_secs(1)));
+    }
+    Ok(Action::requeue(requeue))
+}
+
+async fn remove_rebuild_annotation(ctx: &Context, gi: &GoldenImage) -> Result<()> {
+    let api: Api<GoldenImage> =
+        Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"annotations": {REBUILD_ANNOTATION: null}}});
+    api.patch(
+        &gi.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The Terraform hand-off: `template_id`, `template_name`, `node`, and a Packer-compatible
+/// `manifest.json`. Owned by the GoldenImage (garbage-collected with it).
+async fn write_config_map(
+    ctx: &Context,
+    gi: &GoldenImage,
+    name: &str,
+    latest: &TemplateVersion,
+    build_id: Option<&str>,
+) -> Result<()> {
+    let out = TerraformOutput::new(latest.vmid, latest.name.clone(), Some(latest.node.clone()));
+    let manifest = json!({
+        "builds": [{
+            "name": gi.name_any(),
+            "builder_type": "sombrero",
+            "build_time": latest.created_at().timestamp(),
+            "files": null,
+            "artifact_id": latest.vmid.to_string(),
+            "packer_run_uuid": build_id,
+            "custom_data": {"template_name": latest.name, "node": latest.node},
+        }],
+        "last_run_uuid": build_id,
+    });
+    let mut data = BTreeMap::new();
+    data.insert("template_id".to_string(), out.template_id.clone());
+    data.insert("template_name".to_string(), out.template_name.clone());
+    data.insert("node".to_string(), latest.node.clone());
+    data.insert(
+        "manifest.json".to_string(),
+        serde_json::to_string_pretty(&manifest).unwrap_or_default(),
+    );
+    let owner_ref: Option<OwnerReference> = gi.controller_owner_ref(&());
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: gi.namespace(),
+            owner_references: owner_ref.map(|o| vec![o]),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    };
+    let api: Api<ConfigMap> =
+        Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
+    let mut value = serde_json::to_value(&cm).map_err(|e| Error::Transient(e.to_string()))?;
+    value["apiVersion"] = json!("v1");
+    value["kind"] = json!("ConfigMap");
+    api.patch(
+        name,
+        &PatchParams::apply(&ctx.settings.manager).force(),
+        &Patch::Apply(value),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletion: stop the job, remove leftover build and validation VMs, and with
+/// `deletionPolicy: Delete` the image's templates that are not in use.
+async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
+    let key = key_of(gi);
+    let owner = owner_of(gi);
+    ctx.tracker.abort(&key);
+    ctx.failed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key);
+    let conn = match connection::resolve(&ctx.client, &ctx.settings.default_connection, gi).await {
+        Ok(c) => c,
+        Err(e) if e.is_stalled() => {
+            // Without a connection nothing can be cleaned; do not block the deletion forever.
+            event(
+                ctx,
+                gi,
+                EventType::Warning,
+                "CleanupSkipped",
+                "Delete",
+                format!(
+                    "{}; the templates and any leftover build VM stay on Proxmox",
+                    e.message()
+                ),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e),
+    };
+    let inv = ctx.inventories.get(&conn).await?;
+    let client = inv.client().await;
+    let removed = ctx
+        .pipeline
+        .cleanup(client.clone(), owner.clone())
+        .await
+        .map_err(Error::Transient)?;
+    inv.invalidate(&removed).await;
+    if gi.spec.deletion_policy == DeletionPolicy::Delete {
+        let snap = inv.snapshot(Duration::ZERO).await?;
+        let mut deleted = Vec::new();
+        let mut kept = Vec::new();
+        for (v, _) in versions(&snap, &owner.uid) {
+            if v.protected {
+                kept.push(format!("{} (protected)", v.vmid));
+                continue;
+            }
+            let users = linked_clones(&client, &snap, v.vmid, &v.node).await?;
+            if !users.is_empty() {
+                kept.push(format!("{} (linked clones {users:?})", v.vmid));
+                continue;
+            }
+            let upid = client
+                .delete_vm(
+                    &v.node,
+                    v.vmid,
+                    proxmox::DeleteVm {
+                        purge: true,
+                        destroy_unreferenced_disks: true,
+                    },
+                )
+                .await?;
+            client.wait_task(&upid, Duration::from_secs(600)).await?;
+            deleted.push(v.vmid);
+        }
+        inv.invalidate(&deleted).await;
+        event(
+            ctx,
+            gi,
+            EventType::Normal,
+            "TemplatesDeleted",
+            "Delete",
+            format!(
+                "deletionPolicy Delete: deleted templates {deleted:?}{}",
+                if kept.is_empty() {
+                    String::new()
+                } else {
+                    format!("; kept {}", kept.join(", "))
+                }
+            ),
+        )
+        .await;
+    } else {
+        event(
+            ctx,
+            gi,
+            EventType::Normal,
+            "TemplatesRetained",
+            "Delete",
+            "deletionPolicy Retain: the templates stay on Proxmox".to_string(),
+        )
+        .await;
+    }
+    Ok(Action::await_change())
+}
+
+/// VMs whose disks reference `base-<vmid>-disk-*` (linked clones of the template). Reads the
+/// configs of the other VMs on the node: only at deletion, never at steady state.
+async fn linked_clones(
+    client: &proxmox::Client,
+    snap: &Snapshot,
+    vmid: u32,
+    node: &str,
+) -> Result<Vec<u32>> {
+    let needle = format!("base-{vmid}-disk-");
+    let mut users = Vec::new();
+    for vm in snap
+        .vms
+        .iter()
+        .filter(|v| v.is_qemu() && v.vmid != vmid && v.node == node)
+    {
+        let config = match client.vm_config(node, vm.vmid).await {
+            Ok(c) => c,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if config
+            .extra
+            .values()
+            .any(|v| v.as_str().is_some_and(|s| s.contains(&needle)))
+        {
+            users.push(vm.vmid);
+        }
+    }
+    Ok(users)
+}

@@ -1,0 +1,230 @@
+//! When to build a new version: pure decisions, unit-tested.
+//!
+//! Triggers, in order: no template yet; the spec changed (its hash differs from the newest
+//! attempt's); a manual request (`spec.rebuild.requestedAt` differs from
+//! `status.handledRebuildRequest`, or the `images.sombrero.dev/rebuild` annotation is present);
+//! the cron `rebuild.schedule` fired since the newest attempt; the upstream checksum changed
+//! (`onSourceChange`). The newest *attempt* (a failed one included) is the reference, so a
+//! build whose validation failed is not repeated in a loop: only a new trigger starts another.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use croner::Cron;
+
+use super::error::Error;
+
+/// Annotation that requests one rebuild; the controller removes it once the build started.
+pub const REBUILD_ANNOTATION: &str = "images.sombrero.dev/rebuild";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Initial,
+    SpecChanged,
+    Manual,
+    Schedule,
+    SourceChanged,
+}
+
+impl Trigger {
+    /// Event reason and log text.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Trigger::Initial => "NoTemplateYet",
+            Trigger::SpecChanged => "SpecChanged",
+            Trigger::Manual => "RebuildRequested",
+            Trigger::Schedule => "ScheduledRebuild",
+            Trigger::SourceChanged => "SourceChanged",
+        }
+    }
+}
+
+/// The newest template of the image (validated or not).
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub spec_hash: String,
+    pub created: DateTime<Utc>,
+    pub source_checksum: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Inputs<'a> {
+    pub spec_hash: &'a str,
+    pub newest: Option<&'a Attempt>,
+    pub schedule: Option<&'a Cron>,
+    pub now: DateTime<Utc>,
+    pub requested_at: Option<&'a str>,
+    pub handled_request: Option<&'a str>,
+    pub annotation: bool,
+    /// Upstream checksum seen by the latest source check, when `onSourceChange` is on.
+    pub upstream_checksum: Option<&'a str>,
+}
+
+pub fn decide(i: &Inputs<'_>) -> Option<Trigger> {
+    let Some(newest) = i.newest else {
+        return Some(Trigger::Initial);
+    };
+    if newest.spec_hash != i.spec_hash {
+        return Some(Trigger::SpecChanged);
+    }
+    if i.annotation || (i.requested_at.is_some() && i.requested_at != i.handled_request) {
+        return Some(Trigger::Manual);
+    }
+    if let Some(cron) = i.schedule
+        && let Ok(next) = cron.find_next_occurrence(&newest.created, false)
+        && next <= i.now
+    {
+        return Some(Trigger::Schedule);
+    }
+    if let (Some(up), Some(have)) = (i.upstream_checksum, newest.source_checksum.as_deref())
+        && !same_checksum(up, have)
+    {
+        return Some(Trigger::SourceChanged);
+    }
+    None
+}
+
+/// `sha256:abc` and `abc` are the same checksum.
+fn same_checksum(a: &str, b: &str) -> bool {
+    let strip = |s: &str| {
+        s.rsplit_once(':')
+            .map(|(_, h)| h)
+            .unwrap_or(s)
+            .to_ascii_lowercase()
+    };
+    strip(a) == strip(b)
+}
+
+/// Parses `rebuild.schedule` (5 fields, UTC, or `@monthly` ...).
+pub fn parse_schedule(schedule: &str) -> Result<Cron, Error> {
+    Cron::from_str(schedule.trim()).map_err(|e| {
+        Error::invalid_spec(
+            "rebuild.schedule",
+            format!("{schedule:?} is not a valid cron schedule ({e}); use 5 fields (minute hour day-of-month month day-of-week, UTC) or @monthly"),
+        )
+    })
+}
+
+/// When the next scheduled rebuild is due after `after`.
+pub fn next_due(cron: &Cron, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    cron.find_next_occurrence(&after, false).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap()
+    }
+
+    fn attempt(hash: &str, created: DateTime<Utc>) -> Attempt {
+        Attempt {
+            spec_hash: hash.into(),
+            created,
+            source_checksum: Some("sha256:aa".into()),
+        }
+    }
+
+    #[test]
+    fn first_build_and_spec_change() {
+        let now = at(2025, 1, 18);
+        assert_eq!(
+            decide(&Inputs {
+                spec_hash: "h1",
+                now,
+                ..Default::default()
+            }),
+            Some(Trigger::Initial)
+        );
+        let a = attempt("h1", now);
+        let base = Inputs {
+            spec_hash: "h1",
+            newest: Some(&a),
+            now,
+            ..Default::default()
+        };
+        assert_eq!(decide(&base), None);
+        assert_eq!(
+            decide(&Inputs {
+                spec_hash: "h2",
+                ..base.clone()
+            }),
+            Some(Trigger::SpecChanged)
+        );
+    }
+
+    #[test]
+    fn manual_requests_fire_once() {
+        let now = at(2025, 1, 18);
+        let a = attempt("h1", now);
+        let base = Inputs {
+            spec_hash: "h1",
+            newest: Some(&a),
+            now,
+            requested_at: Some("2025-01-18T10:00:00Z"),
+            ..Default::default()
+        };
+        assert_eq!(decide(&base), Some(Trigger::Manual));
+        let handled = Inputs {
+            handled_request: Some("2025-01-18T10:00:00Z"),
+            ..base.clone()
+        };
+        assert_eq!(decide(&handled), None);
+        assert_eq!(
+            decide(&Inputs {
+                annotation: true,
+                ..handled
+            }),
+            Some(Trigger::Manual)
+        );
+    }
+
+    #[test]
+    fn monthly_schedule_fires_after_the_first_of_the_month() {
+        let cron = parse_schedule("@monthly").unwrap();
+        let a = attempt("h1", at(2025, 1, 18));
+        let mut i = Inputs {
+            spec_hash: "h1",
+            newest: Some(&a),
+            schedule: Some(&cron),
+            now: at(2025, 1, 31),
+            ..Default::default()
+        };
+        assert_eq!(decide(&i), None);
+        i.now = at(2025, 2, 1);
+        assert_eq!(decide(&i), Some(Trigger::Schedule));
+        assert_eq!(
+            next_due(&cron, at(2025, 1, 18)).unwrap(),
+            Utc.with_ymd_and_hms(2025, 2, 1, 0, 0, 0).unwrap()
+        );
+    }
+
+    #[test]
+    fn upstream_checksum_change() {
+        let a = attempt("h1", at(2025, 1, 18));
+        let i = Inputs {
+            spec_hash: "h1",
+            newest: Some(&a),
+            now: at(2025, 1, 19),
+            upstream_checksum: Some("AA"),
+            ..Default::default()
+        };
+        assert_eq!(decide(&i), None);
+        assert_eq!(
+            decide(&Inputs {
+                upstream_checksum: Some("sha256:bb"),
+                ..i
+            }),
+            Some(Trigger::SourceChanged)
+        );
+    }
+
+    #[test]
+    fn a_bad_schedule_names_the_field() {
+        let e = parse_schedule("every month").unwrap_err();
+        assert!(e.is_stalled());
+        assert!(e.to_string().starts_with("spec.rebuild.schedule:"), "{e}");
+    }
+}
