@@ -23,6 +23,8 @@ enum Command {
     Controller(Box<cli::controller::ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML (pipe into `kubectl apply -f -`).
     Crd(cli::crd::CrdArgs),
+    /// Apply a TemplateRetention policy once: print the plan, then execute it unless --dry-run.
+    Prune(cli::prune::PruneArgs),
     /// Print the version.
     Version,
 }
@@ -33,6 +35,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Controller(args) => cli::controller::run(&args).await,
         Command::Crd(args) => cli::crd::run(&args),
+        Command::Prune(args) => cli::prune::run(&args).await,
         Command::Version => {
             println!("sombrero {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

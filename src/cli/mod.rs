@@ -2,6 +2,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod prune;
 
 /// Process exit codes shared by the one-shot commands, so CI pipelines can tell failures apart.
 pub mod exit {

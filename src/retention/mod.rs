@@ -1,10 +1,24 @@
-//! Retention: which templates of an image to keep, archive or delete, and why. The plan is pure
-//! (see `plan`); executing it against Proxmox lives elsewhere.
+//! Retention: which templates of an image to keep, archive or delete, and why.
+//!
+//! - `plan` (pure): the decisions and their reasons; `policy` (pure): a TemplateRetention spec
+//!   checked and turned into target, rules and mode; `target` (pure): which templates;
+//!   `usage` (pure): linked-clone relations from configs and storage content.
+//! - `inventory` (I/O): the target's templates as `TemplateVersion`s, with what protects them,
+//!   and the re-check before a destructive call; `execute` (I/O): archive and delete.
 
 pub mod duration;
+pub mod execute;
+pub mod inventory;
 pub mod plan;
 #[cfg(test)]
 mod plan_props;
+pub mod policy;
+pub mod target;
+pub mod usage;
 
 pub use duration::{DURATION_PATTERN, format_duration, parse_duration};
+pub use execute::execute;
+pub use inventory::{Inventory, gather};
 pub use plan::{Action, ArchiveMode, Decision, Plan, Reason, RetentionRules, plan};
+pub use policy::Policy;
+pub use target::Target;

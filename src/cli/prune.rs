@@ -1,0 +1,334 @@
+//! `sombrero prune -f policy.yaml [--dry-run]`: a TemplateRetention run once, without a cluster.
+//!
+//! Proxmox comes from the environment (`PROXMOX_URL`, `PROXMOX_TOKEN_ID`, `PROXMOX_TOKEN_SECRET`,
+//! optionally `PROXMOX_CA_CERT` / `PROXMOX_FINGERPRINT` / `PROXMOX_INSECURE`). The file is checked
+//! as the CRD checks it; the plan is printed as a table on stdout, then executed unless
+//! `--dry-run` (or `spec.dryRun: true`), one result line per action. Progress goes to stderr.
+//! Exit codes: see [`super::exit`] (`WORK_FAILED` when any action failed).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde_yaml::Value;
+
+use super::exit;
+use crate::api::template_retention::{ExecutedAction, TemplateRetention};
+use crate::image::version::TemplateVersion;
+use crate::proxmox::{Client, Config};
+use crate::retention::{self, Plan, Policy};
+
+/// Arguments of `sombrero prune`.
+#[derive(clap::Args, Debug)]
+pub struct PruneArgs {
+    /// A TemplateRetention manifest (YAML).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+    /// Print the plan, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub async fn run(args: &PruneArgs) -> ExitCode {
+    let policy = match load(&args.file) {
+        Ok(p) => p,
+        Err(problems) => {
+            eprintln!(
+                "error: {} is not a valid TemplateRetention:",
+                args.file.display()
+            );
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(exit::INVALID_INPUT);
+        }
+    };
+    let client = match Config::from_env().and_then(Client::new) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: Proxmox connection from the environment: {e}");
+            return ExitCode::from(exit::INVALID_INPUT);
+        }
+    };
+    let inventory = match retention::gather(&client, &policy.target).await {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: reading templates from Proxmox: {e}");
+            return ExitCode::from(exit::PROXMOX);
+        }
+    };
+    eprintln!(
+        "{}: {} templates ({} Proxmox requests)",
+        policy.target,
+        inventory.versions.len(),
+        inventory.requests
+    );
+    let plan = retention::plan(
+        &inventory.versions,
+        &policy.rules,
+        policy.mode,
+        chrono::Utc::now(),
+    );
+    print!("{}", table(&plan, &inventory.versions));
+    let dry_run = args.dry_run || policy.dry_run;
+    if dry_run {
+        println!("dry run: nothing was changed");
+        return ExitCode::from(exit::OK);
+    }
+    if plan.removals().next().is_none() {
+        println!("nothing to do");
+        return ExitCode::from(exit::OK);
+    }
+    let progress = |line: &str| eprintln!("{line}");
+    let results = retention::execute(
+        &client,
+        &plan,
+        policy.backup_storage.as_deref(),
+        false,
+        &progress,
+    )
+    .await;
+    print!("{}", results_text(&results));
+    if results.iter().all(|r| r.succeeded) {
+        ExitCode::from(exit::OK)
+    } else {
+        ExitCode::from(exit::WORK_FAILED)
+    }
+}
+
+/// Reads and checks a manifest. Errors name the field (`spec.keepLast: ...`).
+pub fn load(path: &Path) -> Result<Policy, Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    parse(&text)
+}
+
+/// Checks a manifest's text as the API server would: kind, apiVersion, known fields only, types,
+/// then the CRD's rules ([`Policy::from_spec`]).
+pub fn parse(text: &str) -> Result<Policy, Vec<String>> {
+    let raw: Value = serde_yaml::from_str(text).map_err(|e| vec![format!("not YAML: {e}")])?;
+    let mut problems = Vec::new();
+    let field = |name: &str| raw.get(name).and_then(Value::as_str).unwrap_or("");
+    if field("kind") != "TemplateRetention" {
+        problems.push(format!(
+            "kind: {:?}, expected TemplateRetention",
+            field("kind")
+        ));
+    }
+    if field("apiVersion") != "images.sombrero.dev/v1alpha1" {
+        problems.push(format!(
+            "apiVersion: {:?}, expected images.sombrero.dev/v1alpha1",
+            field("apiVersion")
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    // From the text, not `raw`: serde_yaml names the field path only when it has the source.
+    let object: TemplateRetention = serde_yaml::from_str(text).map_err(|e| vec![e.to_string()])?;
+    // serde ignores unknown keys; the API server (structural schema, strict field validation)
+    // refuses them, and a typo like `keeplast` must not silently mean the default.
+    if let (Some(input), Ok(parsed)) = (raw.get("spec"), serde_yaml::to_value(&object.spec)) {
+        unknown_fields("spec", input, &parsed, &mut problems);
+    }
+    let namespace = object
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    match Policy::from_spec(&namespace, &object.spec) {
+        Ok(p) if problems.is_empty() => Ok(p),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            problems.extend(more);
+            Err(problems)
+        }
+    }
+}
+
+fn unknown_fields(path: &str, input: &Value, parsed: &Value, out: &mut Vec<String>) {
+    let (Value::Mapping(input), Value::Mapping(parsed)) = (input, parsed) else {
+        return;
+    };
+    for (key, value) in input {
+        let name = key.as_str().unwrap_or("?");
+        match parsed.get(key) {
+            None => out.push(format!(
+                "{path}.{name}: unknown field (check the spelling; see `sombrero crd`)"
+            )),
+            Some(p) => unknown_fields(&format!("{path}.{name}"), value, p, out),
+        }
+    }
+}
+
+/// The plan as a table: VMID, NAME, BUILD DATE, ACTION, REASON.
+pub fn table(plan: &Plan, versions: &[TemplateVersion]) -> String {
+    let dates: BTreeMap<u32, String> = versions
+        .iter()
+        .map(|v| (v.vmid, v.build_date.to_string()))
+        .collect();
+    let rows: Vec<[String; 5]> = plan
+        .decisions
+        .iter()
+        .map(|d| {
+            let reason = d.message();
+            let reason = reason
+                .split_once(": ")
+                .map_or(reason.clone(), |(_, r)| r.to_string());
+            [
+                d.vmid.to_string(),
+                d.name.clone(),
+                dates.get(&d.vmid).cloned().unwrap_or_default(),
+                d.action.to_string(),
+                reason,
+            ]
+        })
+        .collect();
+    let header = ["VMID", "NAME", "BUILD DATE", "ACTION", "REASON"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if rows.is_empty() {
+        out.push_str("(no templates match the target)\n");
+    }
+    out
+}
+
+fn results_text(results: &[ExecutedAction]) -> String {
+    let mut out = String::new();
+    for r in results {
+        let _ = writeln!(
+            out,
+            "{} {} {}: {}",
+            r.vmid,
+            r.action,
+            if r.succeeded { "ok" } else { "FAILED" },
+            r.message
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retention::{Action, ArchiveMode, Decision, Reason};
+
+    const GOOD: &str = "apiVersion: images.sombrero.dev/v1alpha1\nkind: TemplateRetention\nmetadata: {name: r, namespace: platform}\nspec:\n  target: {goldenImageRef: {name: ubuntu}}\n  archive: {mode: delete}\n";
+
+    #[test]
+    fn parses_a_good_manifest() {
+        let p = parse(GOOD).unwrap();
+        assert_eq!(p.mode, ArchiveMode::Delete);
+        assert_eq!(
+            p.target,
+            crate::retention::Target::Image {
+                namespace: "platform".into(),
+                name: "ubuntu".into()
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_fields_kind_and_types() {
+        let e = parse(&GOOD.replace("archive:", "keeplast: 5\n  archive:")).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|p| p.starts_with("spec.keeplast: unknown field")),
+            "{e:?}"
+        );
+        let e = parse(&GOOD.replace("{mode: delete}", "{mode: delete, storage: x}")).unwrap_err();
+        assert!(
+            e.iter().any(|p| p.starts_with("spec.archive.storage")),
+            "{e:?}"
+        );
+        let e = parse(&GOOD.replace("TemplateRetention", "GoldenImage")).unwrap_err();
+        assert!(e[0].starts_with("kind:"), "{e:?}");
+        let e = parse(&GOOD.replace("{mode: delete}", "{mode: shred}")).unwrap_err();
+        assert!(e[0].contains("spec.archive.mode"), "{e:?}");
+    }
+
+    /// Every malformed TemplateRetention fixture is refused, naming the field the API server names.
+    #[test]
+    fn malformed_fixtures_are_refused() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/malformed");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("fixtures") {
+            let path = entry.expect("entry").path();
+            let file = path.file_name().unwrap().to_string_lossy().to_string();
+            if !file.starts_with("tr-") {
+                continue;
+            }
+            seen += 1;
+            let text = std::fs::read_to_string(&path).expect("read");
+            let field = text
+                .lines()
+                .find_map(|l| l.strip_prefix("# expect-field: "))
+                .expect("expect-field");
+            let problems = parse(&text).expect_err(&file);
+            assert!(
+                problems.iter().any(|p| p.starts_with(field)),
+                "{file}: expected a problem on {field}, got {problems:?}"
+            );
+        }
+        assert!(seen >= 7, "only {seen} fixtures");
+    }
+
+    #[test]
+    fn table_lines_up() {
+        let plan = Plan {
+            mode: ArchiveMode::Tag,
+            decisions: vec![
+                Decision {
+                    vmid: 101,
+                    name: "ubuntu-24.04-minimal-20250118-001".into(),
+                    node: "pve1".into(),
+                    action: Action::Keep,
+                    reason: Reason::CurrentLatest,
+                },
+                Decision {
+                    vmid: 9,
+                    name: "x".into(),
+                    node: "pve1".into(),
+                    action: Action::Archive,
+                    reason: Reason::AlreadyArchived,
+                },
+            ],
+        };
+        let t = table(&plan, &[]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("VMID  NAME"), "{t}");
+        let col = lines[0].find("ACTION").unwrap();
+        assert_eq!(&lines[1][col..col + 4], "keep");
+        assert_eq!(&lines[2][col..col + 7], "archive");
+        assert!(lines[1].ends_with("current latest"));
+        assert!(
+            table(
+                &Plan {
+                    mode: ArchiveMode::Tag,
+                    decisions: vec![]
+                },
+                &[]
+            )
+            .contains("no templates")
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! Executing a retention plan against Proxmox: archive (backup then delete, or re-tag) and
+//! delete, each with a result and a message.
+//!
+//! Safety, in order:
+//! - Only the plan's removals run; everything else is never touched.
+//! - Immediately before every destructive call the template is re-read ([`recheck`]): still a
+//!   template with our marker for its VMID, not protected, not locked, not the latest, not in use
+//!   (LVM-thin lets PVE delete a base volume under linked clones: this check is what stops it).
+//! - `backup`: vzdump runs on the node that hosts the template (elsewhere PVE "skips external
+//!   VMs" and reports OK without a backup); the template is deleted only when a new backup volume
+//!   of it shows in the storage's content. Any failure leaves the template in place.
+//! - Crash safety: the backup's notes name the template (`sombrero archive: <name> ...`). A run
+//!   interrupted between backup and delete finds that backup next time and deletes without a
+//!   second vzdump; a run interrupted during delete finds the template gone ("already gone").
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::template_retention::ExecutedAction;
+use crate::image::tags::TagSet;
+use crate::proxmox::{ConfigUpdate, DeleteVm, QemuConfig, Vzdump, client::Client};
+
+use super::inventory::{Checked, Refusal, recheck};
+use super::plan::{Action, ArchiveMode, Decision, Plan};
+
+/// How long a template deletion may take.
+pub const DELETE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// How long a template backup may take (a few GiB, compressed).
+pub const BACKUP_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
+/// Start of the notes of every backup we make; the template name follows.
+pub const BACKUP_NOTES_PREFIX: &str = "sombrero archive: ";
+
+/// Where progress lines go (the CLI prints them on stderr; the controller logs them).
+pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
+/// Runs the plan's removals (oldest first). `dry_run` makes no call at all and returns nothing.
+/// `backup_storage` is required in `backup` mode (an archive without it fails, deleting nothing).
+pub async fn execute(
+    client: &Client,
+    plan: &Plan,
+    backup_storage: Option<&str>,
+    dry_run: bool,
+    progress: Progress<'_>,
+) -> Vec<ExecutedAction> {
+    let mut results = Vec::new();
+    for d in plan.removals().collect::<Vec<_>>().into_iter().rev() {
+        if dry_run {
+            progress(&format!(
+                "dry run: would {} {}",
+                verb(plan.mode, d),
+                label(d)
+            ));
+            continue;
+        }
+        let outcome = match (d.action, plan.mode) {
+            (Action::Delete, _) | (Action::Archive, ArchiveMode::Delete) => delete(client, d).await,
+            (Action::Archive, ArchiveMode::Tag) => tag(client, d).await,
+            (Action::Archive, ArchiveMode::Backup) => match backup_storage {
+                Some(storage) => backup(client, d, storage, progress).await,
+                None => Err(
+                    "archive mode backup needs archive.backupStorage; nothing was deleted".into(),
+                ),
+            },
+            (Action::Keep | Action::Ignore, _) => continue,
+        };
+        let (succeeded, message) = match outcome {
+            Ok(m) => (true, m),
+            Err(m) => (false, m),
+        };
+        progress(&format!(
+            "{} {}: {}",
+            label(d),
+            if succeeded { "done" } else { "FAILED" },
+            message
+        ));
+        results.push(ExecutedAction {
+            vmid: d.vmid,
+            action: d.action.to_string(),
+            succeeded,
+            message,
+            at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+        });
+    }
+    results
+}
+
+fn label(d: &Decision) -> String {
+    format!("{} ({})", d.vmid, d.name)
+}
+
+fn verb(mode: ArchiveMode, d: &Decision) -> &'static str {
+    match (d.action, mode) {
+        (Action::Archive, ArchiveMode::Backup) => "back up then delete",
+        (Action::Archive, ArchiveMode::Tag) => "tag as archived",
+        _ => "delete",
+    }
+}
+
+/// The re-check before a destructive call, as a message on refusal.
+async fn checked(client: &Client, d: &Decision) -> Result<Result<Checked, Refusal>, String> {
+    recheck(client, d.vmid)
+        .await
+        .map_err(|e| format!("could not re-check the template before changing it: {e}"))
+}
+
+async fn delete(client: &Client, d: &Decision) -> Result<String, String> {
+    match checked(client, d).await? {
+        Ok(c) => destroy(client, d.vmid, &c.node).await,
+        Err(Refusal::Gone) => Ok("already gone".into()),
+        Err(r) => Err(format!("not deleted: {r}")),
+    }
+}
+
+async fn destroy(client: &Client, vmid: u32, node: &str) -> Result<String, String> {
+    let opts = DeleteVm {
+        purge: true,
+        destroy_unreferenced_disks: false,
+    };
+    let upid = client
+        .delete_vm(node, vmid, opts)
+        .await
+        .map_err(|e| format!("delete failed: {e}"))?;
+    let outcome = client
+        .wait_task(&upid, DELETE_TIMEOUT)
+        .await
+        .map_err(|e| format!("delete failed: {e}"))?;
+    Ok(if outcome.warnings > 0 {
+        format!("deleted from {node} ({} warnings)", outcome.warnings)
+    } else {
+        format!("deleted from {node}")
+    })
+}
+
+async fn tag(client: &Client, d: &Decision) -> Result<String, String> {
+    let c = match checked(client, d).await? {
+        Ok(c) => c,
+        Err(Refusal::Gone) => return Ok("already gone".into()),
+        Err(r) => return Err(format!("not archived: {r}")),
+    };
+    let mut tags = TagSet::parse(c.config.tags.as_deref().unwrap_or(""));
+    tags.mark_archived();
+    let mut update = ConfigUpdate::new(QemuConfig::new().set("tags", tags.to_config_string()));
+    if let Some(digest) = &c.config.digest {
+        // Someone changing the template meanwhile makes PVE refuse; the next run re-plans.
+        update = update.digest(digest);
+    }
+    client
+        .update_vm_config(&c.node, d.vmid, &update)
+        .await
+        .map_err(|e| format!("tagging failed: {e}"))?;
+    Ok(format!("tagged archived (tags: {tags})"))
+}
+
+async fn backup(
+    client: &Client,
+    d: &Decision,
+    storage: &str,
+    progress: Progress<'_>,
+) -> Result<String, String> {
+    let c = match checked(client, d).await? {
+        Ok(c) => c,
+        Err(Refusal::Gone) => return Ok("already gone".into()),
+        Err(r) => return Err(format!("not archived: {r}")),
+    };
+    let name = c.config.name.clone().unwrap_or_else(|| d.name.clone());
+    let notes = format!("{BACKUP_NOTES_PREFIX}{name}");
+    let before = backups_of(client, &c.node, storage, d.vmid)
+        .await
+        .map_err(|e| {
+            format!("backup storage {storage:?} cannot be listed: {e}; nothing was deleted")
+        })?;
+    let volid = match before
+        .iter()
+        .find(|(_, n)| n.starts_with(&notes))
+        .map(|(v, _)| v.clone())
+    {
+        // An earlier run backed it up and was interrupted before deleting.
+        Some(existing) => {
+            progress(&format!("{}: found earlier backup {existing}", label(d)));
+            existing
+        }
+        None => {
+            progress(&format!("{}: vzdump on {} to {storage}", label(d), c.node));
+            let mut request = Vzdump::new(d.vmid, storage);
+            request.compress = Some("zstd".into());
+            request.notes_template =
+                Some(format!("{notes} (VMID {{{{vmid}}}}, node {{{{node}}}})"));
+            let upid = client
+                .vzdump(&c.node, &request)
+                .await
+                .map_err(|e| format!("backup failed: {e}; nothing was deleted"))?;
+            client
+                .wait_task(&upid, BACKUP_TIMEOUT)
+                .await
+                .map_err(|e| format!("backup failed: {e}; nothing was deleted"))?;
+            let known: BTreeSet<&String> = before.iter().map(|(v, _)| v).collect();
+            let after = backups_of(client, &c.node, storage, d.vmid)
+                .await
+                .map_err(|e| format!("backup could not be checked: {e}; nothing was deleted"))?;
+            after
+                .into_iter()
+                .find(|(v, n)| !known.contains(v) && n.starts_with(&notes))
+                .map(|(v, _)| v)
+                .ok_or_else(|| {
+                    format!(
+                        "vzdump reported success but no new backup of {} is in {storage}'s content; nothing was deleted",
+                        d.vmid
+                    )
+                })?
+        }
+    };
+    // The backup may have taken long: check again right before deleting.
+    match checked(client, d).await? {
+        Ok(c) => destroy(client, d.vmid, &c.node)
+            .await
+            .map(|m| format!("backed up to {volid}, {m}"))
+            .map_err(|e| format!("backed up to {volid}, but {e}")),
+        Err(Refusal::Gone) => Ok(format!("backed up to {volid}; already gone")),
+        Err(r) => Err(format!("backed up to {volid}, not deleted: {r}")),
+    }
+}
+
+/// `(volid, notes)` of the backups of `vmid` on `storage`.
+async fn backups_of(
+    client: &Client,
+    node: &str,
+    storage: &str,
+    vmid: u32,
+) -> crate::proxmox::Result<Vec<(String, String)>> {
+    Ok(client
+        .storage_content(node, storage, Some("backup"), Some(vmid))
+        .await?
+        .into_iter()
+        .filter(|v| v.vmid == Some(vmid))
+        .map(|v| (v.volid, v.notes.unwrap_or_default()))
+        .collect())
+}
