@@ -7,7 +7,7 @@ use crate::api::golden_image::{Provisioning, ProvisioningChannel};
 pub const REQUIRED: [&str; 2] = ["qemu-guest-agent", "cloud-init"];
 
 /// The manifest command: one `name=version` per line.
-pub const MANIFEST_COMMAND: &str = "dpkg-query -W -f=${Package}=${Version}\\n";
+pub const MANIFEST_COMMAND: &str = "dpkg-query -W -f='${Package}=${Version}\\n'";
 
 /// One step: a short name for errors and progress, and the shell line.
 #[derive(Debug, Clone, PartialEq, Eq)]

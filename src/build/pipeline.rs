@@ -386,7 +386,15 @@ impl Run<'_> {
         let Some((disk, size)) = boot_disk(&config) else {
             return Err(BuildError::new(
                 ErrorCategory::Proxmox,
-                format!("VM {} has no system disk after creation", state.vmid),
+                format!(
+                    "VM {} has no system disk after creation (disks: {:?})",
+                    state.vmid,
+                    config
+                        .extra
+                        .keys()
+                        .filter(|k| k.starts_with(['s', 'v', 'i']))
+                        .collect::<Vec<_>>()
+                ),
                 "check the import storage and the source image",
             )
             .at(stage));
