@@ -3,3 +3,4 @@
 
 pub mod fakepve;
 pub mod kube;
+pub mod rbac;

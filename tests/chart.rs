@@ -1,0 +1,770 @@
+//! The Helm chart (charts/sombrero) with the real `helm` and the real kube-apiserver: lint, the
+//! values schema refuses typos and wrong types, the rendered manifests are accepted by the API
+//! server, `helm install` creates the objects, CRDs stay in sync with `sombrero crd` (plain and
+//! templated with the keep policy), the Deployment is hardened, and the RBAC grants exactly the
+//! verbs the controller uses.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, PostParams};
+use serde::Deserialize;
+use serde_yaml::Value;
+use sombrero::api::GoldenImage;
+use support::kube::{ControlPlane, control_plane, repo_root, tool};
+use support::rbac::{helm_template, install_chart_rbac, kubectl_apply};
+
+const CRD_NAMES: [&str; 2] = [
+    "goldenimages.images.sombrero.dev",
+    "templateretentions.images.sombrero.dev",
+];
+
+fn chart_dir() -> std::path::PathBuf {
+    repo_root().join("charts/sombrero")
+}
+
+fn helm(cp: Option<&ControlPlane>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(tool("helm"));
+    if let Some(cp) = cp {
+        cmd.arg("--kubeconfig").arg(&cp.kubeconfig);
+    }
+    // Keep helm's caches and config out of $HOME.
+    let home = std::env::temp_dir().join("sombrero-helm-home");
+    cmd.env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    cmd.args(args).output().expect("run helm")
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).expect("helm output is YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .collect()
+}
+
+fn read_dir_yaml(dir: &Path) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every option switched on, with non-default values, except the ServiceMonitor (its CRD is
+/// not in the test API server).
+const ALL_OPTIONS: &[&str] = &[
+    "--skip-crds",
+    "--set",
+    "crds.enabled=true",
+    "--set",
+    "replicaCount=2",
+    "--set",
+    "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    "--set",
+    "imagePullSecrets[0].name=registry",
+    "--set",
+    "proxmox.defaultSecret=proxmox-credentials",
+    "--set",
+    "controller.logLevel=sombrero=debug\\,kube=info",
+    "--set",
+    "controller.logFormat=text",
+    "--set-json",
+    "controller.extraArgs=[\"--max-concurrent-builds=2\"]",
+    "--set-json",
+    "controller.extraEnv=[{\"name\":\"RUST_BACKTRACE\",\"value\":\"1\"}]",
+    "--set",
+    "networkPolicy.enabled=true",
+    "--set-json",
+    "networkPolicy.apiServer.cidrs=[\"10.0.0.1/32\"]",
+    "--set-json",
+    "networkPolicy.proxmox.cidrs=[\"192.168.1.0/24\",\"fd00::/64\"]",
+    "--set-json",
+    "networkPolicy.metrics.from=[{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":\"monitoring\"}}}]",
+    "--set-json",
+    "networkPolicy.extraEgress=[{\"ports\":[{\"port\":443,\"protocol\":\"TCP\"}]}]",
+    "--set-json",
+    "tolerations=[{\"key\":\"dedicated\",\"operator\":\"Equal\",\"value\":\"infra\",\"effect\":\"NoSchedule\"}]",
+    "--set",
+    "nodeSelector.kubernetes\\.io/os=linux",
+    "--set",
+    "podAnnotations.example\\.com/team=platform",
+    "--set",
+    "priorityClassName=system-cluster-critical",
+];
+
+#[test]
+fn chart_crds_equal_sombrero_crd_output() {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_sombrero"))
+        .args(["crd", "--out-dir"])
+        .arg(out.path())
+        .status()
+        .expect("run sombrero crd");
+    assert!(status.success(), "sombrero crd failed");
+    let generated = read_dir_yaml(out.path());
+    let chart = read_dir_yaml(&chart_dir().join("crds"));
+    assert_eq!(generated.len(), 2, "sombrero crd wrote {generated:?}");
+    let names = |v: &[(String, String)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(&chart),
+        names(&generated),
+        "charts/sombrero/crds/ holds other files than `sombrero crd` writes; run `make crds`"
+    );
+    for ((name, want), (_, have)) in generated.iter().zip(&chart) {
+        assert!(
+            want == have,
+            "charts/sombrero/crds/{name} differs from `sombrero crd` output; run `make crds`"
+        );
+    }
+}
+
+fn numbers_as_f64(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => Value::from(n.as_f64().expect("a YAML number")),
+        Value::Sequence(s) => Value::Sequence(s.iter().map(numbers_as_f64).collect()),
+        Value::Mapping(m) => Value::Mapping(
+            m.iter()
+                .map(|(k, v)| (k.clone(), numbers_as_f64(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn templated_crds_are_the_same_crds_with_the_keep_policy() {
+    let plain = read_dir_yaml(&chart_dir().join("crds"));
+    let rendered = docs(&helm_template(
+        "t",
+        "sombrero-system",
+        &["--skip-crds", "--set", "crds.enabled=true"],
+    ));
+    let crds = find(&rendered, "CustomResourceDefinition");
+    assert_eq!(crds.len(), 2);
+    for (_, text) in plain {
+        let want: Value = serde_yaml::from_str(&text).unwrap();
+        let name = want["metadata"]["name"].as_str().unwrap();
+        let have = crds
+            .iter()
+            .find(|c| c["metadata"]["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("{name} not rendered"));
+        // Helm's fromYaml/toYaml round trip writes `65535.0` as `65535`: compare numbers as f64.
+        assert!(
+            numbers_as_f64(&have["spec"]) == numbers_as_f64(&want["spec"]),
+            "{name}: the templated CRD's spec differs from crds/{name}"
+        );
+        assert_eq!(
+            have["metadata"]["annotations"]["helm.sh/resource-policy"].as_str(),
+            Some("keep"),
+            "{name}"
+        );
+    }
+    // keep=false drops the annotation; the default renders no CRD template at all.
+    let no_keep = docs(&helm_template(
+        "t",
+        "sombrero-system",
+        &[
+            "--skip-crds",
+            "--set",
+            "crds.enabled=true",
+            "--set",
+            "crds.keep=false",
+        ],
+    ));
+    for crd in find(&no_keep, "CustomResourceDefinition") {
+        assert!(crd["metadata"]["annotations"]["helm.sh/resource-policy"].is_null());
+    }
+    let default = docs(&helm_template("t", "sombrero-system", &["--skip-crds"]));
+    assert!(find(&default, "CustomResourceDefinition").is_empty());
+}
+
+#[test]
+fn helm_lint_passes_with_defaults_and_all_options() {
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    ok(
+        &helm(None, &["lint", "--strict", chart]),
+        "helm lint --strict (defaults)",
+    );
+    let mut args = vec!["lint", "--strict", chart];
+    args.extend(ALL_OPTIONS.iter().filter(|a| **a != "--skip-crds"));
+    args.extend(["--set", "metrics.serviceMonitor.enabled=true"]);
+    ok(&helm(None, &args), "helm lint --strict (all options)");
+}
+
+#[test]
+fn values_schema_refuses_typos_and_wrong_types() {
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    // (flag, value, what the error must name)
+    let cases: &[(&str, &str, &str)] = &[
+        ("--set", "replicaCont=2", "replicaCont"),
+        ("--set", "controller.loglevel=debug", "loglevel"),
+        ("--set", "image.registry=x", "registry"),
+        ("--set", "networkPolicy.proxmox.port=8006", "port"),
+        (
+            "--set",
+            "securityContext.readOnlyRootFileSystem=true",
+            "readOnlyRootFileSystem",
+        ),
+        ("--set-json", "replicaCount=\"two\"", "/replicaCount"),
+        ("--set", "crds.enabled=yes", "/crds/enabled"),
+        ("--set", "controller.logFormat=xml", "/controller/logFormat"),
+        ("--set", "image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        (
+            "--set-json",
+            "networkPolicy.proxmox.ports=[\"8006\"]",
+            "/networkPolicy/proxmox/ports/0",
+        ),
+        (
+            "--set",
+            "proxmox.defaultSecret=Bad_Name",
+            "/proxmox/defaultSecret",
+        ),
+        ("--set", "metrics.port=0", "/metrics/port"),
+    ];
+    let mut failures = Vec::new();
+    for (flag, value, names) in cases {
+        let out = helm(None, &["template", "t", chart, flag, value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            failures.push(format!("{flag} {value}: ACCEPTED"));
+        } else if !stderr.contains("schema") || !stderr.contains(names) {
+            failures.push(format!(
+                "{flag} {value}: refused, but not by the schema naming {names}:\n{stderr}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn deployment_is_hardened_and_runs_the_controller_flags() {
+    let rendered = docs(&helm_template("rel", "ops", &[]));
+    let dep: Deployment = serde_yaml::from_value(find(&rendered, "Deployment")[0].clone()).unwrap();
+    let spec = dep.spec.unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("rel-sombrero"));
+    let psc = pod.security_context.unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.run_as_user, Some(65532));
+    assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    let c = &pod.containers[0];
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example.com/platform/sombrero:0.1.0")
+    );
+    assert_eq!(
+        c.args.clone().unwrap(),
+        [
+            "controller",
+            "--metrics-addr=0.0.0.0:8080",
+            "--log-level=info",
+            "--log-format=json",
+            "--leader-election",
+            "--lease-namespace=ops",
+        ]
+    );
+    let port = &c.ports.as_ref().unwrap()[0];
+    assert_eq!(
+        (port.name.as_deref(), port.container_port),
+        (Some("metrics"), 8080)
+    );
+    for (probe, path) in [
+        (&c.liveness_probe, "/healthz"),
+        (&c.readiness_probe, "/readyz"),
+    ] {
+        let get = probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into())
+        );
+    }
+    let res = c.resources.clone().unwrap();
+    assert!(res.requests.unwrap().contains_key("memory"));
+    assert!(res.limits.unwrap().contains_key("memory"));
+
+    // More than one replica forces leader election on, whatever the value says.
+    let rendered = docs(&helm_template(
+        "rel",
+        "ops",
+        &[
+            "--set",
+            "replicaCount=3",
+            "--set",
+            "controller.leaderElection.enabled=false",
+            "--set",
+            "proxmox.defaultSecret=pve",
+        ],
+    ));
+    let args =
+        find(&rendered, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+            .clone();
+    let args: Vec<String> = serde_yaml::from_value(args).unwrap();
+    assert!(args.contains(&"--leader-election".to_string()), "{args:?}");
+    assert!(
+        args.contains(&"--default-proxmox-secret=pve".to_string()),
+        "{args:?}"
+    );
+    let single = docs(&helm_template(
+        "rel",
+        "ops",
+        &["--set", "controller.leaderElection.enabled=false"],
+    ));
+    let args: Vec<String> = serde_yaml::from_value(
+        find(&single, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"].clone(),
+    )
+    .unwrap();
+    assert!(
+        !args.iter().any(|a| a.starts_with("--leader-election")),
+        "{args:?}"
+    );
+}
+
+#[test]
+fn service_monitor_and_network_policy_render_as_documented() {
+    let rendered = docs(&helm_template(
+        "rel",
+        "ops",
+        &[
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "metrics.service.enabled=false",
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set-json",
+            "networkPolicy.proxmox.cidrs=[\"192.168.1.0/24\"]",
+        ],
+    ));
+    let sm = find(&rendered, "ServiceMonitor");
+    assert_eq!(sm.len(), 1);
+    // A ServiceMonitor needs the Service even when the Service alone is switched off.
+    let svc = find(&rendered, "Service")[0];
+    let selector = &sm[0]["spec"]["selector"]["matchLabels"];
+    for key in ["app.kubernetes.io/name", "app.kubernetes.io/instance"] {
+        assert_eq!(selector[key], svc["metadata"]["labels"][key], "{key}");
+    }
+    assert_eq!(
+        sm[0]["spec"]["endpoints"][0]["port"].as_str(),
+        Some("metrics")
+    );
+
+    let np: NetworkPolicy =
+        serde_yaml::from_value(find(&rendered, "NetworkPolicy")[0].clone()).unwrap();
+    let spec = np.spec.unwrap();
+    assert_eq!(spec.policy_types.unwrap(), ["Ingress", "Egress"]);
+    let egress = spec.egress.unwrap();
+    let ports_of = |r: &k8s_openapi::api::networking::v1::NetworkPolicyEgressRule| {
+        r.ports
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| match p.port {
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => n,
+                other => panic!("unexpected port {other:?}"),
+            })
+            .collect::<Vec<_>>()
+    };
+    let proxmox = egress
+        .iter()
+        .find(|r| ports_of(r) == [8006])
+        .expect("an egress rule for the Proxmox API");
+    assert_eq!(
+        proxmox.to.as_ref().unwrap()[0]
+            .ip_block
+            .as_ref()
+            .unwrap()
+            .cidr,
+        "192.168.1.0/24"
+    );
+    for ports in [vec![53, 53], vec![443, 6443], vec![22]] {
+        assert!(
+            egress.iter().any(|r| ports_of(r) == ports),
+            "no egress rule for ports {ports:?}: {egress:?}"
+        );
+    }
+    let ingress = spec.ingress.unwrap();
+    assert_eq!(
+        ingress.len(),
+        1,
+        "only the metrics port is open: {ingress:?}"
+    );
+}
+
+#[tokio::test]
+async fn rendered_chart_passes_server_side_dry_run() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "chart-dry-run").await;
+    // The chart as `helm install` would send it, CRDs from crds/ included.
+    let plain = helm_template("dry", &ns, &["--include-crds"]);
+    kubectl_apply(cp, &plain, &["--dry-run=server", "--force-conflicts"]);
+    // Every option on, CRDs as templates.
+    let mut args = vec![];
+    args.extend_from_slice(ALL_OPTIONS);
+    let all = helm_template("dry", &ns, &args);
+    assert!(all.contains("kind: NetworkPolicy") && all.contains("kind: CustomResourceDefinition"));
+    kubectl_apply(cp, &all, &["--dry-run=server", "--force-conflicts"]);
+}
+
+#[tokio::test]
+async fn helm_install_creates_the_objects_and_uninstall_keeps_the_crds() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "chart-install").await;
+    let chart = chart_dir();
+    ok(
+        &helm(
+            Some(cp),
+            &[
+                "install",
+                "inst",
+                chart.to_str().unwrap(),
+                "--namespace",
+                &ns,
+                "--set",
+                "replicaCount=2",
+                "--set",
+                "networkPolicy.enabled=true",
+                "--set",
+                "proxmox.defaultSecret=proxmox-credentials",
+                "--timeout",
+                "60s",
+            ],
+        ),
+        "helm install",
+    );
+    // The Deployment's pods never run here (no nodes): check the objects.
+    let dep = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get("inst-sombrero")
+        .await
+        .unwrap();
+    assert_eq!(dep.spec.unwrap().replicas, Some(2));
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .get("inst-sombrero")
+        .await
+        .unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .get("inst-sombrero-metrics")
+        .await
+        .unwrap();
+    Api::<NetworkPolicy>::namespaced(client.clone(), &ns)
+        .get("inst-sombrero")
+        .await
+        .unwrap();
+    Api::<Role>::namespaced(client.clone(), &ns)
+        .get("inst-sombrero-leader-election")
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), &ns)
+        .get("inst-sombrero-leader-election")
+        .await
+        .unwrap();
+    Api::<ClusterRole>::all(client.clone())
+        .get("inst-sombrero-controller")
+        .await
+        .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .get("inst-sombrero-controller")
+        .await
+        .unwrap();
+    let out = cp
+        .kubectl()
+        .args(["wait", "--for=condition=Established", "--timeout=60s"])
+        .args(CRD_NAMES.map(|n| format!("crd/{n}")))
+        .output()
+        .unwrap();
+    ok(&out, "CRDs Established after helm install");
+    let status = ok(
+        &helm(Some(cp), &["status", "inst", "--namespace", &ns]),
+        "helm status",
+    );
+    assert!(status.contains("STATUS: deployed"), "{status}");
+
+    ok(
+        &helm(Some(cp), &["uninstall", "inst", "--namespace", &ns]),
+        "helm uninstall",
+    );
+    let deps = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(deps.items.is_empty(), "uninstall left the Deployment");
+    // Helm never deletes CRDs from crds/ (and with them every GoldenImage).
+    let crds = Api::<CustomResourceDefinition>::all(client);
+    for name in CRD_NAMES {
+        crds.get(name).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn templated_crds_adopt_existing_ones_and_survive_uninstall() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "chart-crds").await;
+    // docs/install.md's migration: mark the CRDs (installed from crds/) as the release's.
+    for name in CRD_NAMES {
+        let crd = format!("crd/{name}");
+        ok(
+            &cp.kubectl()
+                .args([
+                    "label",
+                    "--overwrite",
+                    &crd,
+                    "app.kubernetes.io/managed-by=Helm",
+                ])
+                .output()
+                .unwrap(),
+            "kubectl label",
+        );
+        ok(
+            &cp.kubectl()
+                .args([
+                    "annotate",
+                    "--overwrite",
+                    &crd,
+                    "meta.helm.sh/release-name=crds",
+                    &format!("meta.helm.sh/release-namespace={ns}"),
+                ])
+                .output()
+                .unwrap(),
+            "kubectl annotate",
+        );
+    }
+    let chart = chart_dir();
+    ok(
+        &helm(
+            Some(cp),
+            &[
+                "install",
+                "crds",
+                chart.to_str().unwrap(),
+                "--namespace",
+                &ns,
+                "--skip-crds",
+                "--set",
+                "crds.enabled=true",
+            ],
+        ),
+        "helm install with crds.enabled",
+    );
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    for name in CRD_NAMES {
+        let crd = crds.get(name).await.unwrap();
+        let ann = crd.metadata.annotations.unwrap_or_default();
+        assert_eq!(
+            ann.get("helm.sh/resource-policy").map(String::as_str),
+            Some("keep"),
+            "{name}"
+        );
+        let labels = crd.metadata.labels.unwrap_or_default();
+        assert_eq!(
+            labels.get("app.kubernetes.io/instance").map(String::as_str),
+            Some("crds")
+        );
+    }
+    ok(
+        &helm(Some(cp), &["uninstall", "crds", "--namespace", &ns]),
+        "helm uninstall",
+    );
+    for name in CRD_NAMES {
+        crds.get(name)
+            .await
+            .unwrap_or_else(|e| panic!("{name} deleted despite crds.keep: {e}"));
+    }
+    // Still serving: a GoldenImage can be listed.
+    Api::<GoldenImage>::all(client)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+}
+
+/// One access check: verb, API group, resource (with subresource after '/'), namespace ("" =
+/// cluster-wide).
+type Check<'a> = (&'static str, &'static str, &'static str, &'a str);
+
+async fn allowed(client: &kube::Client, (verb, group, resource, ns): Check<'_>) -> bool {
+    let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                subresource: (!sub.is_empty()).then(|| sub.to_string()),
+                namespace: (!ns.is_empty()).then(|| ns.to_string()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SelfSubjectAccessReview");
+    answer.status.expect("review status").allowed
+}
+
+#[tokio::test]
+async fn rbac_grants_what_the_controller_uses_and_nothing_more() {
+    let cp = control_plane();
+    cp.install_crds();
+    let admin = cp.client().await;
+    let ns = cp.namespace(&admin, "chart-rbac").await;
+    let rbac = install_chart_rbac(cp, &ns, "rbac");
+    let sa = rbac.client(cp).await;
+    // Any namespace where GoldenImages live.
+    const IMAGES: &str = "images-anywhere";
+    let leases_ns = ns.as_str();
+    let g = "images.sombrero.dev";
+    let must: Vec<Check> = vec![
+        ("get", g, "goldenimages", IMAGES),
+        ("list", g, "goldenimages", ""),
+        ("watch", g, "goldenimages", ""),
+        ("patch", g, "goldenimages", IMAGES),
+        ("patch", g, "goldenimages/status", IMAGES),
+        ("update", g, "goldenimages/finalizers", IMAGES),
+        ("patch", g, "goldenimages/finalizers", IMAGES),
+        ("get", g, "templateretentions", IMAGES),
+        ("list", g, "templateretentions", ""),
+        ("watch", g, "templateretentions", ""),
+        ("patch", g, "templateretentions", IMAGES),
+        ("patch", g, "templateretentions/status", IMAGES),
+        ("update", g, "templateretentions/finalizers", IMAGES),
+        ("get", "", "configmaps", IMAGES),
+        ("list", "", "configmaps", ""),
+        ("watch", "", "configmaps", ""),
+        ("create", "", "configmaps", IMAGES),
+        ("patch", "", "configmaps", IMAGES),
+        ("get", "", "secrets", IMAGES),
+        ("list", "", "secrets", ""),
+        ("watch", "", "secrets", ""),
+        ("create", "events.k8s.io", "events", IMAGES),
+        ("patch", "events.k8s.io", "events", IMAGES),
+        ("get", "coordination.k8s.io", "leases", leases_ns),
+        ("create", "coordination.k8s.io", "leases", leases_ns),
+        ("patch", "coordination.k8s.io", "leases", leases_ns),
+        ("update", "coordination.k8s.io", "leases", leases_ns),
+    ];
+    let must_not: Vec<Check> = vec![
+        ("create", "", "secrets", IMAGES),
+        ("update", "", "secrets", IMAGES),
+        ("patch", "", "secrets", IMAGES),
+        ("delete", "", "secrets", IMAGES),
+        ("create", "", "secrets", ""),
+        ("delete", "", "configmaps", IMAGES),
+        ("update", "", "configmaps", IMAGES),
+        ("create", g, "goldenimages", IMAGES),
+        ("update", g, "goldenimages", IMAGES),
+        ("delete", g, "goldenimages", IMAGES),
+        ("delete", g, "templateretentions", IMAGES),
+        ("update", g, "goldenimages/status", IMAGES),
+        ("get", "", "pods", IMAGES),
+        ("list", "", "pods", ""),
+        ("create", "", "pods/exec", IMAGES),
+        ("create", "", "serviceaccounts/token", IMAGES),
+        ("create", "", "events", IMAGES),
+        ("delete", "events.k8s.io", "events", IMAGES),
+        ("get", "coordination.k8s.io", "leases", IMAGES),
+        ("create", "coordination.k8s.io", "leases", "kube-system"),
+        ("delete", "coordination.k8s.io", "leases", leases_ns),
+        (
+            "create",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            "",
+        ),
+        (
+            "update",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            "",
+        ),
+        (
+            "create",
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            "",
+        ),
+        ("escalate", "rbac.authorization.k8s.io", "clusterroles", ""),
+        ("create", "apps", "deployments", IMAGES),
+        ("list", "", "nodes", ""),
+    ];
+    let mut wrong = Vec::new();
+    for check in &must {
+        if !allowed(&sa, *check).await {
+            wrong.push(format!("DENIED but the controller needs it: {check:?}"));
+        }
+    }
+    for check in &must_not {
+        if allowed(&sa, *check).await {
+            wrong.push(format!("ALLOWED but not needed: {check:?}"));
+        }
+    }
+    // The admin is allowed everything: proves the reviews are evaluated, not just answered.
+    assert!(allowed(&admin, ("delete", "", "secrets", IMAGES)).await);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+
+    // Real requests as the ServiceAccount: reading works, writing a Secret is forbidden.
+    Api::<GoldenImage>::all(sa.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("the ServiceAccount lists GoldenImages");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "stolen"},
+        "stringData": {"x": "y"}
+    }))
+    .unwrap();
+    match Api::<Secret>::namespaced(sa, &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 403 => {}
+        other => panic!("creating a Secret as the ServiceAccount: expected 403, got {other:?}"),
+    }
+}
