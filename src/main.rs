@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build one golden image from a GoldenImage file against the Proxmox VE in the environment.
+    Build(cli::build::BuildArgs),
     /// Run the Kubernetes controller.
     Controller(Box<cli::controller::ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML (pipe into `kubectl apply -f -`).
@@ -33,6 +35,7 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Build(args) => cli::build::run(&args).await,
         Command::Controller(args) => cli::controller::run(&args).await,
         Command::Crd(args) => cli::crd::run(&args),
         Command::Prune(args) => cli::prune::run(&args).await,

@@ -570,3 +570,118 @@ async fn cleanup_removes_only_build_vms() {
     assert_eq!(vms.len(), 1);
     assert_eq!(vms[0].0, done.vmid);
 }
+
+fn sombrero() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
+}
+
+fn yaml_files(dir: &str) -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn cli_refuses_every_malformed_golden_image_naming_the_field() {
+    let files: Vec<_> = yaml_files("tests/malformed")
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("gi-"))
+        .collect();
+    assert!(files.len() >= 20);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let field = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect-field:"))
+            .unwrap_or_else(|| panic!("{} has no expect-field header", file.display()))
+            .trim()
+            .trim_start_matches('.')
+            .to_string();
+        let out = sombrero()
+            .args(["build", "--dry-run", "-f"])
+            .arg(&file)
+            .env_remove("PROXMOX_URL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {stderr}", file.display());
+        assert!(
+            stderr.contains(&field),
+            "{}: expected the field {field} in:\n{stderr}",
+            file.display()
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn cli_accepts_every_example_golden_image() {
+    let mut n = 0;
+    for file in yaml_files("examples") {
+        let text = std::fs::read_to_string(&file).unwrap();
+        if !text.lines().any(|l| l.trim() == "kind: GoldenImage") {
+            continue;
+        }
+        n += 1;
+        let out = sombrero()
+            .args(["build", "--dry-run", "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(n >= 2);
+}
+
+#[tokio::test]
+async fn cli_builds_against_the_fake_and_prints_the_seed_json() {
+    let pve = FakePve::start().await;
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = example_spec(&pve, &img, 12);
+    let doc = json!({
+        "apiVersion": "images.sombrero.dev/v1alpha1", "kind": "GoldenImage",
+        "metadata": {"name": "ubuntu-24.04-minimal", "namespace": "ci"},
+        "spec": spec,
+    });
+    let file = dir.path().join("image.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
+        .args(["build", "-f"])
+        .arg(&file)
+        .env("PROXMOX_URL", &pve.url)
+        .env("PROXMOX_TOKEN_ID", &pve.token_id)
+        .env("PROXMOX_TOKEN_SECRET", &pve.token_secret)
+        .env("PROXMOX_CA_CERT", pve.ca_path())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["template_name"]
+            .as_str()
+            .unwrap()
+            .starts_with("ubuntu-24.04-minimal-")
+    );
+    assert_eq!(v["node"], json!(pve.node));
+    let vmid: u32 = v["template_id"].as_str().unwrap().parse().unwrap();
+    assert!(config(&client(&pve), &pve, vmid).await.template);
+    assert!(stderr.contains("Provision"), "{stderr}");
+    assert!(
+        !stderr.contains(&pve.token_secret),
+        "the token secret leaked into the output"
+    );
+}

@@ -1,5 +1,6 @@
 //! Subcommands of the `sombrero` binary, one module each. `main.rs` only parses and dispatches.
 
+pub mod build;
 pub mod controller;
 pub mod crd;
 pub mod prune;
