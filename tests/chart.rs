@@ -104,7 +104,7 @@ const ALL_OPTIONS: &[&str] = &[
     "--set",
     "controller.logFormat=text",
     "--set-json",
-    "controller.extraArgs=[\"--max-concurrent-builds=2\"]",
+    "controller.extraArgs=[\"--poll-seconds=5\"]",
     "--set-json",
     "controller.extraEnv=[{\"name\":\"RUST_BACKTRACE\",\"value\":\"1\"}]",
     "--set",
@@ -302,8 +302,10 @@ fn deployment_is_hardened_and_runs_the_controller_flags() {
             "--metrics-addr=0.0.0.0:8080",
             "--log-level=info",
             "--log-format=json",
-            "--leader-election",
-            "--lease-namespace=ops",
+            "--leader-election=true",
+            "--lease-name=sombrero-controller",
+            "--max-concurrent-builds=4",
+            "--max-builds-per-node=2",
         ]
     );
     let port = &c.ports.as_ref().unwrap()[0];
@@ -343,9 +345,12 @@ fn deployment_is_hardened_and_runs_the_controller_flags() {
         find(&rendered, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
             .clone();
     let args: Vec<String> = serde_yaml::from_value(args).unwrap();
-    assert!(args.contains(&"--leader-election".to_string()), "{args:?}");
     assert!(
-        args.contains(&"--default-proxmox-secret=pve".to_string()),
+        args.contains(&"--leader-election=true".to_string()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--proxmox-secret=pve".to_string()),
         "{args:?}"
     );
     let single = docs(&helm_template(
@@ -358,9 +363,53 @@ fn deployment_is_hardened_and_runs_the_controller_flags() {
     )
     .unwrap();
     assert!(
-        !args.iter().any(|a| a.starts_with("--leader-election")),
+        args.contains(&"--leader-election=false".to_string()),
         "{args:?}"
     );
+}
+
+/// The container args of the rendered Deployment.
+fn deployment_args(extra: &[&str]) -> Vec<String> {
+    let rendered = docs(&helm_template("rel", "ops", extra));
+    serde_yaml::from_value(
+        find(&rendered, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+            .clone(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_sombrero_binary_accepts_the_charts_flags() {
+    // clap checks every flag and value as it parses them, before `--help` prints and exits 0:
+    // an unknown flag or a bad value in the chart's args fails here.
+    for extra in [
+        &[][..],
+        &[
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "controller.logFormat=text",
+            "--set",
+            "controller.watchNamespace=images",
+            "--set",
+            "proxmox.defaultSecret=pve",
+        ][..],
+    ] {
+        let mut args = deployment_args(extra);
+        args.push("--help".into());
+        let out = Command::new(env!("CARGO_BIN_EXE_sombrero"))
+            .args(&args)
+            .env_remove("SOMBRERO_LOG_LEVEL")
+            .output()
+            .expect("run sombrero");
+        ok(&out, &format!("sombrero {}", args.join(" ")));
+    }
+    // And a flag it does not know is refused (the check above can fail).
+    let out = Command::new(env!("CARGO_BIN_EXE_sombrero"))
+        .args(["controller", "--no-such-flag", "--help"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }
 
 #[test]
@@ -623,11 +672,12 @@ async fn templated_crds_adopt_existing_ones_and_survive_uninstall() {
         .unwrap();
 }
 
-/// One access check: verb, API group, resource (with subresource after '/'), namespace ("" =
-/// cluster-wide).
+/// One access check: verb, API group, resource (with subresource after '/', and an object name
+/// after '#'), namespace ("" = cluster-wide).
 type Check<'a> = (&'static str, &'static str, &'static str, &'a str);
 
 async fn allowed(client: &kube::Client, (verb, group, resource, ns): Check<'_>) -> bool {
+    let (resource, name) = resource.split_once('#').unwrap_or((resource, ""));
     let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
     let review = SelfSubjectAccessReview {
         spec: SelfSubjectAccessReviewSpec {
@@ -636,6 +686,7 @@ async fn allowed(client: &kube::Client, (verb, group, resource, ns): Check<'_>) 
                 group: Some(group.into()),
                 resource: Some(resource.into()),
                 subresource: (!sub.is_empty()).then(|| sub.to_string()),
+                name: (!name.is_empty()).then(|| name.to_string()),
                 namespace: (!ns.is_empty()).then(|| ns.to_string()),
                 ..Default::default()
             }),
@@ -686,10 +737,26 @@ async fn rbac_grants_what_the_controller_uses_and_nothing_more() {
         ("watch", "", "secrets", ""),
         ("create", "events.k8s.io", "events", IMAGES),
         ("patch", "events.k8s.io", "events", IMAGES),
-        ("get", "coordination.k8s.io", "leases", leases_ns),
+        // The controller's Lease (`--lease-name`, default sombrero-controller).
+        (
+            "get",
+            "coordination.k8s.io",
+            "leases#sombrero-controller",
+            leases_ns,
+        ),
         ("create", "coordination.k8s.io", "leases", leases_ns),
-        ("patch", "coordination.k8s.io", "leases", leases_ns),
-        ("update", "coordination.k8s.io", "leases", leases_ns),
+        (
+            "patch",
+            "coordination.k8s.io",
+            "leases#sombrero-controller",
+            leases_ns,
+        ),
+        (
+            "update",
+            "coordination.k8s.io",
+            "leases#sombrero-controller",
+            leases_ns,
+        ),
     ];
     let must_not: Vec<Check> = vec![
         ("create", "", "secrets", IMAGES),
@@ -710,7 +777,19 @@ async fn rbac_grants_what_the_controller_uses_and_nothing_more() {
         ("create", "", "serviceaccounts/token", IMAGES),
         ("create", "", "events", IMAGES),
         ("delete", "events.k8s.io", "events", IMAGES),
-        ("get", "coordination.k8s.io", "leases", IMAGES),
+        (
+            "get",
+            "coordination.k8s.io",
+            "leases#sombrero-controller",
+            IMAGES,
+        ),
+        (
+            "patch",
+            "coordination.k8s.io",
+            "leases#kube-controller-manager",
+            leases_ns,
+        ),
+        ("update", "coordination.k8s.io", "leases#other", leases_ns),
         ("create", "coordination.k8s.io", "leases", "kube-system"),
         ("delete", "coordination.k8s.io", "leases", leases_ns),
         (

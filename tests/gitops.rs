@@ -141,8 +141,8 @@ fn argo_cd_applications_point_at_the_chart_and_the_examples() {
         &controller["spec"]["source"]["helm"]["valuesObject"],
         "Argo CD valuesObject",
     );
-    assert!(rendered.contains("--leader-election"));
-    assert!(rendered.contains("--default-proxmox-secret=proxmox-credentials"));
+    assert!(rendered.contains("--leader-election=true"));
+    assert!(rendered.contains("--proxmox-secret=proxmox-credentials"));
     assert!(rendered.contains("kind: NetworkPolicy"));
 
     let images = apps
