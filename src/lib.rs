@@ -5,6 +5,7 @@ pub mod build;
 pub mod cli;
 pub mod controller;
 pub mod image;
+pub mod promote;
 pub mod proxmox;
 pub mod retention;
 pub mod telemetry;

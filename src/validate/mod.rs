@@ -182,3 +182,8 @@ pub struct NoProgress;
 impl ValidationProgress for NoProgress {
     fn event(&self, _: &ProgressEvent) {}
 }
+
+/// Cuts a failure reason for a marker or a condition to at most `max` bytes.
+pub fn truncate_reason(reason: &str, max: usize) -> String {
+    report::truncate(reason.to_string(), max)
+}

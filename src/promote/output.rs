@@ -1,0 +1,216 @@
+//! The hand-off for consumers, pure: the seed's Terraform JSON and the data of the output
+//! ConfigMap (`template_id`, `template_name`, `node`, `manifest.json`), where `manifest.json`
+//! is a Packer manifest (`packer-manifest.json` layout) so tooling written for Packer reads it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveTime, Utc};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::image::marker::{Marker, SourceInfo};
+use crate::image::output::TerraformOutput;
+
+/// `builder_type` in the manifest.
+pub const BUILDER_TYPE: &str = "sombrero";
+/// ConfigMap keys.
+pub const KEY_TEMPLATE_ID: &str = "template_id";
+pub const KEY_TEMPLATE_NAME: &str = "template_name";
+pub const KEY_NODE: &str = "node";
+pub const KEY_MANIFEST: &str = "manifest.json";
+
+/// The seed's `{"template_id": "8024", "template_name": "...", "node": "pve1"}`.
+pub fn terraform_output(vmid: u32, node: &str, marker: &Marker) -> TerraformOutput {
+    TerraformOutput::new(vmid, marker.metadata.name.clone(), Some(node.to_string()))
+}
+
+/// One entry of a Packer manifest's `builds`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ManifestBuild {
+    pub name: String,
+    pub builder_type: String,
+    /// Unix seconds.
+    pub build_time: i64,
+    /// Packer writes the artifact's files here; a template has none.
+    pub files: Option<Vec<serde_json::Value>>,
+    /// The template's VMID, as Packer's Proxmox builders write it.
+    pub artifact_id: String,
+    pub packer_run_uuid: String,
+    pub custom_data: BTreeMap<String, String>,
+}
+
+/// A Packer manifest: `{"builds": [...], "last_run_uuid": "..."}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PackerManifest {
+    pub builds: Vec<ManifestBuild>,
+    pub last_run_uuid: String,
+}
+
+/// A stable UUID-shaped id for a build (RFC 9562 version 8: custom, from a SHA-256 of the
+/// owner's uid and the build id), so rewriting the ConfigMap for the same template changes
+/// nothing.
+pub fn run_uuid(owner_uid: &str, build_id: &str) -> String {
+    let digest = Sha256::digest(format!("{owner_uid}/{build_id}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    b[6] = (b[6] & 0x0f) | 0x80; // version 8
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC variant
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// When the build was made: `created_at` when recorded, else midnight UTC of the build date.
+fn build_time(marker: &Marker) -> DateTime<Utc> {
+    marker.metadata.created_at.unwrap_or_else(|| {
+        marker
+            .metadata
+            .build_date
+            .and_time(NaiveTime::MIN)
+            .and_utc()
+    })
+}
+
+/// The manifest for one template. `name` is the GoldenImage's name (stable across builds, as a
+/// Packer build name is); `custom_data` holds the seed's metadata and where the image came from.
+pub fn packer_manifest(vmid: u32, node: &str, marker: &Marker) -> PackerManifest {
+    let m = &marker.metadata;
+    let mut custom = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        custom.insert(k.to_string(), v);
+    };
+    put("template_name", m.name.clone());
+    put("template_id", vmid.to_string());
+    put("node", node.to_string());
+    put("os", m.os.clone());
+    put("type", m.image_type.clone());
+    put("builder", m.builder.clone());
+    put("builder_version", m.builder_version.clone());
+    put("build_date", m.build_date.format("%Y-%m-%d").to_string());
+    put("build_number", format!("{:03}", m.build_number));
+    put("build_id", marker.build_id.clone());
+    put("spec_hash", m.spec_hash.clone());
+    put(
+        "image",
+        format!("{}/{}", marker.owner.namespace, marker.owner.name),
+    );
+    match &m.source {
+        Some(SourceInfo::CloudImage { url, checksum }) => {
+            put("source_url", url.clone());
+            if let Some(c) = checksum {
+                put("source_checksum", c.clone());
+            }
+        }
+        Some(SourceInfo::Template { vmid, name }) => {
+            if let Some(v) = vmid {
+                put("source_template_vmid", v.to_string());
+            }
+            if let Some(n) = name {
+                put("source_template_name", n.clone());
+            }
+        }
+        None => {}
+    }
+    if let Some(at) = m.validation.validated_at() {
+        put("validated_at", at.to_rfc3339());
+    }
+    if let Some(d) = &m.package_manifest_digest {
+        put("package_manifest_digest", d.clone());
+    }
+    let uuid = run_uuid(&marker.owner.uid, &marker.build_id);
+    PackerManifest {
+        builds: vec![ManifestBuild {
+            name: marker.owner.name.clone(),
+            builder_type: BUILDER_TYPE.into(),
+            build_time: build_time(marker).timestamp(),
+            files: None,
+            artifact_id: vmid.to_string(),
+            packer_run_uuid: uuid.clone(),
+            custom_data: custom,
+        }],
+        last_run_uuid: uuid,
+    }
+}
+
+/// The output ConfigMap's `data`: `template_id`, `template_name`, `node`, `manifest.json`.
+pub fn config_map_data(vmid: u32, node: &str, marker: &Marker) -> BTreeMap<String, String> {
+    let tf = terraform_output(vmid, node, marker);
+    let manifest = packer_manifest(vmid, node, marker);
+    // Serialising plain strings, numbers and maps cannot fail; an empty object is the fallback.
+    let manifest_json = serde_json::to_string_pretty(&manifest).unwrap_or_else(|_| "{}".into());
+    BTreeMap::from([
+        (KEY_TEMPLATE_ID.to_string(), tf.template_id),
+        (KEY_TEMPLATE_NAME.to_string(), tf.template_name),
+        (KEY_NODE.to_string(), node.to_string()),
+        (KEY_MANIFEST.to_string(), manifest_json),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::marker::tests::sample_marker;
+
+    #[test]
+    fn config_map_holds_the_ids_and_a_packer_manifest() {
+        let marker = sample_marker();
+        let data = config_map_data(8024, "pve1", &marker);
+        assert_eq!(data["template_id"], "8024");
+        assert_eq!(data["template_name"], "ubuntu-24.04-minimal-20250118-001");
+        assert_eq!(data["node"], "pve1");
+        let m: serde_json::Value = serde_json::from_str(&data["manifest.json"]).unwrap();
+        let b = &m["builds"][0];
+        assert_eq!(m["builds"].as_array().unwrap().len(), 1);
+        assert_eq!(b["name"], "ubuntu");
+        assert_eq!(b["builder_type"], "sombrero");
+        assert_eq!(b["artifact_id"], "8024");
+        assert_eq!(b["build_time"], 1737158400); // 2025-01-18T00:00:00Z
+        assert!(b["files"].is_null());
+        assert_eq!(b["packer_run_uuid"], m["last_run_uuid"]);
+        let cd = &b["custom_data"];
+        assert_eq!(cd["os"], "ubuntu-24.04");
+        assert_eq!(cd["type"], "minimal");
+        assert_eq!(cd["build_date"], "2025-01-18");
+        assert_eq!(cd["build_number"], "001");
+        assert_eq!(cd["builder"], "sombrero");
+        assert_eq!(cd["image"], "platform/ubuntu");
+        assert_eq!(cd["source_checksum"], "sha256:abc");
+        assert_eq!(cd["validated_at"], "2025-01-18T10:00:00+00:00");
+        // Every custom_data value is a string, as Packer's map[string]string.
+        assert!(cd.as_object().unwrap().values().all(|v| v.is_string()));
+        // Stable: the same template gives the same bytes.
+        assert_eq!(config_map_data(8024, "pve1", &marker), data);
+    }
+
+    #[test]
+    fn run_uuids_are_stable_uuid_shaped_and_distinct() {
+        let a = run_uuid("uid-1", "b-1");
+        assert_eq!(a, run_uuid("uid-1", "b-1"));
+        assert_ne!(a, run_uuid("uid-1", "b-2"));
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('8'));
+        assert!(matches!(
+            parts[3].chars().next(),
+            Some('8' | '9' | 'a' | 'b')
+        ));
+    }
+
+    #[test]
+    fn terraform_output_is_the_seed_json() {
+        let tf = terraform_output(8024, "pve1", &sample_marker());
+        assert_eq!(
+            serde_json::to_string(&tf).unwrap(),
+            r#"{"template_id":"8024","template_name":"ubuntu-24.04-minimal-20250118-001","node":"pve1"}"#
+        );
+    }
+}
