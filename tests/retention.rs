@@ -1,0 +1,975 @@
+//! TemplateRetention against the fake Proxmox VE: gathering versions and what protects them,
+//! the plan, and its execution (backup / tag / delete), plus `sombrero prune`.
+
+mod support;
+use support::fakepve::{Failure, FakePve};
+
+use std::time::Duration;
+
+use chrono::{NaiveDate, Utc};
+use serde_json::{Value, json};
+use sombrero::image::marker::{
+    MARKER_SCHEMA_VERSION, Marker, Owner, Role, TemplateMetadata, ValidationRecord,
+    render_description,
+};
+use sombrero::proxmox::{Client, CloneRequest, Config, RetryPolicy};
+use sombrero::retention::{
+    self, Action, ArchiveMode, Decision, Plan, Reason, RetentionRules, Target,
+};
+
+const NS: &str = "platform";
+const IMAGE: &str = "ubuntu";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn client(pve: &FakePve) -> Client {
+    let config = Config::new(&pve.url, &pve.token_id, pve.token_secret.as_str())
+        .unwrap()
+        .with_ca_pem(pve.ca_pem.clone())
+        .unwrap()
+        .with_timeout(Duration::from_secs(20))
+        .with_retry(RetryPolicy {
+            max_attempts: 2,
+            initial_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+        });
+    Client::new(config).unwrap()
+}
+
+fn target() -> Target {
+    Target::Image {
+        namespace: NS.into(),
+        name: IMAGE.into(),
+    }
+}
+
+fn build_date(days_ago: i64) -> NaiveDate {
+    (Utc::now() - chrono::Duration::days(days_ago)).date_naive()
+}
+
+fn marker(vmid: u32, days_ago: i64, validation: ValidationRecord) -> Marker {
+    let date = build_date(days_ago);
+    Marker {
+        schema: MARKER_SCHEMA_VERSION,
+        owner: Owner {
+            namespace: NS.into(),
+            name: IMAGE.into(),
+            uid: "00000000-0000-4000-8000-000000000001".into(),
+        },
+        build_id: format!("b-{vmid}"),
+        role: Role::Template,
+        vmid,
+        metadata: TemplateMetadata {
+            name: name(vmid, days_ago),
+            os: "ubuntu-24.04".into(),
+            image_type: "minimal".into(),
+            builder: "sombrero".into(),
+            builder_version: "0.1.0".into(),
+            build_date: date,
+            build_number: 1,
+            source: None,
+            spec_hash: "0123456789abcdef".into(),
+            package_manifest_digest: None,
+            validation,
+            created_at: None,
+        },
+        build: None,
+    }
+}
+
+fn name(vmid: u32, days_ago: i64) -> String {
+    format!(
+        "ubuntu-24.04-minimal-{}-{:03}",
+        build_date(days_ago).format("%Y%m%d"),
+        vmid % 1000
+    )
+}
+
+fn passed() -> ValidationRecord {
+    ValidationRecord::Passed { at: Utc::now() }
+}
+
+/// Options for [`add_template`].
+#[derive(Default, Clone)]
+struct T {
+    latest: bool,
+    protected: bool,
+    pending: bool,
+    /// Write the marker for another VMID (a consumer's copy).
+    marker_for: Option<u32>,
+    no_marker: bool,
+    storage: Option<&'static str>,
+}
+
+/// A template of our image made `days_ago` days ago, with a disk on `local-lvm`.
+async fn add_template(pve: &FakePve, vmid: u32, days_ago: i64, t: T) {
+    let mut tags = vec![
+        "sombrero".to_string(),
+        format!("sombrero.{NS}.{IMAGE}"),
+        "os.ubuntu-24.04".into(),
+    ];
+    if !t.pending {
+        tags.push("validated".into());
+    }
+    if t.latest {
+        tags.push("sombrero-latest".into());
+    }
+    let validation = if t.pending {
+        ValidationRecord::Pending
+    } else {
+        passed()
+    };
+    let mut config = json!({"tags": tags.join(";")});
+    if !t.no_marker {
+        let m = marker(t.marker_for.unwrap_or(vmid), days_ago, validation);
+        config["description"] = json!(render_description("", &m).unwrap());
+    }
+    if t.protected {
+        config["protection"] = json!(1);
+    }
+    let mut spec = json!({
+        "vmid": vmid, "name": name(vmid, days_ago), "template": true, "config": config,
+    });
+    if let Some(s) = t.storage {
+        spec["storage"] = json!(s);
+    }
+    pve.add_vm(spec).await;
+}
+
+async fn exists(c: &Client, pve: &FakePve, vmid: u32) -> bool {
+    match c.vm_config(&pve.node, vmid).await {
+        Ok(_) => true,
+        Err(e) if e.is_not_found() => false,
+        Err(e) => panic!("config of {vmid}: {e}"),
+    }
+}
+
+async fn tags(c: &Client, pve: &FakePve, vmid: u32) -> String {
+    c.vm_config(&pve.node, vmid)
+        .await
+        .unwrap()
+        .tags
+        .unwrap_or_default()
+}
+
+fn quiet(_: &str) {}
+
+/// Gathers, plans and executes, as `sombrero prune` does.
+async fn run(
+    pve: &FakePve,
+    rules: RetentionRules,
+    mode: ArchiveMode,
+    backup_storage: Option<&str>,
+) -> (Plan, Vec<sombrero::api::template_retention::ExecutedAction>) {
+    let c = client(pve);
+    let inv = retention::gather(&c, &target()).await.unwrap();
+    let plan = retention::plan(&inv.versions, &rules, mode, Utc::now());
+    let results = retention::execute(&c, &plan, backup_storage, false, &quiet).await;
+    (plan, results)
+}
+
+fn action(plan: &Plan, vmid: u32) -> (Action, String) {
+    let d = plan
+        .get(vmid)
+        .unwrap_or_else(|| panic!("{vmid} not in plan {plan:#?}"));
+    (d.action, d.message())
+}
+
+/// Only GETs after `seq`: nothing changed on Proxmox.
+async fn writes_since(pve: &FakePve, seq: u64) -> Vec<String> {
+    pve.requests_since(seq)
+        .await
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
+async fn last_seq(pve: &FakePve) -> u64 {
+    pve.requests().await.last().map_or(0, |r| r.seq)
+}
+
+#[tokio::test]
+async fn keep_last_3_with_5_versions() {
+    let pve = FakePve::start().await;
+    for (vmid, days) in [(101, 200), (102, 150), (103, 100), (104, 50)] {
+        add_template(&pve, vmid, days, T::default()).await;
+    }
+    add_template(
+        &pve,
+        105,
+        10,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let (plan, results) = run(&pve, RetentionRules::default(), ArchiveMode::Delete, None).await;
+    assert_eq!(
+        action(&plan, 105),
+        (Action::Keep, "kept: current latest".into())
+    );
+    assert_eq!(action(&plan, 104).0, Action::Keep);
+    assert_eq!(
+        action(&plan, 103),
+        (Action::Keep, "kept: among the last 3".into())
+    );
+    assert_eq!(
+        action(&plan, 102),
+        (
+            Action::Delete,
+            "deleted: older than 90d and not among the last 3".into()
+        )
+    );
+    assert_eq!(action(&plan, 101).0, Action::Delete);
+    // Oldest first, both succeeded.
+    let done: Vec<(u32, bool)> = results.iter().map(|r| (r.vmid, r.succeeded)).collect();
+    assert_eq!(done, [(101, true), (102, true)], "{results:#?}");
+    let c = client(&pve);
+    for vmid in [101, 102] {
+        assert!(!exists(&c, &pve, vmid).await, "{vmid} still exists");
+    }
+    for vmid in [103, 104, 105] {
+        assert!(exists(&c, &pve, vmid).await, "{vmid} was deleted");
+    }
+    // The deletes purged: PVE's delete with purge=1.
+    let deletes: Vec<_> = pve
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .collect();
+    assert_eq!(deletes.len(), 2);
+    assert!(
+        deletes.iter().all(|r| r.params["purge"] == json!("1")),
+        "{deletes:?}"
+    );
+}
+
+#[tokio::test]
+async fn age_rule_in_tag_mode() {
+    let pve = FakePve::start().await;
+    for (vmid, days) in [(201, 1), (202, 2), (203, 3), (204, 89), (205, 91)] {
+        add_template(
+            &pve,
+            vmid,
+            days,
+            T {
+                latest: vmid == 201,
+                ..T::default()
+            },
+        )
+        .await;
+    }
+    let (plan, results) = run(&pve, RetentionRules::default(), ArchiveMode::Tag, None).await;
+    assert_eq!(
+        action(&plan, 204),
+        (Action::Keep, "kept: not older than 90d".into())
+    );
+    assert_eq!(action(&plan, 205).0, Action::Archive);
+    assert_eq!(results.len(), 1);
+    assert!(results[0].succeeded, "{results:?}");
+    let c = client(&pve);
+    let t = tags(&c, &pve, 205).await;
+    assert!(t.split(';').any(|x| x == "archived"), "{t}");
+    assert!(exists(&c, &pve, 205).await, "tag mode keeps the template");
+    assert!(!tags(&c, &pve, 204).await.contains("archived"));
+    // A second run keeps the archived one (already archived) and changes nothing.
+    let seq = last_seq(&pve).await;
+    let (plan, results) = run(&pve, RetentionRules::default(), ArchiveMode::Tag, None).await;
+    assert_eq!(
+        action(&plan, 205),
+        (Action::Keep, "kept: already archived".into())
+    );
+    assert!(results.is_empty());
+    assert!(writes_since(&pve, seq).await.is_empty());
+}
+
+#[tokio::test]
+async fn tag_mode_drops_the_channel_tag() {
+    let pve = FakePve::start().await;
+    add_template(&pve, 301, 200, T::default()).await;
+    add_template(&pve, 302, 5, T::default()).await;
+    let c = client(&pve);
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (_, results) = run(&pve, rules, ArchiveMode::Tag, None).await;
+    assert_eq!(results.len(), 1);
+    assert!(
+        results[0].message.starts_with("tagged archived"),
+        "{results:?}"
+    );
+    let t = tags(&c, &pve, 301).await;
+    assert!(
+        t.contains("archived") && !t.contains("sombrero-latest"),
+        "{t}"
+    );
+    // Our other tags stay: consumers still find it by image tag, just never as latest.
+    assert!(
+        t.contains("sombrero.platform.ubuntu") && t.contains("validated"),
+        "{t}"
+    );
+}
+
+#[tokio::test]
+async fn retain_at_least_wins_over_both_rules() {
+    let pve = FakePve::start().await;
+    // The newest is still pending validation: it fills keepLast=1, but does not count for
+    // retainAtLeast, so the newest validated one stays although it is old and beyond keepLast.
+    add_template(
+        &pve,
+        401,
+        5,
+        T {
+            pending: true,
+            ..T::default()
+        },
+    )
+    .await;
+    add_template(&pve, 402, 200, T::default()).await;
+    add_template(&pve, 403, 300, T::default()).await;
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (plan, results) = run(&pve, rules, ArchiveMode::Delete, None).await;
+    assert_eq!(
+        action(&plan, 401),
+        (Action::Keep, "kept: among the last 1".into())
+    );
+    assert_eq!(
+        action(&plan, 402),
+        (
+            Action::Keep,
+            "kept: retainAtLeast=1 needs a validated template".into()
+        )
+    );
+    assert_eq!(action(&plan, 403).0, Action::Delete);
+    assert_eq!(results.len(), 1);
+    let c = client(&pve);
+    assert!(exists(&c, &pve, 402).await);
+    assert!(!exists(&c, &pve, 403).await);
+}
+
+/// A plan that says delete, as a stale plan or a bug might: the re-check must still refuse.
+fn forced_delete(vmid: u32) -> Plan {
+    Plan {
+        mode: ArchiveMode::Delete,
+        decisions: vec![Decision {
+            vmid,
+            name: format!("t{vmid}"),
+            node: "pve1".into(),
+            action: Action::Delete,
+            reason: Reason::Expired {
+                archive_after: chrono::Duration::days(1),
+                keep_last: 1,
+            },
+        }],
+    }
+}
+
+#[tokio::test]
+async fn linked_clone_on_lvm_thin_protects_its_template() {
+    let pve = FakePve::start().await;
+    add_template(&pve, 501, 200, T::default()).await;
+    add_template(
+        &pve,
+        502,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    // Another VM on the same storage, made after the template: its config is read (it could be
+    // a clone), but it carries no copy of the marker.
+    pve.add_vm(json!({"vmid": 150, "name": "db"})).await;
+    let c = client(&pve);
+    // A consumer's linked clone: on LVM-thin PVE names it `vm-600-disk-0`, no trace of the base.
+    let upid = c
+        .clone_vm(&pve.node, 501, &CloneRequest::new(600))
+        .await
+        .unwrap();
+    c.wait_task(&upid, WAIT).await.unwrap();
+    let clone = c.vm_config(&pve.node, 600).await.unwrap();
+    let disk = clone.value("scsi0").unwrap();
+    assert!(
+        disk.starts_with("local-lvm:vm-600-disk-"),
+        "LVM-thin clones carry no base reference: {disk}"
+    );
+
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (plan, results) = run(&pve, rules, ArchiveMode::Delete, None).await;
+    assert_eq!(
+        action(&plan, 501),
+        (Action::Keep, "kept: in use by linked clones 600".into())
+    );
+    assert!(results.is_empty());
+
+    // Even a plan that says delete is refused by the re-check right before the call.
+    let results = retention::execute(&c, &forced_delete(501), None, false, &quiet).await;
+    assert_eq!(results.len(), 1);
+    assert!(!results[0].succeeded);
+    assert!(
+        results[0].message.contains("in use by 600"),
+        "{}",
+        results[0].message
+    );
+    assert!(exists(&c, &pve, 501).await);
+
+    // The fake storage itself would have let it go (as real LVM-thin does).
+    let upid = c
+        .delete_vm(&pve.node, 501, Default::default())
+        .await
+        .unwrap();
+    c.wait_task(&upid, WAIT).await.unwrap();
+    assert!(!exists(&c, &pve, 501).await);
+}
+
+#[tokio::test]
+async fn linked_clone_seen_in_volume_ids_without_a_marker() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    // A directory storage for images: linked clones there are named after their base.
+    let _: Value = c
+        .post(
+            &["storage"],
+            &sombrero::proxmox::Params::new()
+                .set("storage", "dirimg")
+                .set("type", "dir")
+                .set("path", "/var/lib/dirimg")
+                .set("content", "images"),
+            sombrero::proxmox::Idempotency::Unsafe,
+        )
+        .await
+        .unwrap();
+    add_template(
+        &pve,
+        701,
+        200,
+        T {
+            storage: Some("dirimg"),
+            ..T::default()
+        },
+    )
+    .await;
+    add_template(
+        &pve,
+        702,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    // The consumer overrides description and tags: only the volume id tells.
+    let mut req = CloneRequest::new(610);
+    req.description = Some("my app server".into());
+    let upid = c.clone_vm(&pve.node, 701, &req).await.unwrap();
+    c.wait_task(&upid, WAIT).await.unwrap();
+    let disk = c
+        .vm_config(&pve.node, 610)
+        .await
+        .unwrap()
+        .value("scsi0")
+        .unwrap();
+    assert!(disk.contains("base-701-disk-"), "{disk}");
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (plan, results) = run(&pve, rules, ArchiveMode::Delete, None).await;
+    assert_eq!(
+        action(&plan, 701),
+        (Action::Keep, "kept: in use by linked clones 610".into())
+    );
+    assert!(results.is_empty());
+    assert!(exists(&c, &pve, 701).await);
+}
+
+#[tokio::test]
+async fn validation_clone_protects_its_template() {
+    let pve = FakePve::start().await;
+    add_template(&pve, 801, 200, T::default()).await;
+    add_template(
+        &pve,
+        802,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    // Our running validation clone of 801 (marker role validation, written for its own VMID).
+    let m = marker(801, 200, passed()).retarget(Role::Validation, 820);
+    pve.add_vm(json!({
+        "vmid": 820, "name": "validate-801", "status": "running",
+        "config": {"tags": "sombrero", "description": render_description("", &m).unwrap()},
+    }))
+    .await;
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (plan, results) = run(&pve, rules, ArchiveMode::Delete, None).await;
+    assert_eq!(
+        action(&plan, 801),
+        (Action::Keep, "kept: in use by linked clones 820".into())
+    );
+    assert!(results.is_empty());
+}
+
+#[tokio::test]
+async fn protected_template_is_kept() {
+    let pve = FakePve::start().await;
+    add_template(
+        &pve,
+        901,
+        200,
+        T {
+            protected: true,
+            ..T::default()
+        },
+    )
+    .await;
+    add_template(
+        &pve,
+        902,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (plan, results) = run(&pve, rules, ArchiveMode::Delete, None).await;
+    assert_eq!(
+        action(&plan, 901),
+        (Action::Keep, "kept: protected (protection=1)".into())
+    );
+    assert!(results.is_empty());
+    let c = client(&pve);
+    let seq = last_seq(&pve).await;
+    let results = retention::execute(&c, &forced_delete(901), None, false, &quiet).await;
+    assert!(!results[0].succeeded);
+    assert!(results[0].message.contains("protected"), "{results:?}");
+    assert!(writes_since(&pve, seq).await.is_empty());
+    assert!(exists(&c, &pve, 901).await);
+}
+
+#[tokio::test]
+async fn unowned_lookalikes_are_untouched() {
+    let pve = FakePve::start().await;
+    // Same tags, no marker: someone's own template.
+    add_template(
+        &pve,
+        1001,
+        300,
+        T {
+            no_marker: true,
+            ..T::default()
+        },
+    )
+    .await;
+    // A consumer's template made from a clone of ours: tags and marker copied (marker names 1003).
+    add_template(
+        &pve,
+        1002,
+        300,
+        T {
+            marker_for: Some(1003),
+            ..T::default()
+        },
+    )
+    .await;
+    add_template(
+        &pve,
+        1003,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 0,
+    };
+    let (plan, results) = run(&pve, rules, ArchiveMode::Delete, None).await;
+    assert!(plan.get(1001).is_none(), "no marker, no version: {plan:#?}");
+    assert_eq!(
+        action(&plan, 1002),
+        (Action::Ignore, "ignored: not owned by sombrero".into())
+    );
+    assert!(results.is_empty());
+    let c = client(&pve);
+    // And a forced delete of either is refused.
+    for vmid in [1001, 1002] {
+        let r = retention::execute(&c, &forced_delete(vmid), None, false, &quiet).await;
+        assert!(!r[0].succeeded && r[0].message.contains("marker"), "{r:?}");
+        assert!(exists(&c, &pve, vmid).await);
+    }
+}
+
+#[tokio::test]
+async fn backup_failure_deletes_nothing() {
+    let pve = FakePve::start().await;
+    add_template(&pve, 1101, 200, T::default()).await;
+    add_template(
+        &pve,
+        1102,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    pve.fail(Failure::status(
+        "POST",
+        "/nodes/{node}/vzdump",
+        500,
+        "can't acquire lock '/var/run/vzdump.lock' - got timeout",
+    ))
+    .await;
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (plan, results) = run(&pve, rules, ArchiveMode::Backup, Some("local")).await;
+    assert_eq!(action(&plan, 1101).0, Action::Archive);
+    assert_eq!(results.len(), 1);
+    assert!(!results[0].succeeded);
+    assert!(
+        results[0].message.contains("backup failed")
+            && results[0].message.contains("nothing was deleted"),
+        "{}",
+        results[0].message
+    );
+    let c = client(&pve);
+    assert!(exists(&c, &pve, 1101).await);
+    assert!(
+        !pve.requests().await.iter().any(|r| r.method == "DELETE"),
+        "a DELETE was sent"
+    );
+    // Without a backup storage, backup mode refuses too.
+    pve.clear_failures().await;
+    let (_, results) = run(&pve, rules, ArchiveMode::Backup, None).await;
+    assert!(!results[0].succeeded && results[0].message.contains("backupStorage"));
+    assert!(exists(&c, &pve, 1101).await);
+}
+
+#[tokio::test]
+async fn backup_mode_checks_the_backup_then_deletes() {
+    let pve = FakePve::start().await;
+    add_template(&pve, 1201, 200, T::default()).await;
+    add_template(
+        &pve,
+        1202,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (_, results) = run(&pve, rules, ArchiveMode::Backup, Some("local")).await;
+    assert_eq!(results.len(), 1);
+    assert!(results[0].succeeded, "{results:?}");
+    let c = client(&pve);
+    assert!(!exists(&c, &pve, 1201).await);
+    let backups = c
+        .storage_content(&pve.node, "local", Some("backup"), Some(1201))
+        .await
+        .unwrap();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    let notes = backups[0].notes.clone().unwrap_or_default();
+    assert!(
+        notes.starts_with(&format!("sombrero archive: {}", name(1201, 200))),
+        "{notes}"
+    );
+    assert!(
+        results[0].message.contains(&backups[0].volid),
+        "{}",
+        results[0].message
+    );
+    // vzdump ran on the template's own node, then the content was listed, then the delete.
+    let log = pve.requests().await;
+    let pos = |pred: &dyn Fn(&support::fakepve::RecordedRequest) -> bool| {
+        log.iter().position(pred).expect("request")
+    };
+    let vzdump = pos(&|r| r.method == "POST" && r.path.ends_with("/nodes/pve1/vzdump"));
+    let delete = pos(&|r| r.method == "DELETE" && r.path.ends_with("/qemu/1201"));
+    let listed = log[vzdump..delete]
+        .iter()
+        .any(|r| r.method == "GET" && r.path.contains("/storage/local/content"));
+    assert!(listed && vzdump < delete);
+}
+
+#[tokio::test]
+async fn resumed_backup_reuses_the_earlier_archive() {
+    let pve = FakePve::start().await;
+    add_template(&pve, 1301, 200, T::default()).await;
+    add_template(
+        &pve,
+        1302,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    // An earlier run made the backup and died before deleting.
+    let volid = pve
+        .add_backup(support::fakepve::Backup {
+            vmid: 1301,
+            notes: Some(format!(
+                "sombrero archive: {} (VMID 1301, node pve1)",
+                name(1301, 200)
+            )),
+            ..Default::default()
+        })
+        .await;
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (_, results) = run(&pve, rules, ArchiveMode::Backup, Some("local")).await;
+    assert!(results[0].succeeded, "{results:?}");
+    assert!(results[0].message.contains(&volid), "{results:?}");
+    assert!(
+        !pve.requests()
+            .await
+            .iter()
+            .any(|r| r.path.ends_with("/vzdump")),
+        "a second vzdump ran"
+    );
+    assert!(!exists(&client(&pve), &pve, 1301).await);
+}
+
+#[tokio::test]
+async fn gather_request_count() {
+    let pve = FakePve::start().await;
+    // 4 templates of ours (latest, 3 young), 20 unrelated VMs, 1 unrelated template.
+    for (vmid, days) in [(1401, 1), (1402, 2), (1403, 3), (1404, 4)] {
+        add_template(
+            &pve,
+            vmid,
+            days,
+            T {
+                latest: vmid == 1401,
+                ..T::default()
+            },
+        )
+        .await;
+    }
+    for vmid in 2000..2020 {
+        pve.add_vm(json!({"vmid": vmid, "with_disk": false})).await;
+    }
+    pve.add_vm(
+        json!({"vmid": 3000, "template": true, "with_disk": false, "config": {"tags": "debian"}}),
+    )
+    .await;
+    let c = client(&pve);
+    let seq = last_seq(&pve).await;
+    let inv = retention::gather(&c, &target()).await.unwrap();
+    let made = pve.requests_since(seq).await.len() as u32;
+    assert_eq!(inv.versions.len(), 4);
+    // 1 list + 4 configs + (3 candidates on one node) 1 storage list + 1 content listing
+    // (local-lvm) + the configs of VMs on local-lvm created after the candidates' base volumes:
+    // none here (the 20 VMs have no disks).
+    assert_eq!(inv.requests, made, "the counter matches the fake's log");
+    assert_eq!(made, 1 + 4 + 1 + 1, "{:#?}", pve.requests_since(seq).await);
+
+    // With nothing removable (only the latest), no in-use check at all: 1 + templates.
+    let pve2 = FakePve::start().await;
+    add_template(
+        &pve2,
+        1501,
+        1,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let inv = retention::gather(&client(&pve2), &target()).await.unwrap();
+    assert_eq!(inv.requests, 2);
+}
+
+fn write_policy(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("policy.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: images.sombrero.dev/v1alpha1\nkind: TemplateRetention\nmetadata: {{name: p, namespace: {NS}}}\nspec:\n  target: {{goldenImageRef: {{name: {IMAGE}}}}}\n  keepLast: 1\n  archiveAfter: 30d\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn prune(pve: &FakePve, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
+        .arg("prune")
+        .args(args)
+        .env("PROXMOX_URL", &pve.url)
+        .env("PROXMOX_TOKEN_ID", &pve.token_id)
+        .env("PROXMOX_TOKEN_SECRET", &pve.token_secret)
+        .env("PROXMOX_CA_CERT", &pve.ca_cert_path)
+        .output()
+        .expect("run sombrero")
+}
+
+#[tokio::test]
+async fn prune_cli_dry_run_changes_nothing_then_runs() {
+    let pve = FakePve::start().await;
+    add_template(&pve, 1601, 200, T::default()).await;
+    add_template(&pve, 1602, 100, T::default()).await;
+    add_template(
+        &pve,
+        1603,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "  archive: {mode: delete}\n");
+    let seq = last_seq(&pve).await;
+    let out = prune(&pve, &["-f", policy.to_str().unwrap(), "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("VMID")
+            && lines[0].contains("BUILD DATE")
+            && lines[0].contains("REASON"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with("1603")
+            && lines[1].contains("keep")
+            && lines[1].contains("current latest"),
+        "{stdout}"
+    );
+    assert!(
+        lines[3].starts_with("1601")
+            && lines[3].contains("delete")
+            && lines[3].contains(&build_date(200).to_string()),
+        "{stdout}"
+    );
+    assert!(stdout.contains("dry run: nothing was changed"));
+    assert!(writes_since(&pve, seq).await.is_empty(), "dry run wrote");
+    assert!(!stderr.contains(&pve.token_secret), "secret in output");
+    assert!(!stdout.contains(&pve.token_secret), "secret in output");
+
+    // spec.dryRun: true is a dry run too.
+    let seq = last_seq(&pve).await;
+    let p = write_policy(dir.path(), "  archive: {mode: delete}\n  dryRun: true\n");
+    assert_eq!(
+        prune(&pve, &["-f", p.to_str().unwrap()]).status.code(),
+        Some(0)
+    );
+    assert!(writes_since(&pve, seq).await.is_empty());
+
+    // For real.
+    let p = write_policy(dir.path(), "  archive: {mode: delete}\n");
+    let out = prune(&pve, &["-f", p.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("1601 delete ok") && stdout.contains("1602 delete ok"),
+        "{stdout}"
+    );
+    let c = client(&pve);
+    assert!(!exists(&c, &pve, 1601).await && exists(&c, &pve, 1603).await);
+}
+
+#[tokio::test]
+async fn prune_cli_exit_codes() {
+    let pve = FakePve::start().await;
+    add_template(&pve, 1701, 200, T::default()).await;
+    add_template(
+        &pve,
+        1702,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // Invalid file: 2, naming the field, nothing asked of Proxmox.
+    let seq = last_seq(&pve).await;
+    let bad = write_policy(dir.path(), "  retainAtLeast: 5\n");
+    let out = prune(&pve, &["-f", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("retainAtLeast must not exceed keepLast")
+    );
+    assert!(pve.requests_since(seq).await.is_empty());
+    // A failing action: 4.
+    pve.fail(Failure::status(
+        "POST",
+        "/nodes/{node}/vzdump",
+        500,
+        "storage offline",
+    ))
+    .await;
+    let p = write_policy(
+        dir.path(),
+        "  archive: {mode: backup, backupStorage: local}\n",
+    );
+    let out = prune(&pve, &["-f", p.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{stdout}");
+    assert!(stdout.contains("1701 archive FAILED"), "{stdout}");
+    // Proxmox unreachable: 3.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
+        .args(["prune", "-f", p.to_str().unwrap()])
+        .env("PROXMOX_URL", "https://127.0.0.1:1")
+        .env("PROXMOX_TOKEN_ID", &pve.token_id)
+        .env("PROXMOX_TOKEN_SECRET", &pve.token_secret)
+        .env("PROXMOX_CA_CERT", &pve.ca_cert_path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
