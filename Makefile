@@ -6,7 +6,7 @@ CARGO ?= cargo
 # 2-core machines: one test binary at a time keeps memory and CPU contention predictable.
 CARGO_TEST_FLAGS ?=
 
-.PHONY: test tools venv fmt-check clippy cargo-test crds crds-check demo
+.PHONY: test tools venv fmt-check clippy cargo-test crds crds-check demo bench-build
 
 test: tools venv fmt-check clippy cargo-test
 
@@ -29,3 +29,15 @@ cargo-test:
 crds:
 	$(CARGO) run --quiet -- crd --out-dir crds
 	$(CARGO) run --quiet -- crd --out-dir charts/sombrero/crds
+
+# The fake Proxmox VE on loopback and `sombrero build -f examples/ubuntu-24.04-minimal.yaml`
+# against it, end to end (prints the seed's JSON).
+demo: venv
+	scripts/demo.sh
+
+# Proxmox requests per build and wall time against the fake: tasks finishing instantly, then
+# PVE-like task durations (time scale 0.01 = 60 PVE seconds in 0.6 s).
+BENCH_N ?= 5
+bench-build: venv
+	BENCH=$(BENCH_N) TIME_SCALE=0 scripts/demo.sh
+	BENCH=$(BENCH_N) TIME_SCALE=0.01 scripts/demo.sh
