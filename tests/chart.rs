@@ -847,3 +847,42 @@ async fn rbac_grants_what_the_controller_uses_and_nothing_more() {
         other => panic!("creating a Secret as the ServiceAccount: expected 403, got {other:?}"),
     }
 }
+
+#[test]
+fn dockerfile_chart_and_crate_agree() {
+    // No Docker engine here: the image cannot be built in tests. Check what must stay in step.
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    let cargo = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
+    let field = |key: &str| {
+        cargo
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("Cargo.toml has no {key}"))
+            .to_string()
+    };
+    let rust = field("rust-version");
+    assert!(
+        dockerfile.contains(&format!("rust:{rust}-")),
+        "the Dockerfile's builder must be Rust {rust} (Cargo.toml rust-version)"
+    );
+    assert!(dockerfile.contains("USER 65532:65532"));
+    assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/sombrero\"]"));
+    assert!(dockerfile.contains("cargo build --release --locked"));
+
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(field("version").as_str()),
+        "Chart.yaml appVersion must be the crate version (the default image tag)"
+    );
+    let values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        values["podSecurityContext"]["runAsUser"].as_u64(),
+        Some(65532)
+    );
+}
