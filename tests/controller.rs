@@ -303,7 +303,6 @@ async fn two_replicas_elect_one_leader() {
 }
 
 #[tokio::test]
-#[ignore = "needs crate::promote (issue 5 promotion) wired into controller::engine; run with --ignored once it lands"]
 async fn apply_builds_validates_and_promotes() {
     let cp = control_plane();
     cp.install_crds();

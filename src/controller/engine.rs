@@ -1,6 +1,6 @@
 //! The real pipeline behind the controller: `crate::build::run_build` (resumable from the
 //! markers), then `crate::validate::validate_template` when `spec.validation.enabled`, then
-//! promotion. Cleanup: `cleanup_abandoned_builds` + `cleanup_stale_validation_vms`.
+//! `crate::promote::promote` (or `mark_failed`). Cleanup: `cleanup_abandoned_builds` + `cleanup_stale_validation_vms`.
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -98,7 +98,7 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
             .first_failure()
             .map(|c| (format!("{:?}", c.check), c.message.clone()))
             .unwrap_or_else(|| ("unknown".into(), reason.clone()));
-        if let Err(e) = promote::mark_failed(&req.client, built.vmid, &reason).await {
+        if let Err(e) = crate::promote::mark_failed(&req.client, built.vmid, &reason).await {
             tracing::warn!(error = %e, vmid = built.vmid, "cannot mark the template failed");
         }
         return JobOutcome::ValidationFailed {
@@ -110,18 +110,22 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
         };
     }
     progress.stage("Promote");
-    match promote::promote(&req.client, &req.owner, built.vmid, report.as_ref()).await {
-        Ok(previous) => JobOutcome::Promoted {
+    let evidence = match &report {
+        Some(r) => crate::promote::Evidence::Report(r),
+        None => crate::promote::Evidence::ValidationDisabled,
+    };
+    match crate::promote::promote(&req.client, &req.owner, built.vmid, evidence).await {
+        Ok(p) => JobOutcome::Promoted {
             vmid: built.vmid,
             name: built.name,
             report: status_report,
-            touched: previous,
+            touched: p.previous,
         },
         Err(e) => JobOutcome::Failed {
             stage: Some("Promote".into()),
             reason: "PromotionFailed",
-            message: e,
-            retryable: true,
+            message: e.to_string(),
+            retryable: e.is_retryable(),
             touched: vec![built.vmid],
         },
     }
@@ -136,28 +140,6 @@ fn build_reason(e: &build::BuildError) -> &'static str {
         build::ErrorCategory::Guest => "ProvisioningFailed",
         build::ErrorCategory::Checksum => "ChecksumMismatch",
         build::ErrorCategory::Timeout => "BuildTimeout",
-    }
-}
-
-/// Promotion, through `crate::promote` once it is part of the crate.
-mod promote {
-    use super::*;
-
-    pub async fn mark_failed(
-        _client: &proxmox::Client,
-        _vmid: u32,
-        _reason: &str,
-    ) -> Result<(), String> {
-        Err("crate::promote is not part of this build yet".into())
-    }
-
-    pub async fn promote(
-        _client: &proxmox::Client,
-        _owner: &Owner,
-        _vmid: u32,
-        _report: Option<&validate::ValidationReport>,
-    ) -> Result<Vec<u32>, String> {
-        Err("crate::promote is not part of this build yet: the template was built and validated but cannot be promoted".into())
     }
 }
 
