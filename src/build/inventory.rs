@@ -43,7 +43,7 @@ pub async fn scan(client: &Client, owner: &Owner) -> Result<Vec<TaggedVm>, Build
         .map_err(|e| BuildError::proxmox("list VMs", &e))?;
     let mut out = Vec::new();
     for vm in vms.into_iter().filter(|v| v.is_qemu()) {
-        if !vm.tag_list().iter().any(|t| *t == tag) {
+        if !vm.tag_list().contains(&tag) {
             continue;
         }
         let config = match client.vm_config(&vm.node, vm.vmid).await {
