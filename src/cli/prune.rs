@@ -172,10 +172,7 @@ pub fn table(plan: &Plan, versions: &[TemplateVersion]) -> String {
         .decisions
         .iter()
         .map(|d| {
-            let reason = d.message();
-            let reason = reason
-                .split_once(": ")
-                .map_or(reason.clone(), |(_, r)| r.to_string());
+            let reason = d.reason.describe();
             [
                 d.vmid.to_string(),
                 d.name.clone(),

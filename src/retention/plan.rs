@@ -156,7 +156,8 @@ impl Reason {
         }
     }
 
-    fn describe(&self) -> String {
+    /// The reason in words, e.g. "older than 90d and not among the last 3".
+    pub fn describe(&self) -> String {
         match self {
             Self::NotOwned => "not owned by sombrero".into(),
             Self::CurrentLatest => "current latest".into(),
