@@ -973,3 +973,269 @@ async fn prune_cli_exit_codes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ------------------------------------------------------------------ the controller
+
+mod controller_e2e {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+    use sombrero::api::common::find_condition;
+    use sombrero::api::template_retention::TemplateRetention;
+    use sombrero::controller::{
+        self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
+    };
+    use support::kube::control_plane;
+
+    fn options(ns: &str) -> Options {
+        let mut settings = Settings::new(DefaultConnection::None);
+        settings.resync = Duration::from_secs(2);
+        settings.requeue = Duration::from_secs(5);
+        settings.poll = Duration::from_secs(1);
+        Options {
+            namespace: Some(ns.to_string()),
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            leader_election: false,
+            lease_name: "sombrero-retention-test".into(),
+            controller_namespace: ns.to_string(),
+            identity: "retention-test".into(),
+            limits: Limits {
+                global: 1,
+                per_node: 1,
+            },
+            settings,
+            concurrency: 2,
+        }
+    }
+
+    async fn put_secret(client: &kube::Client, ns: &str, pve: &FakePve) {
+        let mut data = BTreeMap::new();
+        data.insert("url".to_string(), pve.url.clone());
+        data.insert("tokenId".to_string(), pve.token_id.clone());
+        data.insert("tokenSecret".to_string(), pve.token_secret.clone());
+        data.insert("caCert".to_string(), pve.ca_pem.clone());
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("pve".into()),
+                ..Default::default()
+            },
+            string_data: Some(data),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("create Secret");
+    }
+
+    async fn wait_for(
+        api: &Api<TemplateRetention>,
+        name: &str,
+        what: &str,
+        check: impl Fn(&TemplateRetention) -> bool,
+    ) -> TemplateRetention {
+        let start = Instant::now();
+        loop {
+            let tr = api.get(name).await.expect("get TemplateRetention");
+            if check(&tr) {
+                return tr;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                panic!("timed out waiting for {what}; status: {:#?}", tr.status);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    fn ready_reason(tr: &TemplateRetention) -> Option<(String, String)> {
+        let st = tr.status.as_ref()?;
+        let c = find_condition(&st.conditions, "Ready")?;
+        Some((c.status.clone(), c.reason.clone()))
+    }
+
+    #[tokio::test]
+    async fn controller_plans_dry_run_then_executes_with_events() {
+        let cp = control_plane();
+        cp.install_crds();
+        let client = cp.client().await;
+        let ns = cp.namespace(&client, "retention").await;
+        let pve = FakePve::start().await;
+        for (vmid, days) in [(1801, 200), (1802, 150), (1803, 100), (1804, 50)] {
+            add_template(&pve, vmid, days, T::default()).await;
+        }
+        add_template(
+            &pve,
+            1805,
+            10,
+            T {
+                latest: true,
+                ..T::default()
+            },
+        )
+        .await;
+        put_secret(&client, &ns, &pve).await;
+        let seq = last_seq(&pve).await;
+
+        let api: Api<TemplateRetention> = Api::namespaced(client.clone(), &ns);
+        let tr: TemplateRetention = serde_json::from_value(json!({
+            "apiVersion": "images.sombrero.dev/v1alpha1",
+            "kind": "TemplateRetention",
+            "metadata": {"name": "ubuntu"},
+            "spec": {
+                "target": {"tagSelector": [format!("sombrero.{NS}.{IMAGE}")]},
+                "proxmox": {"secretRef": {"name": "pve"}},
+                "archive": {"mode": "delete"},
+                "dryRun": true,
+                "interval": "1h",
+            }
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &tr)
+            .await
+            .expect("create");
+        // A policy pointing at a GoldenImage that does not exist: Stalled, with the field.
+        let missing: TemplateRetention = serde_json::from_value(json!({
+            "apiVersion": "images.sombrero.dev/v1alpha1",
+            "kind": "TemplateRetention",
+            "metadata": {"name": "missing"},
+            "spec": {"target": {"goldenImageRef": {"name": "nope"}}},
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &missing)
+            .await
+            .expect("create");
+
+        let handle = {
+            let client = client.clone();
+            let opts = options(&ns);
+            tokio::spawn(async move {
+                controller::run(client, opts, Arc::new(controller::engine::Engine)).await
+            })
+        };
+
+        let tr = wait_for(&api, "ubuntu", "the dry-run plan", |tr| {
+            ready_reason(tr).is_some_and(|(_, r)| r == "DryRun")
+        })
+        .await;
+        let st = tr.status.clone().unwrap();
+        assert_eq!(
+            st.target_description.as_deref(),
+            Some("tags: sombrero.platform.ubuntu")
+        );
+        assert!(st.planned_at.is_some());
+        assert_eq!(st.observed_generation, tr.metadata.generation);
+        let plan: Vec<(u32, &str, &str)> = st
+            .plan
+            .iter()
+            .map(|p| (p.vmid, p.action.as_str(), p.reason.as_str()))
+            .collect();
+        assert_eq!(
+            plan,
+            [
+                (1805, "keep", "current latest"),
+                (1804, "keep", "among the last 3"),
+                (1803, "keep", "among the last 3"),
+                (1802, "delete", "older than 90d and not among the last 3"),
+                (1801, "delete", "older than 90d and not among the last 3"),
+            ]
+        );
+        assert!(st.executed.is_empty());
+        assert!(
+            writes_since(&pve, seq).await.is_empty(),
+            "dry run wrote to Proxmox"
+        );
+
+        let missing = wait_for(&api, "missing", "Stalled", |tr| {
+            tr.status
+                .as_ref()
+                .and_then(|s| find_condition(&s.conditions, "Stalled"))
+                .is_some()
+        })
+        .await;
+        let stalled = find_condition(&missing.status.as_ref().unwrap().conditions, "Stalled")
+            .unwrap()
+            .clone();
+        assert_eq!(stalled.reason, "InvalidSpec");
+        assert!(
+            stalled.message.contains("target.goldenImageRef.name")
+                && stalled.message.contains("nope"),
+            "{}",
+            stalled.message
+        );
+
+        // Turn the dry run off: the two old templates go, with an Event each.
+        api.patch(
+            "ubuntu",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"dryRun": false}})),
+        )
+        .await
+        .expect("patch");
+        let tr = wait_for(&api, "ubuntu", "execution", |tr| {
+            tr.status.as_ref().is_some_and(|s| !s.executed.is_empty())
+                && ready_reason(tr).is_some_and(|(s, r)| s == "True" && r == "Executed")
+        })
+        .await;
+        let st = tr.status.unwrap();
+        let executed: Vec<(u32, &str, bool)> = st
+            .executed
+            .iter()
+            .map(|e| (e.vmid, e.action.as_str(), e.succeeded))
+            .collect();
+        assert_eq!(executed, [(1801, "delete", true), (1802, "delete", true)]);
+        assert!(find_condition(&st.conditions, "Reconciling").is_none());
+        let c = client_for(&pve);
+        for vmid in [1801, 1802] {
+            assert!(!exists(&c, &pve, vmid).await);
+        }
+        for vmid in [1803, 1804, 1805] {
+            assert!(exists(&c, &pve, vmid).await);
+        }
+        let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
+        let start = Instant::now();
+        loop {
+            let deleted: Vec<String> = events
+                .list(&ListParams::default())
+                .await
+                .expect("events")
+                .items
+                .into_iter()
+                .filter(|e| {
+                    e.reason.as_deref() == Some("Deleted")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("ubuntu")
+                })
+                .filter_map(|e| e.note)
+                .collect();
+            if deleted.len() >= 2 {
+                assert!(
+                    deleted
+                        .iter()
+                        .any(|n| n.starts_with("template 1801: deleted")),
+                    "{deleted:?}"
+                );
+                assert!(
+                    deleted
+                        .iter()
+                        .any(|n| n.starts_with("template 1802: deleted")),
+                    "{deleted:?}"
+                );
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "Events: {deleted:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        handle.abort();
+    }
+
+    fn client_for(pve: &FakePve) -> Client {
+        super::client(pve)
+    }
+}

@@ -28,6 +28,7 @@ pub mod inventory;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod retention;
 pub mod source;
 pub mod status;
 pub mod triggers;
@@ -115,7 +116,17 @@ pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> 
         failures: Mutex::new(HashMap::new()),
     });
 
-    let golden = golden_image_controller(client.clone(), &opts, gis, ctx);
+    retention::preflight(&client, opts.namespace.as_deref()).await?;
+    let retention = retention::controller(
+        client.clone(),
+        opts.namespace.as_deref(),
+        opts.concurrency,
+        ctx.clone(),
+    );
+    let golden = futures::future::join(
+        golden_image_controller(client.clone(), &opts, gis, ctx),
+        retention,
+    );
     let result = match lost {
         Some(lost) => {
             tokio::select! {

@@ -1,0 +1,504 @@
+//! The TemplateRetention reconciler: check the spec (the CRD's rules, `Stalled` when broken) ->
+//! resolve the target and the Proxmox connection (a `goldenImageRef` uses the image's
+//! connection; a `tagSelector` its own `spec.proxmox` or the controller's default) -> gather the
+//! templates and what protects them (`crate::retention::gather`) -> plan -> write the plan into
+//! status -> execute unless `dryRun` (an Event per archive and delete) -> status -> requeue after
+//! `spec.interval`.
+//!
+//! Failed actions leave `Ready=False` (`ActionsFailed`) with `Reconciling=True` and are retried
+//! after at most five minutes; the plan re-checks everything, so a retry never repeats a done
+//! action. Cost per run: see `crate::retention::inventory` (1 + templates requests when nothing
+//! is due).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::{Controller, controller, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::connection::{self, Connection, DefaultConnection};
+use super::context::Context;
+use super::error::{Error, Result};
+use super::status::{self, Cond, Verdict};
+use crate::api::GoldenImage;
+use crate::api::common::{ConditionStatus, find_condition};
+use crate::api::template_retention::{
+    ExecutedAction, PlannedAction, TemplateRetention, TemplateRetentionStatus,
+};
+use crate::proxmox;
+use crate::retention::{self, Plan, Policy, Target};
+
+const KIND: &str = "TemplateRetention";
+/// Retry delay after failed actions (capped by `spec.interval`).
+const RETRY_FAILED: Duration = Duration::from_secs(300);
+
+fn key_of(tr: &TemplateRetention) -> String {
+    format!("{}/{}", tr.namespace().unwrap_or_default(), tr.name_any())
+}
+
+/// The TemplateRetention controller as a future (ends on a shutdown signal).
+pub fn controller(
+    client: kube::Client,
+    namespace: Option<&str>,
+    concurrency: u16,
+    ctx: Arc<Context>,
+) -> impl std::future::Future<Output = ()> {
+    let trs: Api<TemplateRetention> = match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    // Our own status writes wake the controller too; `not_due` turns those into a requeue.
+    Controller::new(trs, watcher::Config::default().any_semantic())
+        .with_config(controller::Config::default().concurrency(concurrency))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "retention controller event");
+            }
+        })
+}
+
+/// Checks that TemplateRetentions can be listed (CRD installed, RBAC).
+pub async fn preflight(client: &kube::Client, namespace: Option<&str>) -> Result<(), String> {
+    let api: Api<TemplateRetention> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    api.list(&ListParams::default().limit(1))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("cannot list TemplateRetentions ({e}); install the CRDs with `sombrero crd | kubectl apply -f -` and check the RBAC"))
+}
+
+#[tracing::instrument(skip(tr, ctx), fields(object = %key_of(&tr)))]
+pub async fn reconcile(tr: Arc<TemplateRetention>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    match apply(&tr, &ctx).await {
+        Ok(action) => {
+            ctx.reset_backoff(&key_of(&tr));
+            Ok(action)
+        }
+        Err(e) => {
+            report_error(&tr, &ctx, &e).await;
+            Err(e)
+        }
+    }
+}
+
+pub fn error_policy(tr: Arc<TemplateRetention>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(KIND, error.category());
+    if error.is_stalled() {
+        Action::requeue(Duration::from_secs(300))
+    } else {
+        Action::requeue(ctx.backoff(&key_of(&tr)))
+    }
+}
+
+/// `spec.keepLast: must be ...` -> InvalidSpec { field: "keepLast", message }.
+fn spec_error(problems: &[String]) -> Error {
+    let first = problems.first().cloned().unwrap_or_default();
+    let (field, _) = first.split_once(": ").unwrap_or(("spec", ""));
+    let field = field.strip_prefix("spec.").unwrap_or("");
+    let message = problems
+        .iter()
+        .map(|p| p.split_once(": ").map_or(p.as_str(), |(_, m)| m))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Error::invalid_spec(field, message)
+}
+
+async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
+    let ns = tr.namespace().unwrap_or_default();
+    let policy = Policy::from_spec(&ns, &tr.spec).map_err(|p| spec_error(&p))?;
+    if let Some(wait) = not_due(tr, &policy, Utc::now()) {
+        return Ok(Action::requeue(wait));
+    }
+    let conn = resolve_connection(ctx, tr, &policy.target).await?;
+    let client = proxmox::Client::new(conn.config).map_err(Error::Proxmox)?;
+    let inventory = retention::gather(&client, &policy.target).await?;
+    let plan = retention::plan(&inventory.versions, &policy.rules, policy.mode, Utc::now());
+
+    let mut st = tr.status.clone().unwrap_or_default();
+    st.observed_generation = tr.metadata.generation;
+    st.target_description = Some(policy.target.to_string());
+    st.plan = planned(&plan);
+    st.planned_at = Some(status::time(Utc::now()));
+    let removals = plan.removals().count();
+    let summary = summary(&plan);
+
+    if policy.dry_run || removals == 0 {
+        let (reason, message) = if policy.dry_run && removals > 0 {
+            ("DryRun", format!("dry run: {summary}; nothing was changed"))
+        } else {
+            ("UpToDate", format!("{summary}; nothing to do"))
+        };
+        set_conditions(tr, &mut st, ready(reason, &message), None);
+        write_status(ctx, tr, &st).await?;
+        return Ok(Action::requeue(policy.interval));
+    }
+
+    // Show the plan before the (possibly long) backups run.
+    set_conditions(
+        tr,
+        &mut st,
+        Cond::new(ConditionStatus::False, "Executing", summary.clone()),
+        Some(("Executing".into(), format!("executing: {summary}"))),
+    );
+    write_status(ctx, tr, &st).await?;
+
+    let progress = |line: &str| info!("{line}");
+    let executed = retention::execute(
+        &client,
+        &plan,
+        policy.backup_storage.as_deref(),
+        false,
+        &progress,
+    )
+    .await;
+    for r in &executed {
+        publish(ctx, tr, r).await;
+    }
+    let failed: Vec<&ExecutedAction> = executed.iter().filter(|r| !r.succeeded).collect();
+    st.executed = executed.clone();
+    let requeue = if failed.is_empty() {
+        set_conditions(
+            tr,
+            &mut st,
+            ready("Executed", &format!("{summary}; all done")),
+            None,
+        );
+        policy.interval
+    } else {
+        let message = format!(
+            "{} of {} actions failed: {}",
+            failed.len(),
+            executed.len(),
+            failed
+                .iter()
+                .map(|r| format!("{}: {}", r.vmid, r.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        set_conditions(
+            tr,
+            &mut st,
+            Cond::new(ConditionStatus::False, "ActionsFailed", message.clone()),
+            Some(("RetryingFailedActions".into(), message)),
+        );
+        policy.interval.min(RETRY_FAILED)
+    };
+    write_status(ctx, tr, &st).await?;
+    Ok(Action::requeue(requeue))
+}
+
+/// `Some(time left)` when this generation was planned less than `spec.interval` ago (five
+/// minutes after failed actions): a wake-up by our own status write, not a reason to run.
+fn not_due(
+    tr: &TemplateRetention,
+    policy: &Policy,
+    now: chrono::DateTime<Utc>,
+) -> Option<Duration> {
+    let st = tr.status.as_ref()?;
+    if st.observed_generation != tr.metadata.generation || tr.metadata.generation.is_none() {
+        return None;
+    }
+    let planned = st.planned_at.as_ref()?.0.as_second();
+    let ready = find_condition(&st.conditions, "Ready")?;
+    let period = match ready.reason.as_str() {
+        // Errors are retried by the error policy; a run cut short by a restart resumes now.
+        "ActionsFailed" => policy.interval.min(RETRY_FAILED),
+        "Executing" => return None,
+        _ if ready.status != "True" => return None,
+        _ => policy.interval,
+    };
+    let age = u64::try_from(now.timestamp().checked_sub(planned)?).ok()?;
+    let left = period.as_secs().checked_sub(age)?;
+    (left > 0).then(|| Duration::from_secs(left))
+}
+
+fn ready(reason: &str, message: &str) -> Cond {
+    Cond::new(ConditionStatus::True, reason, message)
+}
+
+fn set_conditions(
+    tr: &TemplateRetention,
+    st: &mut TemplateRetentionStatus,
+    ready: Cond,
+    reconciling: Option<(String, String)>,
+) {
+    let verdict = Verdict {
+        ready,
+        reconciling,
+        stalled: None,
+        validated: None,
+        up_to_date: None,
+    };
+    status::apply(
+        &mut st.conditions,
+        &verdict,
+        tr.metadata.generation,
+        Utc::now(),
+    );
+}
+
+/// e.g. "5 templates: 3 keep, 2 archive".
+fn summary(plan: &Plan) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for d in &plan.decisions {
+        *counts.entry(d.action.to_string()).or_default() += 1;
+    }
+    let parts: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();
+    format!(
+        "{} templates: {}",
+        plan.decisions.len(),
+        if parts.is_empty() {
+            "none".to_string()
+        } else {
+            parts.join(", ")
+        }
+    )
+}
+
+fn planned(plan: &Plan) -> Vec<PlannedAction> {
+    plan.decisions
+        .iter()
+        .map(|d| PlannedAction {
+            vmid: d.vmid,
+            name: d.name.clone(),
+            action: d.action.to_string(),
+            reason: d.reason.describe(),
+        })
+        .collect()
+}
+
+/// The connection for the target: the GoldenImage's for `goldenImageRef`, else `spec.proxmox`
+/// or the controller's default.
+async fn resolve_connection(
+    ctx: &Context,
+    tr: &TemplateRetention,
+    target: &Target,
+) -> Result<Connection> {
+    let ns = tr.namespace().unwrap_or_default();
+    let default = &ctx.settings.default_connection;
+    if let Target::Image { name, .. } = target {
+        let gis: Api<GoldenImage> = Api::namespaced(ctx.client.clone(), &ns);
+        let Some(gi) = gis.get_opt(name).await? else {
+            return Err(Error::invalid_spec(
+                "target.goldenImageRef.name",
+                format!("GoldenImage {ns}/{name} does not exist; create it or fix the name"),
+            ));
+        };
+        return connection::resolve(&ctx.client, default, &gi).await;
+    }
+    if let Some(p) = &tr.spec.proxmox {
+        let data = secret_data(&ctx.client, &ns, &p.secret_ref.name).await?;
+        let config = connection::config_from_secret(
+            &data,
+            &format!("{ns}/{}", p.secret_ref.name),
+            p.insecure_skip_tls_verify,
+        )?;
+        return Ok(Connection::new(config));
+    }
+    match default {
+        DefaultConnection::Secret { namespace, name } => {
+            let data = secret_data(&ctx.client, namespace, name).await?;
+            let config = connection::config_from_secret(&data, &format!("{namespace}/{name}"), false)?;
+            Ok(Connection::new(config))
+        }
+        DefaultConnection::Env(config) => Ok(Connection::new(config.clone())),
+        DefaultConnection::None => Err(Error::Connection(
+            "no Proxmox connection: set spec.proxmox.secretRef, or start the controller with --proxmox-secret or the PROXMOX_* environment".into(),
+        )),
+    }
+}
+
+async fn secret_data(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<BTreeMap<String, String>> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let Some(secret) = api.get_opt(name).await? else {
+        return Err(Error::Connection(format!(
+            "Secret {namespace}/{name} does not exist; create it with keys url, tokenId, tokenSecret (and caCert or fingerprint)"
+        )));
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in secret.data.unwrap_or_default() {
+        if let Ok(s) = String::from_utf8(v.0) {
+            out.insert(k, s);
+        }
+    }
+    out.extend(secret.string_data.unwrap_or_default());
+    Ok(out)
+}
+
+/// An Event for one archive or delete.
+async fn publish(ctx: &Context, tr: &TemplateRetention, r: &ExecutedAction) {
+    let (type_, reason) = match (r.action.as_str(), r.succeeded) {
+        ("archive", true) => (EventType::Normal, "Archived"),
+        ("archive", false) => (EventType::Warning, "ArchiveFailed"),
+        (_, true) => (EventType::Normal, "Deleted"),
+        (_, false) => (EventType::Warning, "DeleteFailed"),
+    };
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(
+            format!("template {}: {}", r.vmid, r.message)
+                .chars()
+                .take(1000)
+                .collect(),
+        ),
+        action: if r.action == "archive" {
+            "Archive".into()
+        } else {
+            "Delete".into()
+        },
+        // The recorder folds Events with the same reason and objects into one series: naming
+        // the template as the related object keeps one Event (and its note) per template.
+        secondary: Some(ObjectReference {
+            kind: Some("ProxmoxTemplate".into()),
+            name: Some(r.vmid.to_string()),
+            ..Default::default()
+        }),
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &tr.object_ref(&())).await {
+        warn!(error = %e, reason, "cannot publish Event");
+    }
+}
+
+async fn report_error(tr: &TemplateRetention, ctx: &Context, e: &Error) {
+    warn!(category = e.category(), error = %e, "retention reconcile failed");
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: e.reason().into(),
+        note: Some(e.message().chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&ev, &tr.object_ref(&())).await {
+        warn!(error = %err, "cannot publish Event");
+    }
+    let mut st = tr.status.clone().unwrap_or_default();
+    let pair = Some((e.reason().to_string(), e.message()));
+    // A transient error keeps the last Ready verdict; a stalled one says why it cannot proceed.
+    let ready = match find_condition(&st.conditions, "Ready") {
+        Some(c) if !e.is_stalled() => Cond {
+            status: if c.status == "True" {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            },
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        },
+        _ => Cond::new(ConditionStatus::False, e.reason(), e.message()),
+    };
+    let verdict = Verdict {
+        ready,
+        reconciling: if e.is_stalled() { None } else { pair.clone() },
+        stalled: if e.is_stalled() { pair } else { None },
+        validated: None,
+        up_to_date: None,
+    };
+    status::apply(
+        &mut st.conditions,
+        &verdict,
+        tr.metadata.generation,
+        Utc::now(),
+    );
+    st.observed_generation = tr.metadata.generation;
+    if let Err(err) = write_status(ctx, tr, &st).await {
+        warn!(error = %err, "cannot write status");
+    }
+}
+
+async fn write_status(
+    ctx: &Context,
+    tr: &TemplateRetention,
+    st: &TemplateRetentionStatus,
+) -> Result<()> {
+    if tr.status.as_ref() == Some(st) {
+        return Ok(());
+    }
+    let api: Api<TemplateRetention> =
+        Api::namespaced(ctx.client.clone(), &tr.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": format!("{}/{}", crate::api::GROUP, crate::api::VERSION),
+        "kind": KIND,
+        "status": st,
+    });
+    api.patch_status(
+        &tr.name_any(),
+        &PatchParams::apply(&ctx.settings.manager).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retention::{Action as PlanAction, ArchiveMode, Decision, Reason};
+
+    #[test]
+    fn spec_errors_name_the_field() {
+        let e = spec_error(&[
+            "spec.keepLast: 0 must be greater than or equal to 1".into(),
+            "spec.archiveAfter: bad".into(),
+        ]);
+        assert_eq!(
+            e.to_string(),
+            "spec.keepLast: 0 must be greater than or equal to 1; bad"
+        );
+        assert!(e.is_stalled());
+    }
+
+    #[test]
+    fn plan_into_status() {
+        let plan = Plan {
+            mode: ArchiveMode::Tag,
+            decisions: vec![
+                Decision {
+                    vmid: 1,
+                    name: "a".into(),
+                    node: "pve1".into(),
+                    action: PlanAction::Keep,
+                    reason: Reason::CurrentLatest,
+                },
+                Decision {
+                    vmid: 2,
+                    name: "b".into(),
+                    node: "pve1".into(),
+                    action: PlanAction::Archive,
+                    reason: Reason::Protected,
+                },
+            ],
+        };
+        assert_eq!(summary(&plan), "2 templates: 1 archive, 1 keep");
+        let p = planned(&plan);
+        assert_eq!(
+            (p[0].action.as_str(), p[0].reason.as_str()),
+            ("keep", "current latest")
+        );
+        assert_eq!(
+            summary(&Plan {
+                mode: ArchiveMode::Tag,
+                decisions: vec![]
+            }),
+            "0 templates: none"
+        );
+    }
+}
