@@ -4,9 +4,9 @@
 use chrono::NaiveDate;
 
 use super::error::BuildError;
-use crate::image::marker::{Marker, Owner, Role, parse_description};
+use crate::image::marker::{Marker, Owner, Role, ValidationRecord, parse_description};
 use crate::image::naming::NameTemplate;
-use crate::image::tags::image_tag;
+use crate::image::tags::{TagSet, image_tag};
 use crate::proxmox::{Client, VmConfig};
 
 /// One VM with the image's tag.
@@ -31,6 +31,62 @@ impl TaggedVm {
     pub fn is_our_build(&self, owner: &Owner) -> bool {
         self.owned_by(owner) && self.marker.as_ref().is_some_and(|m| m.role == Role::Build)
     }
+
+    /// A finished template of this owner: role `template` for this VMID, converted.
+    pub fn is_our_template(&self, owner: &Owner) -> bool {
+        self.config.template
+            && self.owned_by(owner)
+            && self
+                .marker
+                .as_ref()
+                .is_some_and(|m| m.role == Role::Template)
+    }
+
+    fn tags(&self) -> TagSet {
+        TagSet::parse(self.config.tags.as_deref().unwrap_or(""))
+    }
+}
+
+/// The template a previous run of this very build (same build id, same spec hash) already
+/// finished: the process died after `Finalize`, before validation or promotion were recorded.
+pub fn finished_build<'a>(
+    vms: &'a [TaggedVm],
+    owner: &Owner,
+    build_id: &str,
+    spec_hash: &str,
+) -> Option<(&'a TaggedVm, &'a Marker)> {
+    newest(vms.iter().filter(|v| {
+        v.is_our_template(owner)
+            && v.marker
+                .as_ref()
+                .is_some_and(|m| m.build_id == build_id && m.metadata.spec_hash == spec_hash)
+    }))
+}
+
+/// An unvalidated template of the current spec: validation `pending`, not promoted (no channel
+/// tag: with validation disabled a promoted template stays `pending`), not archived. It is the
+/// build in flight whose outcome was lost, not something to build again.
+pub fn unvalidated_template<'a>(
+    vms: &'a [TaggedVm],
+    owner: &Owner,
+    spec_hash: &str,
+) -> Option<(&'a TaggedVm, &'a Marker)> {
+    newest(vms.iter().filter(|v| {
+        let tags = v.tags();
+        v.is_our_template(owner)
+            && !tags.is_latest()
+            && !tags.is_archived()
+            && v.marker.as_ref().is_some_and(|m| {
+                m.metadata.spec_hash == spec_hash
+                    && m.metadata.validation == ValidationRecord::Pending
+            })
+    }))
+}
+
+/// By build date, number, VMID; with the marker (VMs without one never qualify).
+fn newest<'a>(vms: impl Iterator<Item = &'a TaggedVm>) -> Option<(&'a TaggedVm, &'a Marker)> {
+    vms.filter_map(|v| Some((v, v.marker.as_ref()?)))
+        .max_by_key(|(v, m)| (m.metadata.build_date, m.metadata.build_number, v.vmid))
 }
 
 /// Lists the VMs tagged for this owner's image and reads their configs (one list + one config
@@ -85,4 +141,78 @@ pub fn used_numbers(
         }
     }
     used
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::marker::tests::sample_marker;
+
+    fn vm(vmid: u32, template: bool, tags: &str, edit: impl FnOnce(&mut Marker)) -> TaggedVm {
+        let mut m = sample_marker();
+        m.vmid = vmid;
+        m.metadata.validation = ValidationRecord::Pending;
+        edit(&mut m);
+        TaggedVm {
+            vmid,
+            node: "pve1".into(),
+            name: m.metadata.name.clone(),
+            running: false,
+            config: VmConfig {
+                template,
+                tags: Some(tags.into()),
+                ..Default::default()
+            },
+            marker: Some(m),
+        }
+    }
+
+    #[test]
+    fn finds_the_finished_template_of_a_build() {
+        let owner = sample_marker().owner;
+        let id = sample_marker().build_id;
+        let hash = sample_marker().metadata.spec_hash;
+        let vms = vec![
+            // Another build of the same spec.
+            vm(100, true, "sombrero", |m| m.build_id = "b-other".into()),
+            // Still a build VM.
+            vm(101, false, "sombrero", |m| m.role = Role::Build),
+            // A consumer's clone carrying a copy of the marker.
+            vm(102, true, "sombrero", |m| m.vmid = 999),
+            // Another owner.
+            vm(103, true, "sombrero", |m| {
+                m.owner.uid = "someone-else".into()
+            }),
+            vm(104, true, "sombrero", |m| {
+                m.metadata.validation = ValidationRecord::Failed {
+                    at: chrono::Utc::now(),
+                    reason: "x".into(),
+                }
+            }),
+        ];
+        assert_eq!(
+            finished_build(&vms, &owner, &id, &hash).map(|(v, _)| v.vmid),
+            Some(104)
+        );
+        assert!(finished_build(&vms, &owner, &id, "other-hash").is_none());
+        assert!(finished_build(&vms[..4], &owner, &id, &hash).is_none());
+        // Without the build id: the newest pending, unpromoted template of the spec.
+        assert_eq!(
+            unvalidated_template(&vms, &owner, &hash).map(|(v, _)| v.vmid),
+            Some(100)
+        );
+        let promoted = vec![vm(105, true, "sombrero;sombrero-latest", |_| {})];
+        assert!(unvalidated_template(&promoted, &owner, &hash).is_none());
+        let archived = vec![vm(106, true, "sombrero;archived", |_| {})];
+        assert!(unvalidated_template(&archived, &owner, &hash).is_none());
+        let two = vec![
+            vm(107, true, "sombrero", |m| m.metadata.build_number = 2),
+            vm(108, true, "sombrero", |_| {}),
+        ];
+        assert_eq!(
+            unvalidated_template(&two, &owner, &hash).map(|(v, _)| v.vmid),
+            Some(107)
+        );
+        assert!(unvalidated_template(&two, &owner, "other-hash").is_none());
+    }
 }

@@ -11,10 +11,16 @@
 //!
 //! - The controller calls [`run_build`] from its reconciler and writes [`Progress`] into
 //!   `status.build`; `sombrero build -f image.yaml` prints it on stderr.
-//! - [`run_build`] **resumes**: it first looks for a build VM (or an unfinished template) of
-//!   this owner: a VM whose marker is written for its own VMID, role `build`, same owner uid. With
-//!   the same spec hash it continues from the stage its marker records (same VMID, same build
-//!   number, no second VM); with another spec hash it destroys it and starts over.
+//! - [`run_build`] **resumes**, never building twice:
+//!   1. a template of this owner (marker written for its own VMID, role `template`) with the
+//!      request's build id and spec hash is the finished build: its [`BuildOutcome`] is
+//!      answered from the marker (manifest, checksum, validation) and nothing is touched;
+//!   2. else a build VM of this owner (role `build`): with the same spec hash it continues from
+//!      the stage its marker records (same VMID, same build number, no second VM); with another
+//!      spec hash it is destroyed;
+//!   3. else an unvalidated template of the same spec hash (validation `pending`, no channel
+//!      tag, not archived) is the build in flight whose outcome was lost: answered like 1;
+//!   4. else a new build.
 //! - [`cleanup_abandoned_builds`] destroys every build VM of an owner (finalizer, cleanup).
 //! - The template it leaves is not validated (`ValidationRecord::Pending`, no `validated` tag);
 //!   validation and promotion are `crate::validate`'s and the controller's job.
@@ -40,7 +46,8 @@
 //! 5. `Convert`: the `template` endpoint (never `template=1` in the config).
 //! 6. `Finalize`: role `template`, final tags and the description block with the seed's
 //!    metadata (os, type, builder, builder version, build date and number, source, spec hash,
-//!    package manifest digest).
+//!    package manifest digest) and the package manifest itself, gzip + base64 (names only when
+//!    the versions do not fit the 8 KiB notes; see `crate::image::marker::BuildProgress`).
 //!
 //! The name is `{os}-{type}-{YYYYMMDD}-{NNN}` (or `spec.nameTemplate`); the build number is the
 //! highest existing for this image and day + 1, reserved from the start by the build VM's marker
@@ -69,7 +76,7 @@ use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
 use crate::api::GoldenImageSpec;
-use crate::image::marker::Owner;
+use crate::image::marker::{Owner, ValidationRecord};
 
 pub use error::{BuildError, ErrorCategory};
 pub use pipeline::{cleanup_abandoned_builds, run_build};
@@ -101,8 +108,13 @@ pub struct BuildOutcome {
     /// `sha256:<hex>` of the cloud image (`None` for a template source).
     pub source_checksum: Option<String>,
     pub spec_hash: String,
-    /// `name=version` of every installed package, sorted (the drift baseline).
+    /// `name=version` of every installed package, sorted (the drift baseline). For a template
+    /// a previous run finished, what its marker keeps (names only for a very long list).
     pub package_manifest: Vec<String>,
+    /// The template's validation as its marker records it: `Pending` for a new build; a
+    /// template a previous run of the same build finished may be validated already.
+    #[serde(default)]
+    pub validation: ValidationRecord,
     /// Duration of each stage run by this call (a resumed build lists only what it ran).
     pub stages: Vec<StageTiming>,
 }

@@ -15,8 +15,8 @@ use super::{BuildOutcome, BuildRequest, Progress, Stage, StageTiming, Timeouts};
 use crate::api::GoldenImageSpec;
 use crate::api::golden_image::ProvisioningChannel;
 use crate::image::marker::{
-    BUILDER, BuildProgress, MARKER_SCHEMA_VERSION, Marker, MarkerError, Owner, Role,
-    TemplateMetadata, ValidationRecord, render_description,
+    BUILDER, BuildProgress, MARKER_SCHEMA_VERSION, Marker, MarkerError, Owner, Role, SourceInfo,
+    TemplateMetadata, ValidationRecord, render_description, render_description_fitting,
 };
 use crate::image::naming::{NameTemplate, next_build_number};
 use crate::image::spec_hash::spec_hash;
@@ -47,6 +47,15 @@ pub async fn run_build_with(
     let hash = spec_hash(spec)
         .map_err(|e| BuildError::invalid_spec(e.to_string(), "the spec must serialize to JSON"))?;
     let vms = inventory::scan(client, &req.owner).await?;
+    // Finished already: the process died after Finalize, before the outcome was recorded.
+    if let Some((done, marker)) = inventory::finished_build(&vms, &req.owner, &req.build_id, &hash)
+    {
+        progress.message(&format!(
+            "build {} already finished: template {} (VM {})",
+            req.build_id, done.name, done.vmid
+        ));
+        return Ok(finished_outcome(done, marker, progress));
+    }
     let mut resume: Option<TaggedVm> = None;
     for vm in vms.iter().filter(|v| v.is_our_build(&req.owner)) {
         let same_spec = vm
@@ -72,12 +81,24 @@ pub async fn run_build_with(
         timeouts,
         timings: Vec::new(),
     };
-    let mut state = match resume {
-        Some(vm) => match run.resume_state(vm).await? {
-            Some(s) => s,
-            None => run.start(req, &names, &hash).await?,
-        },
-        None => run.start(req, &names, &hash).await?,
+    let resumed = match resume {
+        Some(vm) => run.resume_state(vm).await?,
+        None => None,
+    };
+    let mut state = match resumed {
+        Some(s) => s,
+        None => {
+            // No build VM to continue: an unvalidated template of this spec is the build in
+            // flight whose outcome was lost (e.g. status.build too), not something to redo.
+            if let Some((t, marker)) = inventory::unvalidated_template(&vms, &req.owner, &hash) {
+                progress.message(&format!(
+                    "template {} (VM {}) of this spec is built but not validated yet: using it",
+                    t.name, t.vmid
+                ));
+                return Ok(finished_outcome(t, marker, progress));
+            }
+            run.start(req, &names, &hash).await?
+        }
     };
     let result = run.continue_build(&mut state).await;
     match result {
@@ -97,6 +118,41 @@ pub async fn run_build_with(
             }
             Err(err)
         }
+    }
+}
+
+/// The outcome of a template a previous run finished, from its marker and config; nothing is
+/// changed on it.
+fn finished_outcome(vm: &TaggedVm, marker: &Marker, progress: &dyn Progress) -> BuildOutcome {
+    let m = &marker.metadata;
+    BuildOutcome {
+        vmid: vm.vmid,
+        name: m.name.clone(),
+        node: vm.node.clone(),
+        build_date: m.build_date,
+        build_number: m.build_number,
+        size_bytes: boot_disk(&vm.config).and_then(|(_, s)| s).unwrap_or(0),
+        source_checksum: cloud_image_checksum(marker),
+        spec_hash: m.spec_hash.clone(),
+        package_manifest: recorded_manifest(marker, progress),
+        validation: m.validation.clone(),
+        stages: Vec::new(),
+    }
+}
+
+/// The manifest the marker records; an unreadable one (notes edited by hand) counts as none,
+/// which validation's `packageDrift` reports.
+fn recorded_manifest(marker: &Marker, progress: &dyn Progress) -> Vec<String> {
+    marker.package_manifest().unwrap_or_else(|e| {
+        progress.message(&format!("{e}; continuing without a package baseline"));
+        Vec::new()
+    })
+}
+
+fn cloud_image_checksum(marker: &Marker) -> Option<String> {
+    match &marker.metadata.source {
+        Some(SourceInfo::CloudImage { checksum, .. }) => checksum.clone(),
+        _ => None,
     }
 }
 
@@ -198,10 +254,7 @@ impl Run<'_> {
             "resuming build {} in VM {} after stage {done}",
             marker.metadata.name, vm.vmid
         ));
-        let source_checksum = match &marker.metadata.source {
-            Some(crate::image::marker::SourceInfo::CloudImage { checksum, .. }) => checksum.clone(),
-            _ => None,
-        };
+        let source_checksum = cloud_image_checksum(&marker);
         Ok(Some(State {
             vmid: vm.vmid,
             node: vm.node,
@@ -263,7 +316,7 @@ impl Run<'_> {
             },
             build: Some(BuildProgress {
                 stage: Stage::Source.as_str().into(),
-                packages: Vec::new(),
+                ..Default::default()
             }),
         };
         self.progress.message(&format!("creating build VM {name}"));
@@ -435,7 +488,7 @@ impl Run<'_> {
         progress.stage = done.as_str().into();
         if let Some(p) = packages {
             marker.metadata.package_manifest_digest = Some(commands::manifest_digest(&p));
-            progress.packages = p;
+            progress.set_packages(&p);
         }
         marker.build = Some(progress);
         let current = self
@@ -444,17 +497,7 @@ impl Run<'_> {
             .await
             .map_err(self.pve(done, "read VM config"))?;
         let existing = current.description.unwrap_or_default();
-        let description = match render_description(&existing, &marker) {
-            Ok(d) => d,
-            // The manifest does not fit the 8 KiB description: keep its digest only.
-            Err(MarkerError::TooLong { .. }) => {
-                if let Some(b) = marker.build.as_mut() {
-                    b.packages.clear();
-                }
-                describe(&marker, &existing)?
-            }
-            Err(e) => return Err(marker_error(e)),
-        };
+        let description = describe_fitting(&mut marker, &existing)?;
         self.client
             .update_vm_config(
                 &state.node,
@@ -474,12 +517,7 @@ impl Run<'_> {
             self.finish_create(state).await?;
             self.end(Stage::CreateVm, t);
         }
-        let mut packages = state
-            .marker
-            .build
-            .as_ref()
-            .map(|b| b.packages.clone())
-            .unwrap_or_default();
+        let mut packages = recorded_manifest(&state.marker, self.progress);
         if state.done < Stage::Provision {
             let t = self.begin(Stage::Provision);
             packages = self.provision(state).await?;
@@ -530,6 +568,7 @@ impl Run<'_> {
             source_checksum: state.source_checksum.clone(),
             spec_hash: m.spec_hash.clone(),
             package_manifest: packages,
+            validation: m.validation.clone(),
             stages: std::mem::take(&mut self.timings),
         })
     }
@@ -761,16 +800,7 @@ impl Run<'_> {
             b.stage = Stage::Finalize.as_str().into();
         }
         let existing = config.description.clone().unwrap_or_default();
-        let description = match render_description(&existing, &marker) {
-            Ok(d) => d,
-            Err(MarkerError::TooLong { .. }) => {
-                if let Some(b) = marker.build.as_mut() {
-                    b.packages.clear();
-                }
-                describe(&marker, &existing)?
-            }
-            Err(e) => return Err(marker_error(e).at(stage)),
-        };
+        let description = describe_fitting(&mut marker, &existing).map_err(|e| e.at(stage))?;
         let mut update = ConfigUpdate::new(
             QemuConfig::new()
                 .name(&marker.metadata.name)
@@ -801,6 +831,12 @@ fn marker_error(e: MarkerError) -> BuildError {
 
 fn describe(marker: &Marker, existing: &str) -> Result<String, BuildError> {
     render_description(existing, marker).map_err(marker_error)
+}
+
+/// The description with as much of the package manifest as fits (see
+/// [`render_description_fitting`]); `marker` becomes what is written.
+fn describe_fitting(marker: &mut Marker, existing: &str) -> Result<String, BuildError> {
+    render_description_fitting(existing, marker).map_err(marker_error)
 }
 
 fn tags_of(marker: &Marker) -> Result<Vec<String>, BuildError> {

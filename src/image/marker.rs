@@ -51,6 +51,8 @@ pub enum MarkerError {
         "the description would be {len} bytes, Proxmox allows at most {MAX_DESCRIPTION_LEN}: shorten the notes outside the sombrero block"
     )]
     TooLong { len: usize },
+    #[error("the package manifest in the sombrero block cannot be read: {message}")]
+    InvalidManifest { message: String },
 }
 
 /// What a marked VM is for.
@@ -138,15 +140,104 @@ pub struct TemplateMetadata {
 }
 
 /// Progress of a build (`crate::build`), kept in the build VM's marker so an interrupted build
-/// resumes where it stopped.
+/// resumes where it stopped; on the template it keeps the package manifest (the baseline of
+/// validation's `packageDrift`).
+///
+/// The manifest is stored compressed ([`BuildProgress::set_packages`], read with
+/// [`BuildProgress::packages`]): ~600 `name=version` lines are 15–17 KB of text, 6.9–7.3 KB
+/// as gzip + base64, right at the 8 KiB description limit next to the rest of the marker
+/// (~1 KB). [`render_description_fitting`] then keeps names only (~3.5 KB: the drift baseline,
+/// which compares names), and drops the list only when even that does not fit next to the
+/// user's notes; `metadata.package_manifest_digest` (over the full list) always stays.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildProgress {
     /// The last build stage that finished (`crate::build::Stage` names: `CreateVm`, `Provision`, ...).
     pub stage: String,
-    /// The package manifest (`name=version`) once provisioning recorded it; also kept on the
-    /// template when the description has room (else only `metadata.package_manifest_digest`).
+    /// The manifest in plain text, as markers written before the compressed form hold it.
+    /// Read by [`BuildProgress::packages`]; new markers leave it empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,
+    /// The manifest lines (`name=version`, or names only when that did not fit) joined with
+    /// `\n`, gzip-compressed, standard base64 with padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages_gz: Option<String>,
+}
+
+/// Largest decompressed manifest accepted (a real one is ~20 KB): a crafted description must
+/// not make us allocate without bound.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+impl BuildProgress {
+    /// Stores `manifest` compressed (an empty one clears it).
+    pub fn set_packages(&mut self, manifest: &[String]) {
+        self.packages.clear();
+        self.packages_gz = (!manifest.is_empty()).then(|| pack_lines(manifest));
+    }
+
+    /// The recorded manifest, decoded; empty when none was recorded. An error when the stored
+    /// value is not gzip + base64 (someone edited the notes).
+    pub fn packages(&self) -> Result<Vec<String>, MarkerError> {
+        match &self.packages_gz {
+            Some(packed) => unpack_lines(packed),
+            None => Ok(self.packages.clone()),
+        }
+    }
+
+    pub fn has_packages(&self) -> bool {
+        self.packages_gz.is_some() || !self.packages.is_empty()
+    }
+
+    pub fn clear_packages(&mut self) {
+        self.packages.clear();
+        self.packages_gz = None;
+    }
+
+    /// Keeps only the package names (enough for drift, which compares names).
+    fn reduce_to_names(&mut self) -> Result<(), MarkerError> {
+        let names: Vec<String> = self
+            .packages()?
+            .iter()
+            .map(|l| l.split_once('=').map_or(l.as_str(), |(n, _)| n).to_string())
+            .collect();
+        self.set_packages(&names);
+        Ok(())
+    }
+}
+
+fn pack_lines(lines: &[String]) -> String {
+    use base64::Engine as _;
+    use flate2::{Compression, write::GzEncoder};
+    use std::io::Write as _;
+    let mut gz = GzEncoder::new(Vec::new(), Compression::best());
+    // Writing into a Vec cannot fail.
+    let _ = gz.write_all(lines.join("\n").as_bytes());
+    let bytes = gz.finish().unwrap_or_default();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unpack_lines(packed: &str) -> Result<Vec<String>, MarkerError> {
+    use base64::Engine as _;
+    use std::io::Read as _;
+    let invalid = |why: String| MarkerError::InvalidManifest { message: why };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(packed.trim())
+        .map_err(|e| invalid(format!("not base64: {e}")))?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(bytes.as_slice())
+        .take(MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| invalid(format!("not gzip-compressed UTF-8: {e}")))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(invalid(format!(
+            "larger than {MAX_MANIFEST_BYTES} bytes decompressed"
+        )));
+    }
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
 }
 
 /// The whole marker block.
@@ -172,6 +263,13 @@ impl Marker {
             vmid,
             ..self.clone()
         }
+    }
+
+    /// The recorded package manifest, decoded (empty when none was recorded).
+    pub fn package_manifest(&self) -> Result<Vec<String>, MarkerError> {
+        self.build
+            .as_ref()
+            .map_or(Ok(Vec::new()), BuildProgress::packages)
     }
 }
 
@@ -315,6 +413,36 @@ pub fn render_description(existing: &str, marker: &Marker) -> Result<String, Mar
         });
     }
     Ok(description)
+}
+
+/// [`render_description`], shrinking the package manifest until the description fits: the
+/// full `name=version` list, else names only, else none (the digest in the metadata stays).
+/// `marker` is left as written. `TooLong` only when even the marker without a manifest does
+/// not fit next to the user's notes.
+pub fn render_description_fitting(
+    existing: &str,
+    marker: &mut Marker,
+) -> Result<String, MarkerError> {
+    match render_description(existing, marker) {
+        Err(MarkerError::TooLong { .. })
+            if marker
+                .build
+                .as_ref()
+                .is_some_and(BuildProgress::has_packages) => {}
+        other => return other,
+    }
+    if let Some(b) = marker.build.as_mut() {
+        // An unreadable manifest cannot be shortened; dropping it is all that is left.
+        if b.reduce_to_names().is_ok()
+            && let Ok(d) = render_description(existing, marker)
+        {
+            return Ok(d);
+        }
+    }
+    if let Some(b) = marker.build.as_mut() {
+        b.clear_packages();
+    }
+    render_description(existing, marker)
 }
 
 #[cfg(test)]
@@ -492,6 +620,347 @@ pub(crate) mod tests {
             Ownership::Ours(Role::Validation)
         );
         assert_eq!(clone.metadata, m.metadata);
+    }
+
+    /// A deterministic, realistic Debian/Ubuntu manifest: `n` sorted `name=version` lines, names
+    /// 5–30 characters built like real ones (a prefix such as `lib` or `python3-`, one or two
+    /// common words, a soname digit or a `-dev`/`-common`/`-data` suffix), versions with
+    /// epochs, `ubuntu`/`build` revisions, `+dfsg`, and runs of binary packages sharing their
+    /// source package's version. It compresses like a real list: 600 lines are ~15 KB of
+    /// text, ~6.8 KB as gzip + base64 (a real Debian 12 host's list, 600 of its 712 lines
+    /// picked at random: 15.1 KB, 6.9 KB).
+    pub(crate) fn realistic_manifest(n: usize) -> Vec<String> {
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move |m: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % m
+        };
+        const PREFIX: [&str; 16] = [
+            "", "", "", "", "", "", "lib", "lib", "lib", "lib", "python3-", "gir1.2-", "fonts-",
+            "linux-", "perl-", "node-",
+        ];
+        const WORD: [&str; 96] = [
+            "acl",
+            "apt",
+            "attr",
+            "audit",
+            "bash",
+            "binutils",
+            "blkid",
+            "bsd",
+            "bz2",
+            "cairo",
+            "cap",
+            "cloud",
+            "com",
+            "core",
+            "crypt",
+            "cups",
+            "curl",
+            "dbus",
+            "debconf",
+            "dev",
+            "dns",
+            "drm",
+            "dpkg",
+            "e2fs",
+            "elf",
+            "event",
+            "expat",
+            "fdisk",
+            "ffi",
+            "file",
+            "font",
+            "fuse",
+            "gcc",
+            "gdbm",
+            "gio",
+            "glib",
+            "gmp",
+            "gnutls",
+            "gpg",
+            "grub",
+            "gssapi",
+            "gtk",
+            "hogweed",
+            "icu",
+            "idn",
+            "init",
+            "iproute",
+            "isc",
+            "jansson",
+            "json",
+            "kmod",
+            "krb5",
+            "ldap",
+            "lz4",
+            "lzma",
+            "magic",
+            "mount",
+            "ncurses",
+            "net",
+            "nettle",
+            "netplan",
+            "nftables",
+            "nghttp",
+            "nss",
+            "numa",
+            "open",
+            "pam",
+            "pango",
+            "pcre",
+            "perl",
+            "pixman",
+            "png",
+            "policykit",
+            "popt",
+            "proc",
+            "psl",
+            "python",
+            "readline",
+            "rtmp",
+            "sasl",
+            "seccomp",
+            "selinux",
+            "semanage",
+            "sepol",
+            "smart",
+            "snap",
+            "sqlite",
+            "ssh",
+            "ssl",
+            "system",
+            "tasn",
+            "tinfo",
+            "udev",
+            "unistring",
+            "xml",
+            "xxhash",
+        ];
+        const SUFFIX: [&str; 20] = [
+            "", "", "", "", "-dev", "-common", "-data", "-bin", "-utils", "0", "1", "2", "6",
+            "t64", "-doc", "-base", "-tools", "3", "-modules", "-gnutls",
+        ];
+        let mut lines = std::collections::BTreeSet::new();
+        let mut version = String::new();
+        while lines.len() < n {
+            let pick = |i: u64| WORD[i as usize];
+            let stem = if next(3) == 0 {
+                format!("{}{}", pick(next(96)), pick(next(96)))
+            } else {
+                pick(next(96)).to_string()
+            };
+            let name = format!(
+                "{}{stem}{}",
+                PREFIX[next(PREFIX.len() as u64) as usize],
+                SUFFIX[next(SUFFIX.len() as u64) as usize]
+            );
+            if !(5..=30).contains(&name.len()) {
+                continue;
+            }
+            // A third of the packages come from the previous one's source package.
+            if version.is_empty() || next(3) != 0 {
+                let epoch = if next(10) == 0 { "1:" } else { "" };
+                let mut upstream = format!("{}.{}", next(12), next(40));
+                if next(2) == 0 {
+                    upstream.push_str(&format!(".{}", next(30)));
+                }
+                if next(10) == 0 {
+                    upstream.push_str("+dfsg");
+                }
+                let revision = match next(4) {
+                    0 => format!("{}", 1 + next(5)),
+                    1 => format!("{}build{}", 1 + next(5), 1 + next(3)),
+                    _ => format!("{}ubuntu{}.{}", next(4), 1 + next(9), next(6)),
+                };
+                version = format!("{epoch}{upstream}-{revision}");
+            }
+            lines.insert(format!("{name}={version}"));
+        }
+        lines.into_iter().collect()
+    }
+
+    /// A template marker with values of real length (hashes, URL, uid, times).
+    fn full_size_marker() -> Marker {
+        let mut m = sample_marker();
+        m.build_id = "b-20250118101530".into();
+        m.metadata.spec_hash = "0123456789abcdef".into();
+        m.metadata.package_manifest_digest = Some(format!("sha256:{}", "d".repeat(64)));
+        m.metadata.source = Some(SourceInfo::CloudImage {
+            url: "https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-amd64.img"
+                .into(),
+            checksum: Some(format!("sha256:{}", "c".repeat(64))),
+        });
+        m.metadata.validation = ValidationRecord::Pending;
+        m.metadata.created_at = Some(Utc::now());
+        m.build = Some(BuildProgress {
+            stage: "Finalize".into(),
+            ..Default::default()
+        });
+        m
+    }
+
+    #[test]
+    fn manifest_round_trips_compressed() {
+        let manifest = realistic_manifest(50);
+        let mut b = BuildProgress::default();
+        b.set_packages(&manifest);
+        assert!(b.packages.is_empty() && b.packages_gz.is_some());
+        assert_eq!(b.packages().unwrap(), manifest);
+        let mut m = full_size_marker();
+        m.build = Some(b);
+        let d = render_description("", &m).unwrap();
+        let back = parse_description(&d).unwrap().unwrap();
+        assert_eq!(back.package_manifest().unwrap(), manifest);
+        b_empty_is_cleared();
+    }
+
+    fn b_empty_is_cleared() {
+        let mut b = BuildProgress::default();
+        b.set_packages(&[]);
+        assert!(!b.has_packages());
+        assert_eq!(b.packages().unwrap(), Vec::<String>::new());
+        assert_eq!(
+            sample_marker().package_manifest().unwrap(),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn old_uncompressed_manifests_still_read() {
+        let d = render_description("", &sample_marker()).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(
+            &d.lines()
+                .skip(1)
+                .take_while(|l| *l != "```")
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+        .unwrap();
+        v["build"] = serde_json::json!({"stage": "Finalize", "packages": ["a=1", "b=2"]});
+        let m = parse_description(&format!("```sombrero\n{v}\n```"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.package_manifest().unwrap(), vec!["a=1", "b=2"]);
+    }
+
+    #[test]
+    fn broken_or_oversized_manifests_are_errors_not_panics() {
+        let mut b = BuildProgress {
+            packages_gz: Some("not base64!".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            b.packages(),
+            Err(MarkerError::InvalidManifest { .. })
+        ));
+        b.packages_gz = Some("aGVsbG8=".into()); // base64 of "hello", not gzip
+        let e = b.packages().unwrap_err();
+        assert!(e.to_string().contains("gzip"), "{e}");
+        // 2 MiB of newlines compress to a few KB: refused, not inflated.
+        b.set_packages(&vec![String::new(); 2 << 20]);
+        assert!(b.packages_gz.as_ref().unwrap().len() < 10_000);
+        let e = b.packages().unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+    }
+
+    /// Measured (printed with `--nocapture`): 600 realistic lines are 17.4 KB of text, 7.3 KB
+    /// as gzip + base64; with the rest of a template marker (~1 KB) the description would be
+    /// 8.3 KB, just over the 8 KiB limit, so the versions are dropped and the names (the drift
+    /// baseline, 3.5 KB packed, 4.5 KB in all) are kept. 500 lines still fit with versions. (A real Debian 12
+    /// host: 600 of its 712 lines, 15.1 KB of text, 6.9 KB packed, ~7.9 KB in all: fits by
+    /// ~300 bytes; all 712: names only.)
+    #[test]
+    fn six_hundred_packages_keep_at_least_their_names() {
+        let manifest = realistic_manifest(600);
+        let text = manifest.join("\n").len();
+        assert!((14_000..20_000).contains(&text), "{text} bytes of text");
+        let mut m = full_size_marker();
+        if let Some(b) = m.build.as_mut() {
+            b.set_packages(&manifest);
+        }
+        let packed = m
+            .build
+            .as_ref()
+            .and_then(|b| b.packages_gz.clone())
+            .unwrap();
+        let full = render_description("", &m).map(|d| d.len());
+        let d = render_description_fitting("", &mut m).unwrap();
+        let kept = m
+            .build
+            .as_ref()
+            .and_then(|b| b.packages_gz.clone())
+            .unwrap();
+        eprintln!(
+            "600 packages: {text} bytes of text, {} packed; with versions the description is {full:?}; names only {} packed, description {} of {MAX_DESCRIPTION_LEN}",
+            packed.len(),
+            kept.len(),
+            d.len()
+        );
+        assert!(d.len() <= MAX_DESCRIPTION_LEN);
+        let back = parse_description(&d).unwrap().unwrap();
+        let names: Vec<String> = manifest
+            .iter()
+            .map(|l| l.split('=').next().unwrap().to_string())
+            .collect();
+        let got = back.package_manifest().unwrap();
+        // Versions kept, or (as measured) names only: the drift baseline survives either way,
+        // with plenty of room left for the user's notes.
+        assert!(got == manifest || got == names, "{} lines", got.len());
+        assert!(d.len() < MAX_DESCRIPTION_LEN - 2500, "{} bytes", d.len());
+        // 500 lines keep their versions.
+        let five = realistic_manifest(500);
+        let mut m = full_size_marker();
+        if let Some(b) = m.build.as_mut() {
+            b.set_packages(&five);
+        }
+        let d = render_description_fitting("", &mut m).unwrap();
+        assert_eq!(
+            parse_description(&d)
+                .unwrap()
+                .unwrap()
+                .package_manifest()
+                .unwrap(),
+            five
+        );
+    }
+
+    #[test]
+    fn too_big_manifests_fall_back_to_names_then_to_the_digest() {
+        let manifest = realistic_manifest(1000);
+        let mut m = full_size_marker();
+        if let Some(b) = m.build.as_mut() {
+            b.set_packages(&manifest);
+        }
+        let d = render_description_fitting("", &mut m).unwrap();
+        let back = parse_description(&d).unwrap().unwrap();
+        let names: Vec<String> = manifest
+            .iter()
+            .map(|l| l.split('=').next().unwrap().to_string())
+            .collect();
+        assert_eq!(back.package_manifest().unwrap(), names);
+        assert!(back.metadata.package_manifest_digest.is_some());
+        // With long user notes not even the names fit: only the digest stays.
+        let notes = "n".repeat(5000);
+        let mut m = full_size_marker();
+        if let Some(b) = m.build.as_mut() {
+            b.set_packages(&manifest);
+        }
+        let d = render_description_fitting(&notes, &mut m).unwrap();
+        let back = parse_description(&d).unwrap().unwrap();
+        assert_eq!(back.package_manifest().unwrap(), Vec::<String>::new());
+        assert_eq!(
+            back.metadata.package_manifest_digest,
+            m.metadata.package_manifest_digest
+        );
+        assert!(d.starts_with(&notes));
+        // Notes that leave no room at all are still an error.
+        assert!(matches!(
+            render_description_fitting(&"n".repeat(MAX_DESCRIPTION_LEN), &mut m),
+            Err(MarkerError::TooLong { .. })
+        ));
     }
 
     proptest! {
