@@ -98,6 +98,7 @@ struct T {
     marker_for: Option<u32>,
     no_marker: bool,
     storage: Option<&'static str>,
+    node: Option<&'static str>,
 }
 
 /// A template of our image made `days_ago` days ago, with a disk on `local-lvm`.
@@ -131,6 +132,9 @@ async fn add_template(pve: &FakePve, vmid: u32, days_ago: i64, t: T) {
     });
     if let Some(s) = t.storage {
         spec["storage"] = json!(s);
+    }
+    if let Some(n) = t.node {
+        spec["node"] = json!(n);
     }
     pve.add_vm(spec).await;
 }
@@ -730,6 +734,59 @@ async fn backup_mode_checks_the_backup_then_deletes() {
         .iter()
         .any(|r| r.method == "GET" && r.path.contains("/storage/local/content"));
     assert!(listed && vzdump < delete);
+}
+
+#[tokio::test]
+async fn backup_runs_on_the_templates_own_node() {
+    let pve = FakePve::start().await;
+    pve.set_node_online("pve2", true).await;
+    add_template(
+        &pve,
+        1251,
+        200,
+        T {
+            node: Some("pve2"),
+            ..T::default()
+        },
+    )
+    .await;
+    add_template(
+        &pve,
+        1252,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    let (plan, results) = run(&pve, rules, ArchiveMode::Backup, Some("local")).await;
+    assert_eq!(plan.get(1251).unwrap().node, "pve2");
+    assert!(results[0].succeeded, "{results:?}");
+    let log = pve.requests().await;
+    let vzdumps: Vec<&str> = log
+        .iter()
+        .filter(|r| r.path.ends_with("/vzdump"))
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(vzdumps, ["/api2/json/nodes/pve2/vzdump"]);
+    let c = client(&pve);
+    assert_eq!(
+        c.storage_content("pve2", "local", Some("backup"), Some(1251))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    match c.vm_config("pve2", 1251).await {
+        Err(e) if e.is_not_found() => {}
+        other => panic!("1251 still there: {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use kube::CustomResourceExt;
 use serde_yaml::Value;
 
 use super::exit;
@@ -138,12 +139,56 @@ pub fn parse(text: &str) -> Result<Policy, Vec<String>> {
         .clone()
         .unwrap_or_else(|| "default".into());
     match Policy::from_spec(&namespace, &object.spec) {
-        Ok(p) if problems.is_empty() => Ok(p),
+        Ok(p) if problems.is_empty() => {
+            // The installed CRD's own CEL rules as a last word, so a rule added there cannot be
+            // missed here. Defaults are applied first, as the API server does.
+            let cel = cel_problems(&object);
+            if cel.is_empty() { Ok(p) } else { Err(cel) }
+        }
         Ok(_) => Err(problems),
         Err(more) => {
             problems.extend(more);
             Err(problems)
         }
+    }
+}
+
+/// The CEL rules (`x-kubernetes-validations`) of the TemplateRetention CRD, evaluated on the
+/// object as parsed (defaults filled in).
+fn cel_problems(object: &TemplateRetention) -> Vec<String> {
+    let crd = TemplateRetention::crd();
+    let Some(schema) = crd
+        .spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .and_then(|s| serde_json::to_value(s).ok())
+    else {
+        return vec!["internal: the TemplateRetention CRD has no schema".into()];
+    };
+    let mut value = match serde_json::to_value(object) {
+        Ok(v) => v,
+        Err(e) => return vec![format!("internal: cannot serialize the object: {e}")],
+    };
+    if let Some(o) = value.as_object_mut() {
+        o.remove("metadata");
+        o.remove("status");
+    }
+    match kube::core::cel::Validator::new().validate(&schema, &value, None) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors
+            .into_vec()
+            .into_iter()
+            .map(|e| {
+                let field = if e.field_path.is_empty() {
+                    "spec".to_string()
+                } else {
+                    e.field_path.clone()
+                };
+                format!("{field}: {}", e.message)
+            })
+            .collect(),
     }
 }
 
@@ -286,6 +331,21 @@ mod tests {
             );
         }
         assert!(seen >= 7, "only {seen} fixtures");
+    }
+
+    #[test]
+    fn the_crds_cel_rules_pass_on_good_files_and_run() {
+        let good: TemplateRetention = serde_yaml::from_str(GOOD).unwrap();
+        assert!(cel_problems(&good).is_empty(), "{:?}", cel_problems(&good));
+        // A spec only the CEL rules refuse (Policy::from_spec is bypassed here).
+        let mut bad = good.clone();
+        bad.spec.retain_at_least = 9;
+        let p = cel_problems(&bad);
+        assert!(
+            p.iter()
+                .any(|m| m.contains("retainAtLeast must not exceed keepLast")),
+            "{p:?}"
+        );
     }
 
     #[test]
