@@ -62,13 +62,24 @@ fn example_spec(pve: &FakePve, img: &ImageInfo, ip_n: u8) -> GoldenImageSpec {
     spec
 }
 
+/// A request with a build id of its own (a rebuild is a new build id, a resume the same).
 fn request(spec: GoldenImageSpec, owner: Owner, today: NaiveDate) -> BuildRequest {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     BuildRequest {
         spec,
         owner,
-        build_id: format!("b-{today}"),
+        build_id: format!("b-{today}-{n}"),
         today,
     }
+}
+
+/// Promotes a template as the controller does with validation disabled: it gets the channel
+/// tag and is no longer the unvalidated build in flight, so the next request builds anew.
+async fn settle(c: &Client, o: &Owner, vmid: u32) {
+    sombrero::promote::promote(c, o, vmid, sombrero::promote::Evidence::ValidationDisabled)
+        .await
+        .unwrap();
 }
 
 async fn build(c: &Client, req: &BuildRequest) -> Result<BuildOutcome, BuildError> {
@@ -207,6 +218,7 @@ async fn cloud_image_over_ssh_to_a_clean_tagged_template() {
         .unwrap();
     assert_eq!(vols.len(), 1);
     assert!(vols[0].volid.ends_with(".qcow2"), "{}", vols[0].volid);
+    settle(&c, &o, out.vmid).await;
     let seq = pve.requests().await.last().unwrap().seq;
     let out2 = build(
         &c,
@@ -329,6 +341,7 @@ async fn build_numbers_per_day_and_rebuilds() {
         let out = build(&c, &request(example_spec(&pve, &img, 4), o.clone(), day(d)))
             .await
             .unwrap();
+        settle(&c, &o, out.vmid).await;
         names.push(out.name);
     }
     assert_eq!(
@@ -469,6 +482,7 @@ async fn interrupted_at_every_stage_resumes_to_exactly_one_template() {
             out.build_number, expected,
             "after an interruption at {stage}"
         );
+        settle(&c, &o, out.vmid).await;
         let vms = image_vms(&c, &o).await;
         assert!(
             vms.iter().all(|v| v.1 && v.2 == Some(Role::Template)),
@@ -482,6 +496,84 @@ async fn interrupted_at_every_stage_resumes_to_exactly_one_template() {
             .collect();
         assert_eq!(numbers, want, "after {stage}");
     }
+}
+
+/// The process died after Finalize, before validation and promotion were recorded: asked
+/// again (same build id, or a new one with status.build lost too) the build answers the
+/// template it made, from its marker, and touches nothing; it builds anew only once that
+/// template was dealt with.
+#[tokio::test]
+async fn a_finished_build_is_answered_again_not_built_twice() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let o = owner("twice");
+    let spec = example_spec(&pve, &img, 13);
+    let req = request(spec.clone(), o.clone(), day(18));
+    let first = build(&c, &req).await.unwrap();
+    assert!(!first.package_manifest.is_empty());
+    let stored = marker_of(&config(&c, &pve, first.vmid).await);
+    assert_eq!(
+        stored.build.as_ref().map(|b| b.packages.len()),
+        Some(0),
+        "the manifest is stored compressed, not as a plain list"
+    );
+    assert_eq!(stored.package_manifest().unwrap(), first.package_manifest);
+    let same = |out: &BuildOutcome| {
+        assert_eq!(
+            BuildOutcome {
+                stages: first.stages.clone(),
+                ..out.clone()
+            },
+            first,
+            "a different outcome"
+        );
+        assert!(out.stages.is_empty(), "stages ran again: {:?}", out.stages);
+    };
+    let digest = config(&c, &pve, first.vmid).await.digest;
+    let seq = pve.requests().await.last().unwrap().seq;
+
+    // Same build id (the controller restarted with status.build.id).
+    let again = build(&c, &req).await.unwrap();
+    same(&again);
+    // A new build id (status.build was lost too): the unvalidated template of this spec is
+    // the build in flight.
+    let lost = build(&c, &request(spec.clone(), o.clone(), day(19)))
+        .await
+        .unwrap();
+    same(&lost);
+    let writes: Vec<String> = pve
+        .requests_since(seq)
+        .await
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(writes.is_empty(), "Proxmox was changed: {writes:?}");
+    assert_eq!(config(&c, &pve, first.vmid).await.digest, digest);
+    let vms = image_vms(&c, &o).await;
+    assert_eq!(vms.len(), 1, "{vms:?}");
+
+    // Another spec is not the build in flight: it builds.
+    let mut other = spec.clone();
+    other.hardware.cores += 1;
+    let changed = build(&c, &request(other, o.clone(), day(18)))
+        .await
+        .unwrap();
+    assert_ne!(changed.vmid, first.vmid);
+    assert_eq!(changed.build_number, 2);
+
+    // Once promoted, the same spec builds anew under a new id; the old id still answers its
+    // own template (a crash after promotion, before the status was written).
+    settle(&c, &o, first.vmid).await;
+    let rebuilt = build(&c, &request(spec.clone(), o.clone(), day(18)))
+        .await
+        .unwrap();
+    assert_eq!(rebuilt.build_number, 3);
+    let answered = build(&c, &req).await.unwrap();
+    assert_eq!(answered.vmid, first.vmid);
+    assert_eq!(answered.package_manifest, first.package_manifest);
+    assert_eq!(image_vms(&c, &o).await.len(), 3);
 }
 
 #[tokio::test]
@@ -511,6 +603,7 @@ async fn a_consumers_clone_is_never_adopted_changed_or_deleted() {
     let first = build(&c, &request(spec.clone(), o.clone(), day(18)))
         .await
         .unwrap();
+    settle(&c, &o, first.vmid).await;
     // Someone clones a build VM's marker by hand: our tags, a role-build marker of ours naming
     // another VMID, same owner and spec hash (it would be adopted if the VMID were not checked).
     let mut foreign = marker_of(&config(&c, &pve, first.vmid).await);
@@ -551,6 +644,7 @@ async fn cleanup_removes_only_build_vms() {
     )
     .await
     .unwrap();
+    settle(&c, &o, done.vmid).await;
     let req = request(example_spec(&pve, &img, 11), o.clone(), day(18));
     let hit = Arc::new(Notify::new());
     let progress = Interrupt {

@@ -63,24 +63,23 @@ pub fn finished_build<'a>(
     }))
 }
 
-/// An unvalidated template of the current spec: validation `pending`, not promoted (no channel
-/// tag: with validation disabled a promoted template stays `pending`), not archived. It is the
-/// build in flight whose outcome was lost, not something to build again.
+/// An unvalidated template of the current spec: the image's newest template, validation
+/// `pending`, not promoted (no channel tag: with validation disabled a promoted template stays
+/// `pending`), not archived. It is the build in flight whose outcome was lost, not something
+/// to build again. Older pending templates were superseded (with validation disabled every
+/// template a newer one took the channel tag from looks like that) and do not count.
 pub fn unvalidated_template<'a>(
     vms: &'a [TaggedVm],
     owner: &Owner,
     spec_hash: &str,
 ) -> Option<(&'a TaggedVm, &'a Marker)> {
-    newest(vms.iter().filter(|v| {
-        let tags = v.tags();
-        v.is_our_template(owner)
-            && !tags.is_latest()
-            && !tags.is_archived()
-            && v.marker.as_ref().is_some_and(|m| {
-                m.metadata.spec_hash == spec_hash
-                    && m.metadata.validation == ValidationRecord::Pending
-            })
-    }))
+    let (vm, marker) = newest(vms.iter().filter(|v| v.is_our_template(owner)))?;
+    let tags = vm.tags();
+    let in_flight = marker.metadata.spec_hash == spec_hash
+        && marker.metadata.validation == ValidationRecord::Pending
+        && !tags.is_latest()
+        && !tags.is_archived();
+    in_flight.then_some((vm, marker))
 }
 
 /// By build date, number, VMID; with the marker (VMs without one never qualify).
@@ -196,9 +195,13 @@ mod tests {
         );
         assert!(finished_build(&vms, &owner, &id, "other-hash").is_none());
         assert!(finished_build(&vms[..4], &owner, &id, &hash).is_none());
-        // Without the build id: the newest pending, unpromoted template of the spec.
+        // Without the build id: the image's newest template, if pending and unpromoted.
+        assert!(
+            unvalidated_template(&vms, &owner, &hash).is_none(),
+            "104 failed"
+        );
         assert_eq!(
-            unvalidated_template(&vms, &owner, &hash).map(|(v, _)| v.vmid),
+            unvalidated_template(&vms[..4], &owner, &hash).map(|(v, _)| v.vmid),
             Some(100)
         );
         let promoted = vec![vm(105, true, "sombrero;sombrero-latest", |_| {})];
@@ -214,5 +217,14 @@ mod tests {
             Some(107)
         );
         assert!(unvalidated_template(&two, &owner, "other-hash").is_none());
+        // Validation disabled: the older template lost the channel tag to a newer one; it
+        // stays pending but was superseded.
+        let superseded = vec![
+            vm(109, true, "sombrero", |_| {}),
+            vm(110, true, "sombrero;sombrero-latest", |m| {
+                m.metadata.build_number = 2
+            }),
+        ];
+        assert!(unvalidated_template(&superseded, &owner, &hash).is_none());
     }
 }

@@ -18,8 +18,9 @@
 //!   2. else a build VM of this owner (role `build`): with the same spec hash it continues from
 //!      the stage its marker records (same VMID, same build number, no second VM); with another
 //!      spec hash it is destroyed;
-//!   3. else an unvalidated template of the same spec hash (validation `pending`, no channel
-//!      tag, not archived) is the build in flight whose outcome was lost: answered like 1;
+//!   3. else when the image's newest template has the same spec hash and is unvalidated
+//!      (validation `pending`, no channel tag, not archived), it is the build in flight whose
+//!      outcome was lost: answered like 1 (also with a new build id: `status.build` lost too);
 //!   4. else a new build.
 //! - [`cleanup_abandoned_builds`] destroys every build VM of an owner (finalizer, cleanup).
 //! - The template it leaves is not validated (`ValidationRecord::Pending`, no `validated` tag);
