@@ -866,6 +866,22 @@ async fn gather_request_count() {
     assert_eq!(inv.requests, made, "the counter matches the fake's log");
     assert_eq!(made, 1 + 4 + 1 + 1, "{:#?}", pve.requests_since(seq).await);
 
+    // On the controller's shared inventory (list and our configs at hand): only the in-use
+    // check's storage list and content listing remain.
+    let vms = c.cluster_vms().await.unwrap();
+    let mut configs = std::collections::BTreeMap::new();
+    for vmid in 1401..=1404 {
+        configs.insert(vmid, c.vm_config(&pve.node, vmid).await.unwrap());
+    }
+    let refs = configs.iter().map(|(k, v)| (*k, v)).collect();
+    let seq = last_seq(&pve).await;
+    let shared = retention::gather_from(&c, &target(), &vms, &refs)
+        .await
+        .unwrap();
+    assert_eq!(shared.requests, 2);
+    assert_eq!(pve.requests_since(seq).await.len(), 2);
+    assert_eq!(shared.versions, inv.versions);
+
     // With nothing removable (only the latest), no in-use check at all: 1 + templates.
     let pve2 = FakePve::start().await;
     add_template(

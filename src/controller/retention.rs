@@ -1,7 +1,8 @@
 //! The TemplateRetention reconciler: check the spec (the CRD's rules, `Stalled` when broken) ->
 //! resolve the target and the Proxmox connection (a `goldenImageRef` uses the image's
 //! connection; a `tagSelector` its own `spec.proxmox` or the controller's default) -> gather the
-//! templates and what protects them (`crate::retention::gather`) -> plan -> write the plan into
+//! templates and what protects them (`crate::retention::gather_from`, on the shared inventory)
+//! -> plan -> write the plan into
 //! status -> execute unless `dryRun` (an Event per archive and delete) -> status -> requeue after
 //! `spec.interval`.
 //!
@@ -124,8 +125,18 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(wait));
     }
     let conn = resolve_connection(ctx, tr, &policy.target).await?;
-    let client = proxmox::Client::new(conn.config).map_err(Error::Proxmox)?;
-    let inventory = retention::gather(&client, &policy.target).await?;
+    // The cluster's shared inventory (one list per resync for every object of that cluster, and
+    // the configs of our VMs): only what it lacks is read here.
+    let shared = ctx.inventories.get(&conn).await?;
+    let snapshot = shared.snapshot(ctx.settings.resync).await?;
+    let client = shared.client().await;
+    let configs: BTreeMap<u32, &proxmox::VmConfig> = snapshot
+        .ours
+        .iter()
+        .map(|v| (v.vm.vmid, &*v.config))
+        .collect();
+    let inventory =
+        retention::gather_from(&client, &policy.target, &snapshot.vms, &configs).await?;
     let plan = retention::plan(&inventory.versions, &policy.rules, policy.mode, Utc::now());
 
     let mut st = tr.status.clone().unwrap_or_default();
@@ -168,6 +179,9 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     for r in &executed {
         publish(ctx, tr, r).await;
     }
+    // The GoldenImage controller must not plan on templates that are gone or re-tagged.
+    let touched: Vec<u32> = executed.iter().map(|r| r.vmid).collect();
+    shared.invalidate(&touched).await;
     let failed: Vec<&ExecutedAction> = executed.iter().filter(|r| !r.succeeded).collect();
     st.executed = executed.clone();
     let requeue = if failed.is_empty() {

@@ -16,7 +16,9 @@
 //!     volume on the template's LVM-thin storage created after the template's base volume.
 //!
 //! Steady state (nothing old enough to remove, or everything latest/protected) costs
-//! 1 + templates requests; no per-VM polling of the rest of the cluster.
+//! 1 + templates requests; no per-VM polling of the rest of the cluster. The controller uses
+//! [`gather_from`] on its shared per-cluster inventory (the list and the configs of every VM with
+//! our owner tag, cached), so there a steady-state evaluation costs no request of its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -128,15 +130,39 @@ fn marker_of(config: &VmConfig) -> Option<Marker> {
 pub async fn gather(client: &Client, target: &Target) -> Result<Inventory> {
     let api = Counted::new(client);
     let vms = api.cluster_vms().await?;
+    gather_counted(&api, target, &vms, &BTreeMap::new()).await
+}
+
+/// [`gather`] on a cluster list and configs already at hand (the controller's shared inventory:
+/// its list and the configs of every VM with our owner tag), reading only what they lack.
+/// `Inventory::requests` counts the extra requests.
+pub async fn gather_from(
+    client: &Client,
+    target: &Target,
+    vms: &[ClusterVm],
+    configs: &BTreeMap<u32, &VmConfig>,
+) -> Result<Inventory> {
+    gather_counted(&Counted::new(client), target, vms, configs).await
+}
+
+async fn gather_counted(
+    api: &Counted<'_>,
+    target: &Target,
+    vms: &[ClusterVm],
+    configs: &BTreeMap<u32, &VmConfig>,
+) -> Result<Inventory> {
     let mut templates = BTreeMap::new();
     for vm in vms.iter().filter(|v| v.is_qemu() && v.template) {
         if !target.matches_tags(&TagSet::parse(vm.tags.as_deref().unwrap_or(""))) {
             continue;
         }
-        let config = match api.vm_config(&vm.node, vm.vmid).await {
-            Ok(c) => c,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e),
+        let config = match configs.get(&vm.vmid) {
+            Some(c) => (*c).clone(),
+            None => match api.vm_config(&vm.node, vm.vmid).await {
+                Ok(c) => c,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            },
         };
         // /cluster/resources lags behind; the config is the truth.
         if !config.template {
@@ -165,9 +191,9 @@ pub async fn gather(client: &Client, target: &Target) -> Result<Inventory> {
         .map(|t| Candidate::from_config(t.vmid, &t.node, &t.config))
         .collect();
     if !candidates.is_empty() {
-        let known: BTreeMap<u32, &VmConfig> =
-            templates.values().map(|t| (t.vmid, &t.config)).collect();
-        let usage = find_users(&api, &vms, &candidates, &known).await?;
+        let mut known: BTreeMap<u32, &VmConfig> = configs.clone();
+        known.extend(templates.values().map(|t| (t.vmid, &t.config)));
+        let usage = find_users(api, vms, &candidates, &known).await?;
         for v in &mut versions {
             v.in_use_by = usage.users(v.vmid);
         }

@@ -18,7 +18,7 @@ pub mod usage;
 
 pub use duration::{DURATION_PATTERN, format_duration, parse_duration};
 pub use execute::execute;
-pub use inventory::{Inventory, gather};
+pub use inventory::{Inventory, gather, gather_from};
 pub use plan::{Action, ArchiveMode, Decision, Plan, Reason, RetentionRules, plan};
 pub use policy::Policy;
 pub use target::Target;
