@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use super::builds::{JobOutcome, ProgressHandle};
 use super::context::{JobRequest, Pipeline};
 use crate::build::{self, BuildRequest};
-use crate::image::marker::Owner;
+use crate::image::marker::{Owner, ValidationRecord};
 use crate::proxmox;
 use crate::validate::{self, ProgressEvent, ValidationRequest};
 
@@ -47,7 +47,19 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
         }
     };
     progress.vmid(built.vmid);
-    let report = if req.spec.validation.enabled {
+    // A template a previous run of this build finished may carry its verdict already (the
+    // process died before the status was written): not validated twice.
+    if let ValidationRecord::Failed { reason, .. } = &built.validation {
+        return JobOutcome::ValidationFailed {
+            vmid: built.vmid,
+            name: built.name.clone(),
+            failed_check: "recorded".into(),
+            message: format!("its marker records a failed validation: {reason}"),
+            report: Default::default(),
+        };
+    }
+    let passed_before = built.validation.validated_at().is_some();
+    let report = if req.spec.validation.enabled && !passed_before {
         progress.stage("Validate");
         let mut vreq = ValidationRequest::new(
             built.vmid,
@@ -56,6 +68,7 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
             req.spec.validation.clone(),
         );
         vreq.ssh = req.spec.provisioning.ssh.clone();
+        // Decoded from the template's marker when the build was answered from it.
         vreq.baseline_packages = built.package_manifest.clone();
         vreq.storage = req.spec.placement.storage.clone();
         vreq.bridge = req.spec.placement.bridge.clone();
@@ -100,6 +113,18 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
             .unwrap_or_else(|| ("unknown".into(), reason.clone()));
         if let Err(e) = crate::promote::mark_failed(&req.client, built.vmid, &reason).await {
             tracing::warn!(error = %e, vmid = built.vmid, "cannot mark the template failed");
+            // Left `pending`, it would be validated again at once (it is the build in
+            // flight); a retryable failure waits for the backoff first.
+            return JobOutcome::Failed {
+                stage: Some("Validate".into()),
+                reason: "ValidationFailed",
+                message: format!(
+                    "template {} failed check {check}: {message}; marking it failed did not work ({e})",
+                    built.name
+                ),
+                retryable: true,
+                touched: vec![built.vmid],
+            };
         }
         return JobOutcome::ValidationFailed {
             vmid: built.vmid,
@@ -112,6 +137,7 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
     progress.stage("Promote");
     let evidence = match &report {
         Some(r) => crate::promote::Evidence::Report(r),
+        None if passed_before => crate::promote::Evidence::Recorded,
         None => crate::promote::Evidence::ValidationDisabled,
     };
     match crate::promote::promote(&req.client, &req.owner, built.vmid, evidence).await {

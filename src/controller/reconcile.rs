@@ -217,6 +217,10 @@ fn versions(snap: &Snapshot, uid: &str) -> Vec<(TemplateVersion, Attempt)> {
                 spec_hash: m.metadata.spec_hash.clone(),
                 created: tv.created_at(),
                 source_checksum,
+                awaiting_validation: tv.validation
+                    == crate::image::version::ValidationStatus::Pending
+                    && !tv.latest
+                    && !tv.archived,
             };
             Some((tv, attempt))
         })

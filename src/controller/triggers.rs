@@ -6,6 +6,12 @@
 //! the cron `rebuild.schedule` fired since the newest attempt; the upstream checksum changed
 //! (`onSourceChange`). The newest *attempt* (a failed one included) is the reference, so a
 //! build whose validation failed is not repeated in a loop: only a new trigger starts another.
+//!
+//! Not a rebuild but the rest of one: when the newest template is of the current spec and
+//! still awaits validation (`pending`, not promoted) while no job runs, a job is started that
+//! only validates and promotes it (`crate::build::run_build` answers that template instead of
+//! building). It covers a process that died after `Finalize` and lost `status.build` too. It
+//! comes after a manual request, which such a job then answers.
 
 use std::str::FromStr;
 
@@ -24,6 +30,8 @@ pub enum Trigger {
     Manual,
     Schedule,
     SourceChanged,
+    /// The newest template of the current spec was built but never validated or promoted.
+    Unvalidated,
 }
 
 impl Trigger {
@@ -35,6 +43,7 @@ impl Trigger {
             Trigger::Manual => "RebuildRequested",
             Trigger::Schedule => "ScheduledRebuild",
             Trigger::SourceChanged => "SourceChanged",
+            Trigger::Unvalidated => "ValidationPending",
         }
     }
 }
@@ -45,6 +54,8 @@ pub struct Attempt {
     pub spec_hash: String,
     pub created: DateTime<Utc>,
     pub source_checksum: Option<String>,
+    /// Validation `pending` and not promoted (no channel tag), not archived.
+    pub awaiting_validation: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -69,6 +80,9 @@ pub fn decide(i: &Inputs<'_>) -> Option<Trigger> {
     }
     if i.annotation || (i.requested_at.is_some() && i.requested_at != i.handled_request) {
         return Some(Trigger::Manual);
+    }
+    if newest.awaiting_validation {
+        return Some(Trigger::Unvalidated);
     }
     if let Some(cron) = i.schedule
         && let Ok(next) = cron.find_next_occurrence(&newest.created, false)
@@ -124,7 +138,58 @@ mod tests {
             spec_hash: hash.into(),
             created,
             source_checksum: Some("sha256:aa".into()),
+            awaiting_validation: false,
         }
+    }
+
+    #[test]
+    fn an_unvalidated_template_of_the_spec_is_finished_not_left_pending() {
+        let now = at(2025, 1, 18);
+        let cron = parse_schedule("@monthly").unwrap();
+        let a = Attempt {
+            awaiting_validation: true,
+            ..attempt("h1", now)
+        };
+        let base = Inputs {
+            spec_hash: "h1",
+            newest: Some(&a),
+            schedule: Some(&cron),
+            now,
+            ..Default::default()
+        };
+        assert_eq!(decide(&base), Some(Trigger::Unvalidated));
+        assert_eq!(Trigger::Unvalidated.reason(), "ValidationPending");
+        // Before a due schedule or a source change too (either would first answer it).
+        let later = Inputs {
+            now: at(2025, 2, 2),
+            upstream_checksum: Some("sha256:bb"),
+            ..base.clone()
+        };
+        assert_eq!(decide(&later), Some(Trigger::Unvalidated));
+        // Another spec builds anew; a manual request keeps its reason.
+        assert_eq!(
+            decide(&Inputs {
+                spec_hash: "h2",
+                ..base.clone()
+            }),
+            Some(Trigger::SpecChanged)
+        );
+        assert_eq!(
+            decide(&Inputs {
+                annotation: true,
+                ..base.clone()
+            }),
+            Some(Trigger::Manual)
+        );
+        // Validated or promoted: nothing to do.
+        let done = attempt("h1", now);
+        assert_eq!(
+            decide(&Inputs {
+                newest: Some(&done),
+                ..base
+            }),
+            None
+        );
     }
 
     #[test]
