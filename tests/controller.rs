@@ -9,16 +9,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::Client;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 use sombrero::api::GoldenImage;
 use sombrero::api::common::find_condition;
 use sombrero::controller::{
     self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
 };
-use support::fakepve::{Failure, FakePve, Image};
+use sombrero::image::marker::{Ownership, Role, ownership, parse_description};
+use sombrero::image::tags::{FAILED_VALIDATION_TAG, OWNER_TAG, TagSet};
+use sombrero::proxmox;
+use support::fakepve::{Failure, FakePve, GuestSettings, Image, Options as PveOptions};
 use support::kube::control_plane;
 
 fn options(ns: &str, identity: &str, leader_election: bool) -> Options {
@@ -43,6 +46,13 @@ fn options(ns: &str, identity: &str, leader_election: bool) -> Options {
 }
 
 fn start(client: &Client, opts: Options) -> tokio::task::JoinHandle<Result<(), String>> {
+    // The controller's warnings go to the captured test output (shown when a test fails).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "sombrero=info,kube=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let client = client.clone();
     tokio::spawn(async move {
         controller::run(client, opts, Arc::new(controller::engine::Engine)).await
@@ -83,10 +93,35 @@ async fn create_image(
     pve: &FakePve,
     secret: &str,
 ) -> GoldenImage {
+    create_image_with(client, ns, name, pve, secret, json!({})).await
+}
+
+/// Merges `patch` into `base` (objects key by key; anything else replaces).
+fn merge(base: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+/// A GoldenImage of a fresh cloud image (with the guest agent), validated through the agent;
+/// `spec` is merged into the default spec.
+async fn create_image_with(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    pve: &FakePve,
+    secret: &str,
+    spec: serde_json::Value,
+) -> GoldenImage {
     let img = pve
         .add_image(Image::new(&format!("{name}.qcow2")).agent())
         .await;
-    let gi: GoldenImage = serde_json::from_value(json!({
+    let mut value = json!({
         "apiVersion": "images.sombrero.dev/v1alpha1",
         "kind": "GoldenImage",
         "metadata": {"name": name},
@@ -100,8 +135,9 @@ async fn create_image(
             "validation": {"checks": ["boot", "guestAgent", "cloudInit", "packageDrift"], "timeout": "10m"},
             "output": {"configMapName": format!("{name}-template")},
         }
-    }))
-    .unwrap();
+    });
+    merge(&mut value["spec"], &spec);
+    let gi: GoldenImage = serde_json::from_value(value).unwrap();
     Api::<GoldenImage>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &gi)
         .await
@@ -135,6 +171,170 @@ fn condition(gi: &GoldenImage, type_: &str) -> Option<(String, String, String)> 
     let st = gi.status.as_ref()?;
     find_condition(&st.conditions, type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// A client of the fake with the full token, to look at what the controller left on Proxmox.
+fn pve_client(pve: &FakePve) -> proxmox::Client {
+    let data: BTreeMap<String, String> = [
+        ("url", pve.url.clone()),
+        ("tokenId", pve.token_id.clone()),
+        ("tokenSecret", pve.token_secret.clone()),
+        ("caCert", pve.ca_pem.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = controller::connection::config_from_secret(&data, "test", false).unwrap();
+    proxmox::Client::new(config).unwrap()
+}
+
+/// A VM carrying our owner tag, as the fake holds it.
+#[derive(Debug)]
+struct TaggedVm {
+    vmid: u32,
+    tags: TagSet,
+    ownership: Ownership,
+    owner_uid: Option<String>,
+}
+
+async fn tagged_vms(c: &proxmox::Client) -> Vec<TaggedVm> {
+    let mut out = Vec::new();
+    for vm in c.cluster_vms().await.unwrap() {
+        let tags = TagSet::parse(vm.tags.as_deref().unwrap_or(""));
+        if !vm.is_qemu() || !tags.contains(OWNER_TAG) {
+            continue;
+        }
+        let config = c.vm_config(&vm.node, vm.vmid).await.unwrap();
+        let marker = config
+            .description
+            .as_deref()
+            .and_then(|d| parse_description(d).ok().flatten());
+        out.push(TaggedVm {
+            vmid: vm.vmid,
+            tags,
+            ownership: ownership(marker.as_ref(), vm.vmid),
+            owner_uid: marker.map(|m| m.owner.uid),
+        });
+    }
+    out.sort_by_key(|v| v.vmid);
+    out
+}
+
+fn of_image<'a>(
+    vms: &'a [TaggedVm],
+    uid: &'a str,
+    role: Role,
+) -> impl Iterator<Item = &'a TaggedVm> {
+    vms.iter().filter(move |v| {
+        v.ownership == Ownership::Ours(role) && v.owner_uid.as_deref() == Some(uid)
+    })
+}
+
+/// The image's templates (ours, written for their own VMID), ascending.
+fn templates(vms: &[TaggedVm], uid: &str) -> Vec<u32> {
+    of_image(vms, uid, Role::Template).map(|v| v.vmid).collect()
+}
+
+/// Templates of the image carrying the channel tag.
+fn holders(vms: &[TaggedVm], uid: &str) -> Vec<u32> {
+    of_image(vms, uid, Role::Template)
+        .filter(|v| v.tags.is_latest())
+        .map(|v| v.vmid)
+        .collect()
+}
+
+/// Build VMs and validation clones of the image (none may be left once it is Ready).
+fn leftovers(vms: &[TaggedVm], uid: &str) -> Vec<u32> {
+    of_image(vms, uid, Role::Build)
+        .chain(of_image(vms, uid, Role::Validation))
+        .map(|v| v.vmid)
+        .collect()
+}
+
+/// Events about `name`: (type, reason, message).
+async fn events(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.message.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Waits for an Event of `reason` whose message contains `text`; panics listing the Events.
+async fn wait_event(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    text: &str,
+) -> (String, String, String) {
+    let start = Instant::now();
+    loop {
+        let evs = events(client, ns, name).await;
+        if let Some(e) = evs.iter().find(|e| e.1 == reason && e.2.contains(text)) {
+            return e.clone();
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            panic!("no Event {reason} containing {text:?}; Events: {evs:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn latest_vmid(gi: &GoldenImage) -> Option<u32> {
+    gi.status.as_ref()?.latest.as_ref().map(|l| l.vmid)
+}
+
+fn is_ready(gi: &GoldenImage) -> bool {
+    condition(gi, "Ready").is_some_and(|c| c.0 == "True")
+}
+
+fn observed(gi: &GoldenImage) -> bool {
+    gi.status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation == gi.metadata.generation)
+}
+
+/// A spec change that needs a new build (the VM's cores).
+async fn change_spec(client: &Client, ns: &str, name: &str, cores: u32) {
+    Api::<GoldenImage>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"hardware": {"cores": cores}}})),
+        )
+        .await
+        .expect("patch GoldenImage");
+}
+
+/// Deletes the GoldenImage and waits until the finalizer let it go.
+async fn delete_and_wait(client: &Client, ns: &str, name: &str) {
+    let api: Api<GoldenImage> = Api::namespaced(client.clone(), ns);
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete GoldenImage");
+    let start = Instant::now();
+    loop {
+        match api.get_opt(name).await.expect("get GoldenImage") {
+            None => return,
+            Some(gi) if start.elapsed() > Duration::from_secs(120) => {
+                panic!(
+                    "the GoldenImage was not released; finalizers {:?}, status: {:#?}",
+                    gi.metadata.finalizers, gi.status
+                )
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
 }
 
 #[tokio::test]
@@ -171,6 +371,9 @@ async fn a_wrong_token_stalls_and_a_fixed_secret_recovers() {
         "actionable message: {message}"
     );
     assert!(!message.contains(&pve.token_secret));
+    let ev = wait_event(&client, &ns, "img", "ProxmoxAuthFailed", "tokenSecret").await;
+    assert_eq!(ev.0, "Warning");
+    assert!(!ev.2.contains(&pve.token_secret));
     assert_eq!(condition(&gi, "Ready").unwrap().0, "False");
     assert!(
         condition(&gi, "Reconciling").is_none(),
@@ -235,6 +438,15 @@ async fn proxmox_unreachable_is_reconciling_then_recovers() {
         condition(&gi, "Stalled").is_none(),
         "transient trouble is not Stalled"
     );
+    let ev = wait_event(
+        &client,
+        &ns,
+        "img",
+        "ProxmoxUnreachable",
+        "retrying with backoff",
+    )
+    .await;
+    assert_eq!(ev.0, "Warning");
 
     pve.clear_failures().await;
     wait_for(
@@ -327,5 +539,419 @@ async fn apply_builds_validates_and_promotes() {
         .await
         .unwrap();
     assert_eq!(cm.data.unwrap()["template_id"], latest.vmid.to_string());
+    ctl.abort();
+}
+
+#[tokio::test]
+async fn a_spec_change_promotes_a_new_version_and_keeps_the_old() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-change").await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let uid = create_image(&client, &ns, "img", &pve, "pve")
+        .await
+        .uid()
+        .unwrap();
+    let ctl = start(&client, options(&ns, "a", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True",
+        Duration::from_secs(300),
+        is_ready,
+    )
+    .await;
+    let first = gi.status.as_ref().unwrap().latest.clone().unwrap();
+
+    change_spec(&client, &ns, "img", 4).await;
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "a second version promoted",
+        Duration::from_secs(300),
+        |gi| {
+            observed(gi)
+                && is_ready(gi)
+                && latest_vmid(gi).is_some_and(|v| v != first.vmid)
+                && condition(gi, "Reconciling").is_none()
+        },
+    )
+    .await;
+    let st = gi.status.clone().unwrap();
+    let second = st.latest.clone().unwrap();
+    assert_ne!(second.name, first.name);
+    if second.build_date == first.build_date {
+        assert_eq!(second.build_number, first.build_number + 1, "{st:#?}");
+    }
+    assert_ne!(second.spec_hash, first.spec_hash);
+    assert!(second.validated_at.is_some(), "{second:?}");
+    assert_eq!(condition(&gi, "Validated").unwrap().0, "True");
+    assert_eq!(condition(&gi, "UpToDate").unwrap().0, "True");
+    let listed: Vec<(u32, bool)> = st.versions.iter().map(|v| (v.vmid, v.latest)).collect();
+    assert_eq!(listed, vec![(second.vmid, true), (first.vmid, false)]);
+
+    // On Proxmox: both templates stay, only the new one carries the channel tag, nothing leaked.
+    let vms = tagged_vms(&pve_client(&pve)).await;
+    let mut both = vec![first.vmid, second.vmid];
+    both.sort();
+    assert_eq!(templates(&vms, &uid), both, "{vms:#?}");
+    assert_eq!(holders(&vms, &uid), vec![second.vmid], "{vms:#?}");
+    assert!(leftovers(&vms, &uid).is_empty(), "{vms:#?}");
+
+    // The Terraform hand-off follows.
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("img-template")
+        .await
+        .unwrap();
+    let data = cm.data.unwrap();
+    assert_eq!(data["template_id"], second.vmid.to_string());
+    assert_eq!(data["template_name"], second.name);
+
+    // `kubectl get gi` shows the new latest.
+    let out = cp
+        .kubectl()
+        .args(["get", "gi", "img", "-n", &ns])
+        .output()
+        .expect("run kubectl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "OS", "LATEST", "VMID", "READY", "VALIDATED", "AGE"],
+        "{text}"
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let vmid = second.vmid.to_string();
+    assert_eq!(
+        &row[..6],
+        [
+            "img",
+            "ubuntu-24.04",
+            second.name.as_str(),
+            vmid.as_str(),
+            "True",
+            "True"
+        ],
+        "{text}"
+    );
+
+    // Events: why the build started, each stage, the promotion.
+    wait_event(&client, &ns, "img", "BuildStarted", "SpecChanged").await;
+    for stage in ["Source", "CreateVm", "Provision", "Convert", "Validate"] {
+        wait_event(
+            &client,
+            &ns,
+            "img",
+            "StageFinished",
+            &format!("stage {stage} finished"),
+        )
+        .await;
+    }
+    let promoted = wait_event(&client, &ns, "img", "Promoted", &vmid).await;
+    assert_eq!(promoted.0, "Normal");
+    ctl.abort();
+}
+
+#[tokio::test]
+async fn a_failed_validation_keeps_the_previous_latest_and_does_not_loop() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-vfail").await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let uid = create_image(&client, &ns, "img", &pve, "pve")
+        .await
+        .uid()
+        .unwrap();
+    let ctl = start(&client, options(&ns, "a", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True",
+        Duration::from_secs(300),
+        is_ready,
+    )
+    .await;
+    let first = latest_vmid(&gi).unwrap();
+
+    // From now on cloud-init ends `degraded` in every new guest: the build accepts that (like
+    // the seed, its `cloud-init status --wait` takes exit 2 in a fresh cloud image), the
+    // validation does not (it wants `done`).
+    pve.set_guest(
+        None,
+        GuestSettings {
+            cloud_init: Some("degraded".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    change_spec(&client, &ns, "img", 4).await;
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Validated=False",
+        Duration::from_secs(300),
+        |gi| {
+            observed(gi)
+                && condition(gi, "Validated").is_some_and(|c| c.0 == "False")
+                && gi.status.as_ref().is_some_and(|s| s.build.is_none())
+        },
+    )
+    .await;
+    let (_, reason, message) = condition(&gi, "Validated").unwrap();
+    assert_eq!(reason, "ValidationFailed");
+    assert!(
+        message.contains("cloudInit") && message.contains("degraded"),
+        "the failing check is named: {message}"
+    );
+    assert_eq!(latest_vmid(&gi), Some(first), "the previous latest stays");
+    assert!(is_ready(&gi), "the image still has a validated template");
+    let st = gi.status.clone().unwrap();
+    let report = st.last_validation.clone().unwrap();
+    assert!(!report.passed);
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.name == "cloudInit" && !c.passed),
+        "{report:?}"
+    );
+
+    let vms = tagged_vms(&pve_client(&pve)).await;
+    let all = templates(&vms, &uid);
+    assert_eq!(all.len(), 2, "{vms:#?}");
+    let failed = *all.iter().find(|v| **v != first).unwrap();
+    assert_eq!(holders(&vms, &uid), vec![first], "{vms:#?}");
+    let failed_vm = vms.iter().find(|v| v.vmid == failed).unwrap();
+    assert!(
+        failed_vm.tags.contains(FAILED_VALIDATION_TAG),
+        "{failed_vm:?}"
+    );
+    assert!(leftovers(&vms, &uid).is_empty(), "{vms:#?}");
+    let ev = wait_event(&client, &ns, "img", "ValidationFailed", "cloudInit").await;
+    assert_eq!(ev.0, "Warning");
+
+    // The same spec is not rebuilt: several requeues (5 s) and resyncs (2 s) later, still two
+    // templates and two builds.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let gi = Api::<GoldenImage>::namespaced(client.clone(), &ns)
+        .get("img")
+        .await
+        .unwrap();
+    assert!(
+        gi.status.as_ref().unwrap().build.is_none(),
+        "{:#?}",
+        gi.status
+    );
+    let vms = tagged_vms(&pve_client(&pve)).await;
+    assert_eq!(templates(&vms, &uid).len(), 2, "{vms:#?}");
+    let started = events(&client, &ns, "img")
+        .await
+        .into_iter()
+        .filter(|e| e.1 == "BuildStarted")
+        .count();
+    assert_eq!(started, 2, "{:#?}", events(&client, &ns, "img").await);
+    ctl.abort();
+}
+
+#[tokio::test]
+async fn a_controller_killed_mid_build_resumes_without_leaks() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-kill").await;
+    // Slow enough (1 PVE second = 50 ms) that a build is caught in flight.
+    let pve = FakePve::start_with(PveOptions { time_scale: 0.05 }).await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let uid = create_image(&client, &ns, "img", &pve, "pve")
+        .await
+        .uid()
+        .unwrap();
+    let ctl = start(&client, options(&ns, "a", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "a build stage in flight",
+        Duration::from_secs(120),
+        |gi| {
+            gi.status
+                .as_ref()
+                .and_then(|s| s.build.as_ref())
+                .is_some_and(|b| ["CreateVm", "Provision", "Shutdown"].contains(&b.stage.as_str()))
+        },
+    )
+    .await;
+    let build = gi.status.unwrap().build.unwrap();
+    ctl.abort();
+    assert!(ctl.await.unwrap_err().is_cancelled());
+
+    // Its build stopped with it: once a request in flight is answered, Proxmox hears nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seq = pve.requests().await.last().map(|r| r.seq).unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = pve.requests_since(seq).await;
+    assert!(
+        after.is_empty(),
+        "the stopped controller's build still talks to Proxmox: {after:#?}"
+    );
+
+    let ctl = start(&client, options(&ns, "b", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True after the restart",
+        Duration::from_secs(300),
+        |gi| is_ready(gi) && gi.status.as_ref().is_some_and(|s| s.build.is_none()),
+    )
+    .await;
+    let latest = gi.status.as_ref().unwrap().latest.clone().unwrap();
+    assert_eq!(gi.status.as_ref().unwrap().versions.len(), 1);
+    let vms = tagged_vms(&pve_client(&pve)).await;
+    assert_eq!(templates(&vms, &uid), vec![latest.vmid], "{vms:#?}");
+    assert_eq!(holders(&vms, &uid), vec![latest.vmid], "{vms:#?}");
+    assert!(leftovers(&vms, &uid).is_empty(), "leaked: {vms:#?}");
+    assert_eq!(vms.len(), 1, "no other VM of ours: {vms:#?}");
+    wait_event(
+        &client,
+        &ns,
+        "img",
+        "BuildStarted",
+        &format!("ResumingBuild: build {}", build.id),
+    )
+    .await;
+    ctl.abort();
+}
+
+#[tokio::test]
+async fn deleting_with_retain_leaves_the_templates() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-retain").await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let uid = create_image(&client, &ns, "img", &pve, "pve")
+        .await
+        .uid()
+        .unwrap();
+    let ctl = start(&client, options(&ns, "a", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True",
+        Duration::from_secs(300),
+        is_ready,
+    )
+    .await;
+    let vmid = latest_vmid(&gi).unwrap();
+    delete_and_wait(&client, &ns, "img").await;
+    let vms = tagged_vms(&pve_client(&pve)).await;
+    assert_eq!(templates(&vms, &uid), vec![vmid], "{vms:#?}");
+    assert_eq!(
+        holders(&vms, &uid),
+        vec![vmid],
+        "the template is left as it was"
+    );
+    wait_event(&client, &ns, "img", "TemplatesRetained", "Retain").await;
+    ctl.abort();
+}
+
+#[tokio::test]
+async fn deleting_with_delete_removes_unused_templates_and_keeps_a_cloned_one() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-delete").await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let uid = create_image_with(
+        &client,
+        &ns,
+        "img",
+        &pve,
+        "pve",
+        json!({"deletionPolicy": "Delete"}),
+    )
+    .await
+    .uid()
+    .unwrap();
+    let ctl = start(&client, options(&ns, "a", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True",
+        Duration::from_secs(300),
+        is_ready,
+    )
+    .await;
+    let first = latest_vmid(&gi).unwrap();
+    change_spec(&client, &ns, "img", 4).await;
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "a second version promoted",
+        Duration::from_secs(300),
+        |gi| is_ready(gi) && latest_vmid(gi).is_some_and(|v| v != first),
+    )
+    .await;
+    let second = latest_vmid(&gi).unwrap();
+
+    // A consumer's linked clone of the older template on LVM-thin (local-lvm): its disk is
+    // `vm-N-disk-0`, naming no base; only the marker it copied tells where it comes from.
+    let c = pve_client(&pve);
+    let clone = 700;
+    let upid = c
+        .clone_vm(
+            &pve.node,
+            first,
+            &proxmox::CloneRequest {
+                full: Some(false),
+                name: Some("consumer".into()),
+                ..proxmox::CloneRequest::new(clone)
+            },
+        )
+        .await
+        .unwrap();
+    c.wait_task(&upid, Duration::from_secs(60)).await.unwrap();
+
+    delete_and_wait(&client, &ns, "img").await;
+    let vms = tagged_vms(&c).await;
+    assert_eq!(templates(&vms, &uid), vec![first], "{vms:#?}");
+    assert!(
+        vms.iter()
+            .any(|v| v.vmid == clone && v.ownership == Ownership::Foreign),
+        "the consumer's clone is untouched: {vms:#?}"
+    );
+    assert!(!vms.iter().any(|v| v.vmid == second), "{vms:#?}");
+    let ev = wait_event(
+        &client,
+        &ns,
+        "img",
+        "TemplatesDeleted",
+        &format!("[{second}]"),
+    )
+    .await;
+    assert!(
+        ev.2.contains(&format!("{first} (in use by [{clone}])")),
+        "{ev:?}"
+    );
     ctl.abort();
 }

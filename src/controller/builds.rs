@@ -139,6 +139,8 @@ pub enum JobOutcome {
 struct Job {
     node: String,
     progress: ProgressHandle,
+    /// Finished stages already announced as Events.
+    announced: usize,
     outcome: Arc<Mutex<Option<JobOutcome>>>,
     handle: tokio::task::JoinHandle<()>,
 }
@@ -227,6 +229,7 @@ impl Tracker {
             Job {
                 node: node.to_string(),
                 progress,
+                announced: 0,
                 outcome,
                 handle,
             },
@@ -275,6 +278,30 @@ impl Tracker {
 
     pub fn is_tracked(&self, key: &str) -> bool {
         self.jobs().contains_key(key)
+    }
+
+    /// Stages of `key`'s job that finished since the last call, with their seconds: each
+    /// becomes one Event, however many stages passed between two reconciles.
+    pub fn take_finished_stages(&self, key: &str) -> Vec<(String, f64)> {
+        let mut jobs = self.jobs();
+        let Some(job) = jobs.get_mut(key) else {
+            return Vec::new();
+        };
+        let stages = job.progress.snapshot().stages;
+        let new = stages.get(job.announced..).unwrap_or_default().to_vec();
+        job.announced = stages.len();
+        new
+    }
+}
+
+/// The jobs belong to this controller: when it stops (shutdown, lost leadership, or an
+/// embedding that drops it) they stop too, so they never act next to the next leader, which
+/// resumes them from `status.build` and the markers.
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        for (_, job) in self.jobs().drain() {
+            job.handle.abort();
+        }
     }
 }
 
@@ -325,6 +352,10 @@ mod tests {
             }
             _ => panic!("expected a running job"),
         }
+        let stages = t.take_finished_stages("ns/a");
+        assert_eq!(stages.len(), 1);
+        assert_eq!(stages[0].0, "Source");
+        assert!(t.take_finished_stages("ns/a").is_empty(), "announced once");
         tx.send(()).unwrap();
         for _ in 0..100 {
             if matches!(t.view("ns/a"), Some(JobView::Finished(..))) {
@@ -343,5 +374,28 @@ mod tests {
         assert!(t.is_tracked("ns/b"), "a running job is not removed");
         t.abort("ns/c");
         assert!(!t.is_tracked("ns/c"));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_tracker_stops_its_jobs() {
+        let t = Tracker::new(
+            Limits {
+                global: 1,
+                per_node: 1,
+            },
+            Default::default(),
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        t.try_start("ns/a", "pve1", "b1", "Source", |_| async move {
+            let _tx = tx;
+            std::future::pending::<JobOutcome>().await
+        })
+        .unwrap();
+        drop(t);
+        // The job's future (holding the sender) is dropped once the aborted task ends.
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .expect("the job still runs after its tracker was dropped")
+            .unwrap_err();
     }
 }

@@ -80,7 +80,7 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
         let p = progress.clone();
         let on_event = move |ev: &ProgressEvent| {
             if let ProgressEvent::CheckFinished(c) = ev {
-                p.message(&format!("check {:?} passed: {}", c.check, c.passed));
+                p.message(&format!("check {} passed: {}", c.check, c.passed));
             }
         };
         match validate::validate_template(&req.client, &vreq, &on_event).await {
@@ -109,7 +109,7 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
             .unwrap_or_else(|| "validation failed".into());
         let (check, message) = r
             .first_failure()
-            .map(|c| (format!("{:?}", c.check), c.message.clone()))
+            .map(|c| (c.check.as_str().to_string(), c.message.clone()))
             .unwrap_or_else(|| ("unknown".into(), reason.clone()));
         if let Err(e) = crate::promote::mark_failed(&req.client, built.vmid, &reason).await {
             tracing::warn!(error = %e, vmid = built.vmid, "cannot mark the template failed");

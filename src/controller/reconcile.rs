@@ -33,6 +33,7 @@ use crate::image::marker::{Owner, Role, SourceInfo, ownership};
 use crate::image::output::TerraformOutput;
 use crate::image::version::{TemplateVersion, VmFacts};
 use crate::proxmox;
+use crate::retention::inventory::{Candidate, Counted, find_users};
 
 pub const FINALIZER: &str = "images.sombrero.dev/cleanup";
 const KIND: &str = "GoldenImage";
@@ -99,15 +100,66 @@ async fn event(
     action: &str,
     note: String,
 ) {
+    event_about(ctx, gi, type_, reason, action, note, None).await
+}
+
+/// What an Event is about besides the GoldenImage: a build or a Proxmox template.
+enum About<'a> {
+    Build(&'a str),
+    Stage(&'a str, &'a str),
+    Template(u32),
+}
+
+/// kube's Recorder folds Events with the same type, reason, action and objects into one series
+/// that keeps the first note, so a second build's `BuildStarted` would show the first one's
+/// text. Naming the build (or template) as the related object keeps one Event per thing that
+/// happened; a repeated error (same reason, no related object) still folds into a series.
+async fn event_about(
+    ctx: &Context,
+    gi: &GoldenImage,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+    about: Option<About<'_>>,
+) {
+    let related = about.map(|a| {
+        let (kind, name) = match a {
+            About::Build(id) => ("SombreroBuild", id.to_string()),
+            About::Stage(id, stage) => ("SombreroBuildStage", format!("{id}.{stage}")),
+            About::Template(vmid) => ("ProxmoxTemplate", vmid.to_string()),
+        };
+        k8s_openapi::api::core::v1::ObjectReference {
+            kind: Some(kind.into()),
+            name: Some(name),
+            ..Default::default()
+        }
+    });
     let ev = Event {
         type_,
         reason: reason.to_string(),
         note: Some(note.chars().take(1000).collect()),
         action: action.to_string(),
-        secondary: None,
+        secondary: related,
     };
     if let Err(e) = ctx.recorder.publish(&ev, &gi.object_ref(&())).await {
         warn!(error = %e, reason, "cannot publish Event");
+    }
+}
+
+/// One Event per build stage that finished since the last reconcile (with its duration).
+async fn announce_stages(ctx: &Context, gi: &GoldenImage, key: &str, build_id: &str) {
+    for (stage, secs) in ctx.tracker.take_finished_stages(key) {
+        event_about(
+            ctx,
+            gi,
+            EventType::Normal,
+            "StageFinished",
+            "Build",
+            format!("build {build_id}: stage {stage} finished in {secs:.1}s"),
+            Some(About::Stage(build_id, &stage)),
+        )
+        .await;
     }
 }
 
@@ -283,6 +335,7 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
 
     // A finished job: record its outcome.
     if let Some(JobView::Finished(progress, outcome)) = ctx.tracker.view(&key) {
+        announce_stages(ctx, gi, &key, &progress.id).await;
         for (stage, secs) in &progress.stages {
             ctx.metrics
                 .build_stage_duration
@@ -290,6 +343,19 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                     stage: stage.clone(),
                 })
                 .observe(*secs);
+        }
+        let checks = match &outcome {
+            JobOutcome::Promoted { report, .. } => report.as_ref(),
+            JobOutcome::ValidationFailed { report, .. } => Some(report),
+            JobOutcome::Failed { .. } => None,
+        };
+        for c in checks.map(|r| r.checks.as_slice()).unwrap_or_default() {
+            ctx.metrics
+                .validation_check_duration
+                .get_or_create(&super::metrics::StageLabels {
+                    stage: c.name.clone(),
+                })
+                .observe(c.seconds);
         }
         let mut touched = Vec::new();
         match &outcome {
@@ -308,7 +374,7 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&key);
                 info!(vmid, name, "template promoted");
-                event(
+                event_about(
                     ctx,
                     gi,
                     EventType::Normal,
@@ -322,6 +388,7 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                             " (validation disabled)"
                         }
                     ),
+                    Some(About::Template(*vmid)),
                 )
                 .await;
             }
@@ -336,8 +403,9 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                 st.last_validation = Some(report.clone());
                 st.build = None;
                 warn!(vmid, name, failed_check, "validation failed");
-                event(ctx, gi, EventType::Warning, "ValidationFailed", "Validate",
-                    format!("template {name} (VMID {vmid}) failed check {failed_check}: {message}; it is tagged failed-validation and not promoted, the previous latest stays; change the spec or request a rebuild")).await;
+                event_about(ctx, gi, EventType::Warning, "ValidationFailed", "Validate",
+                    format!("template {name} (VMID {vmid}) failed check {failed_check}: {message}; it is tagged failed-validation and not promoted, the previous latest stays; change the spec or request a rebuild"),
+                    Some(About::Template(*vmid))).await;
             }
             JobOutcome::Failed {
                 stage,
@@ -364,20 +432,22 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                     },
                 );
                 warn!(stage = %stage_text, reason, error = %message, "build failed");
-                event(
+                event_about(
                     ctx,
                     gi,
                     EventType::Warning,
                     reason,
                     "Build",
                     format!(
-                        "build failed in stage {stage_text}: {message}{}",
+                        "build {} failed in stage {stage_text}: {message}{}",
+                        progress.id,
                         if *retryable {
                             "; retrying with backoff"
                         } else {
                             "; fix the cause and change the spec or request a rebuild"
                         }
                     ),
+                    Some(About::Build(&progress.id)),
                 )
                 .await;
             }
@@ -452,6 +522,7 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
 
     match ctx.tracker.view(&key) {
         Some(JobView::Running(p)) => {
+            announce_stages(ctx, gi, &key, &p.id).await;
             st.build = Some(p.to_status());
             let msg = format!(
                 "build {} in stage {}{}",
@@ -503,7 +574,10 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     if let Some(t) = trigger {
         let build_id = resume_id
             .clone()
-            .unwrap_or_else(|| format!("b-{}", now.format("%Y%m%d%H%M%S")));
+            // Milliseconds: two builds of one image within a second (a fast failure and a
+            // manual rebuild) must not share an id, or the second would find the first's
+            // finished template by its marker and "resume" it.
+            .unwrap_or_else(|| format!("b-{}", now.format("%Y%m%d%H%M%S%3f")));
         let request = JobRequest {
             client: client.clone(),
             spec: gi.spec.clone(),
@@ -530,7 +604,7 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                     t.reason()
                 };
                 info!(build_id, trigger = why, "build started");
-                event(
+                event_about(
                     ctx,
                     gi,
                     EventType::Normal,
@@ -540,6 +614,7 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                         "{why}: build {build_id} of {}-{} started on node {}",
                         gi.spec.os, gi.spec.type_, gi.spec.placement.node
                     ),
+                    Some(About::Build(&build_id)),
                 )
                 .await;
                 if let Some(v) = ctx.tracker.view(&key)
@@ -784,28 +859,55 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         let snap = inv.snapshot(Duration::ZERO).await?;
         let mut deleted = Vec::new();
         let mut kept = Vec::new();
+        let mut candidates = Vec::new();
         for (v, _) in versions(&snap, &owner.uid) {
+            let Some(ours) = snap.ours.iter().find(|o| o.vm.vmid == v.vmid) else {
+                continue;
+            };
             if v.protected {
                 kept.push(format!("{} (protected)", v.vmid));
-                continue;
+            } else if let Some(lock) = ours.vm.lock.as_deref().filter(|l| !l.is_empty()) {
+                kept.push(format!("{} (locked: {lock})", v.vmid));
+            } else {
+                candidates.push(Candidate::from_config(v.vmid, &v.node, &ours.config));
             }
-            let users = linked_clones(&client, &snap, v.vmid, &v.node).await?;
+        }
+        // Linked clones as the retention code finds them: volume ids and `parent` where the
+        // storage records them, and on LVM-thin (which records nothing) the marker a clone
+        // copied from its template; our validation clones of the same build count too.
+        let known: BTreeMap<u32, &proxmox::VmConfig> = snap
+            .ours
+            .iter()
+            .map(|o| (o.vm.vmid, o.config.as_ref()))
+            .collect();
+        let usage = if candidates.is_empty() {
+            Default::default()
+        } else {
+            find_users(&Counted::new(&client), &snap.vms, &candidates, &known).await?
+        };
+        for c in &candidates {
+            let users = usage.users(c.vmid);
             if !users.is_empty() {
-                kept.push(format!("{} (linked clones {users:?})", v.vmid));
+                kept.push(format!("{} (in use by {users:?})", c.vmid));
                 continue;
             }
-            let upid = client
+            let upid = match client
                 .delete_vm(
-                    &v.node,
-                    v.vmid,
+                    &c.node,
+                    c.vmid,
                     proxmox::DeleteVm {
                         purge: true,
                         destroy_unreferenced_disks: true,
                     },
                 )
-                .await?;
+                .await
+            {
+                Ok(u) => u,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
             client.wait_task(&upid, Duration::from_secs(600)).await?;
-            deleted.push(v.vmid);
+            deleted.push(c.vmid);
         }
         inv.invalidate(&deleted).await;
         event(
@@ -836,35 +938,4 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         .await;
     }
     Ok(Action::await_change())
-}
-
-/// VMs whose disks reference `base-<vmid>-disk-*` (linked clones of the template). Reads the
-/// configs of the other VMs on the node: only at deletion, never at steady state.
-async fn linked_clones(
-    client: &proxmox::Client,
-    snap: &Snapshot,
-    vmid: u32,
-    node: &str,
-) -> Result<Vec<u32>> {
-    let needle = format!("base-{vmid}-disk-");
-    let mut users = Vec::new();
-    for vm in snap
-        .vms
-        .iter()
-        .filter(|v| v.is_qemu() && v.vmid != vmid && v.node == node)
-    {
-        let config = match client.vm_config(node, vm.vmid).await {
-            Ok(c) => c,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if config
-            .extra
-            .values()
-            .any(|v| v.as_str().is_some_and(|s| s.contains(&needle)))
-        {
-            users.push(vm.vmid);
-        }
-    }
-    Ok(users)
 }
