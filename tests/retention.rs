@@ -1308,6 +1308,107 @@ mod controller_e2e {
         handle.abort();
     }
 
+    #[tokio::test]
+    async fn controller_reports_failed_archives() {
+        let cp = control_plane();
+        cp.install_crds();
+        let client = cp.client().await;
+        let ns = cp.namespace(&client, "retention-fail").await;
+        let pve = FakePve::start().await;
+        add_template(&pve, 1901, 200, T::default()).await;
+        add_template(
+            &pve,
+            1902,
+            5,
+            T {
+                latest: true,
+                ..T::default()
+            },
+        )
+        .await;
+        put_secret(&client, &ns, &pve).await;
+        pve.fail(Failure::status(
+            "POST",
+            "/nodes/{node}/vzdump",
+            500,
+            "storage 'local' is not online",
+        ))
+        .await;
+        let api: Api<TemplateRetention> = Api::namespaced(client.clone(), &ns);
+        let tr: TemplateRetention = serde_json::from_value(json!({
+            "apiVersion": "images.sombrero.dev/v1alpha1",
+            "kind": "TemplateRetention",
+            "metadata": {"name": "ubuntu"},
+            "spec": {
+                "target": {"tagSelector": [format!("sombrero.{NS}.{IMAGE}")]},
+                "proxmox": {"secretRef": {"name": "pve"}},
+                "keepLast": 1,
+                "archiveAfter": "30d",
+                "archive": {"mode": "backup", "backupStorage": "local"},
+            }
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &tr)
+            .await
+            .expect("create");
+        let handle = {
+            let client = client.clone();
+            let opts = options(&ns);
+            tokio::spawn(async move {
+                controller::run(client, opts, Arc::new(controller::engine::Engine)).await
+            })
+        };
+        let tr = wait_for(&api, "ubuntu", "ActionsFailed", |tr| {
+            ready_reason(tr).is_some_and(|(s, r)| s == "False" && r == "ActionsFailed")
+        })
+        .await;
+        let st = tr.status.unwrap();
+        assert_eq!(st.executed.len(), 1);
+        assert!(!st.executed[0].succeeded);
+        assert!(
+            st.executed[0].message.contains("nothing was deleted"),
+            "{:?}",
+            st.executed
+        );
+        let rec = find_condition(&st.conditions, "Reconciling").expect("Reconciling");
+        assert_eq!(rec.reason, "RetryingFailedActions");
+        assert!(find_condition(&st.conditions, "Stalled").is_none());
+        assert!(exists(&client_for(&pve), &pve, 1901).await);
+        let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
+        let start = Instant::now();
+        loop {
+            let failed = events
+                .list(&ListParams::default())
+                .await
+                .expect("events")
+                .items
+                .into_iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("ArchiveFailed")
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.note
+                            .as_deref()
+                            .is_some_and(|n| n.contains("template 1901"))
+                });
+            if failed {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no ArchiveFailed Event"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // No secret in the status or the Events.
+        let all = format!(
+            "{:?}{:?}",
+            api.get("ubuntu").await.unwrap().status,
+            events.list(&ListParams::default()).await.unwrap().items
+        );
+        assert!(!all.contains(&pve.token_secret));
+        handle.abort();
+    }
+
     fn client_for(pve: &FakePve) -> Client {
         super::client(pve)
     }

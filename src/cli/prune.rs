@@ -334,6 +334,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_policy_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/retention.yaml");
+        let p = load(&path).unwrap();
+        assert_eq!(p.rules, crate::retention::RetentionRules::default());
+        assert_eq!(p.mode, ArchiveMode::Tag);
+    }
+
+    #[test]
     fn the_crds_cel_rules_pass_on_good_files_and_run() {
         let good: TemplateRetention = serde_yaml::from_str(GOOD).unwrap();
         assert!(cel_problems(&good).is_empty(), "{:?}", cel_problems(&good));

@@ -84,6 +84,15 @@ pub async fn preflight(client: &kube::Client, namespace: Option<&str>) -> Result
 #[tracing::instrument(skip(tr, ctx), fields(object = %key_of(&tr)))]
 pub async fn reconcile(tr: Arc<TemplateRetention>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(KIND);
+    // The store can lag behind our own last status write (a run queued while the previous one
+    // ran gets the older copy): read the object fresh, so `not_due` sees what was done.
+    let api: Api<TemplateRetention> =
+        Api::namespaced(ctx.client.clone(), &tr.namespace().unwrap_or_default());
+    let tr = match api.get_opt(&tr.name_any()).await {
+        Ok(Some(fresh)) => Arc::new(fresh),
+        Ok(None) => return Ok(Action::await_change()),
+        Err(e) => return Err(Error::Kube(e)),
+    };
     match apply(&tr, &ctx).await {
         Ok(action) => {
             ctx.reset_backoff(&key_of(&tr));
