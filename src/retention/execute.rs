@@ -166,16 +166,14 @@ async fn backup(
     };
     let name = c.config.name.clone().unwrap_or_else(|| d.name.clone());
     let notes = format!("{BACKUP_NOTES_PREFIX}{name}");
+    // `<notes> (VMID ..., node ...)`: the name must match whole, not as a prefix of another.
+    let ours = |n: &str| n == notes || n.starts_with(&format!("{notes} ("));
     let before = backups_of(client, &c.node, storage, d.vmid)
         .await
         .map_err(|e| {
             format!("backup storage {storage:?} cannot be listed: {e}; nothing was deleted")
         })?;
-    let volid = match before
-        .iter()
-        .find(|(_, n)| n.starts_with(&notes))
-        .map(|(v, _)| v.clone())
-    {
+    let volid = match before.iter().find(|(_, n)| ours(n)).map(|(v, _)| v.clone()) {
         // An earlier run backed it up and was interrupted before deleting.
         Some(existing) => {
             progress(&format!("{}: found earlier backup {existing}", label(d)));
@@ -201,7 +199,7 @@ async fn backup(
                 .map_err(|e| format!("backup could not be checked: {e}; nothing was deleted"))?;
             after
                 .into_iter()
-                .find(|(v, n)| !known.contains(v) && n.starts_with(&notes))
+                .find(|(v, n)| !known.contains(v) && ours(n))
                 .map(|(v, _)| v)
                 .ok_or_else(|| {
                     format!(
