@@ -6,7 +6,7 @@ CARGO ?= cargo
 # 2-core machines: one test binary at a time keeps memory and CPU contention predictable.
 CARGO_TEST_FLAGS ?=
 
-.PHONY: test tools venv fmt-check clippy cargo-test crds crds-check demo bench-build
+.PHONY: test tools venv fmt-check clippy cargo-test crds crds-check demo bench-build bench-controller
 
 test: tools venv fmt-check clippy cargo-test
 
@@ -41,3 +41,8 @@ BENCH_N ?= 5
 bench-build: venv
 	BENCH=$(BENCH_N) TIME_SCALE=0 scripts/demo.sh
 	BENCH=$(BENCH_N) TIME_SCALE=0.01 scripts/demo.sh
+
+# Steady state of the controller with 100 and 1,000 GoldenImages (templates already promoted):
+# Proxmox requests per resync, reconcile latency, RSS. See docs/controller.md for the numbers.
+bench-controller: tools venv
+	scripts/bench-controller.sh

@@ -1,0 +1,392 @@
+//! Steady-state cost of `sombrero controller` (run by `make bench-controller` through
+//! `scripts/bench-controller.sh`; not a test: it measures and prints, it asserts nothing about
+//! time).
+//!
+//! `cargo run --example bench_controller -- <GoldenImages> [window seconds, default 65: two
+//! requeue rounds]`:
+//! 1. a real kube-apiserver (tests/support/kube.rs) and the fake Proxmox (time scale 0);
+//! 2. N GoldenImages, and for each its latest template already on Proxmox (`add_vm` with our
+//!    marker, the image's spec hash and tags, validated and carrying the channel tag), so no
+//!    build is due;
+//! 3. the controller in this process (resync 5 s, requeue 30 s) until every image is Ready;
+//! 4. a measuring window: Proxmox requests from the fake's request log, by endpoint, per
+//!    resync interval; the reconcile latency from the controller's
+//!    `sombrero_reconcile_duration_seconds` histogram (window only); this process's RSS.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use sombrero::api::GoldenImage;
+use sombrero::controller::{
+    self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
+};
+use sombrero::image::marker::{
+    BUILDER, MARKER_SCHEMA_VERSION, Marker, Owner, Role, SourceInfo, TemplateMetadata,
+    ValidationRecord, render_description,
+};
+use sombrero::image::tags::{LATEST_TAG, base_tags};
+use support::fakepve::{FakePve, Image};
+use support::kube::control_plane;
+
+const RESYNC: Duration = Duration::from_secs(5);
+const REQUEUE: Duration = Duration::from_secs(30);
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `le` -> cumulative count, plus sum and count, of the GoldenImage reconcile histogram.
+#[derive(Default, Clone)]
+struct Hist {
+    buckets: Vec<(f64, f64)>,
+    sum: f64,
+    count: f64,
+}
+
+fn parse_hist(text: &str) -> Hist {
+    let mut h = Hist::default();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("sombrero_reconcile_duration_seconds_") else {
+            continue;
+        };
+        if !rest.contains("kind=\"GoldenImage\"") {
+            continue;
+        }
+        let value: f64 = rest
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if rest.starts_with("bucket") {
+            let le = rest
+                .split("le=\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .map(|s| {
+                    if s == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        s.parse().unwrap_or(f64::INFINITY)
+                    }
+                })
+                .unwrap_or(f64::INFINITY);
+            h.buckets.push((le, value));
+        } else if rest.starts_with("sum") {
+            h.sum = value;
+        } else if rest.starts_with("count") {
+            h.count = value;
+        }
+    }
+    h
+}
+
+/// Upper bucket bound holding quantile `q` of the window's observations.
+fn quantile(before: &Hist, after: &Hist, q: f64) -> f64 {
+    let total = after.count - before.count;
+    for (i, (le, c)) in after.buckets.iter().enumerate() {
+        let prev = before.buckets.get(i).map(|b| b.1).unwrap_or(0.0);
+        if total > 0.0 && (c - prev) >= q * total {
+            return *le;
+        }
+    }
+    f64::INFINITY
+}
+
+async fn scrape(addr: &str) -> Hist {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    parse_hist(&text)
+}
+
+async fn put_secret(client: &Client, ns: &str, pve: &FakePve) {
+    let mut data = BTreeMap::new();
+    data.insert("url".to_string(), pve.url.clone());
+    data.insert("tokenId".to_string(), pve.token_id.clone());
+    data.insert("tokenSecret".to_string(), pve.token_secret.clone());
+    data.insert("caCert".to_string(), pve.ca_pem.clone());
+    let mut v = serde_json::to_value(Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("pve".into()),
+            ..Default::default()
+        },
+        string_data: Some(data),
+        ..Default::default()
+    })
+    .unwrap();
+    v["apiVersion"] = json!("v1");
+    v["kind"] = json!("Secret");
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .patch(
+            "pve",
+            &PatchParams::apply("sombrero-bench").force(),
+            &Patch::Apply(v),
+        )
+        .await
+        .expect("apply Secret");
+}
+
+/// The template a finished build would have left: our marker for its VMID, validated, latest.
+fn template_for(gi: &GoldenImage, vmid: u32, node: &str) -> serde_json::Value {
+    let now = Utc::now();
+    let today = now.date_naive();
+    let name = format!(
+        "{}-{}-{}-001",
+        gi.spec.os,
+        gi.spec.type_,
+        today.format("%Y%m%d")
+    );
+    let ns = gi.namespace().unwrap();
+    let marker = Marker {
+        schema: MARKER_SCHEMA_VERSION,
+        owner: Owner {
+            namespace: ns.clone(),
+            name: gi.name_any(),
+            uid: gi.uid().unwrap(),
+        },
+        build_id: format!("b-bench-{vmid}"),
+        role: Role::Template,
+        vmid,
+        metadata: TemplateMetadata {
+            name: name.clone(),
+            os: gi.spec.os.clone(),
+            image_type: gi.spec.type_.clone(),
+            builder: BUILDER.into(),
+            builder_version: env!("CARGO_PKG_VERSION").into(),
+            build_date: today,
+            build_number: 1,
+            source: gi
+                .spec
+                .source
+                .cloud_image
+                .as_ref()
+                .map(|c| SourceInfo::CloudImage {
+                    url: c.url.clone(),
+                    checksum: c.checksum.clone(),
+                }),
+            spec_hash: controller::reconcile::current_spec_hash(gi).unwrap(),
+            package_manifest_digest: None,
+            validation: ValidationRecord::Passed { at: now },
+            created_at: Some(now),
+        },
+        build: None,
+    };
+    let mut tags = base_tags(&ns, &gi.name_any(), &gi.spec.os, &gi.spec.type_).unwrap();
+    tags.mark_validated();
+    tags.insert(LATEST_TAG);
+    json!({
+        "vmid": vmid, "name": name, "node": node, "status": "stopped", "template": true,
+        "config": {
+            "tags": tags.to_config_string(),
+            "description": render_description("", &marker).unwrap(),
+        },
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
+    let window = Duration::from_secs(args.next().and_then(|a| a.parse().ok()).unwrap_or(65));
+
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "bench").await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, &pve).await;
+    let img = pve.add_image(Image::new("bench.qcow2").agent()).await;
+    let checksum = format!("sha256:{}", img.checksums["sha256"]);
+
+    // N GoldenImages, then their templates.
+    let t = Instant::now();
+    let api: Api<GoldenImage> = Api::namespaced(client.clone(), &ns);
+    let gis: Vec<GoldenImage> = futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let gi: GoldenImage = serde_json::from_value(json!({
+                "apiVersion": "images.sombrero.dev/v1alpha1",
+                "kind": "GoldenImage",
+                "metadata": {"name": format!("img-{i:04}")},
+                "spec": {
+                    "proxmox": {"secretRef": {"name": "pve"}},
+                    "os": "ubuntu-24.04",
+                    "type": "minimal",
+                    "source": {"cloudImage": {"url": img.url, "checksum": checksum}},
+                    "placement": {"node": pve.node},
+                    "provisioning": {"via": "guestAgent"},
+                    "output": {"configMapName": format!("img-{i:04}-template")},
+                }
+            }))
+            .unwrap();
+            async move {
+                api.create(&PostParams::default(), &gi)
+                    .await
+                    .expect("create GoldenImage")
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let pve = Arc::new(pve);
+    futures::stream::iter(gis.iter().enumerate())
+        .map(|(i, gi)| {
+            let pve = pve.clone();
+            let spec = template_for(gi, 10_000 + i as u32, &pve.node);
+            async move {
+                pve.add_vm(spec).await;
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    eprintln!(
+        "prepared {n} GoldenImages and their templates in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // The controller, in this process.
+    let rss_before = rss_kib();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut settings = Settings::new(DefaultConnection::None);
+    settings.resync = RESYNC;
+    settings.requeue = REQUEUE;
+    let opts = Options {
+        namespace: Some(ns.clone()),
+        metrics_addr: metrics_addr.parse().unwrap(),
+        leader_election: false,
+        lease_name: "sombrero-bench".into(),
+        controller_namespace: ns.clone(),
+        identity: "bench".into(),
+        limits: Limits {
+            global: 4,
+            per_node: 2,
+        },
+        settings,
+        concurrency: 8,
+    };
+    let seq_start = pve.requests().await.last().map(|r| r.seq).unwrap_or(0);
+    let ctl_client = client.clone();
+    let ctl = tokio::spawn(async move {
+        controller::run(ctl_client, opts, Arc::new(controller::engine::Engine)).await
+    });
+
+    // Until every image is Ready with its prepared template (no build was due).
+    let t = Instant::now();
+    loop {
+        let list = api.list(&ListParams::default()).await.expect("list");
+        let ready = list
+            .items
+            .iter()
+            .filter(|gi| {
+                gi.status.as_ref().is_some_and(|s| {
+                    s.latest.as_ref().is_some_and(|l| l.vmid >= 10_000) && s.build.is_none()
+                })
+            })
+            .count();
+        if ready == n {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60 + n as u64) {
+            let building = list
+                .items
+                .iter()
+                .filter(|gi| gi.status.as_ref().is_some_and(|s| s.build.is_some()))
+                .count();
+            panic!(
+                "only {ready}/{n} Ready after {:?} ({building} building)",
+                t.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let first_round = pve.requests_since(seq_start).await;
+    eprintln!(
+        "all {n} Ready after {:.1}s; first round: {} Proxmox requests",
+        t.elapsed().as_secs_f64(),
+        first_round.len()
+    );
+
+    // The window: steady state.
+    let seq0 = pve.requests().await.last().map(|r| r.seq).unwrap_or(0);
+    let h0 = scrape(&metrics_addr).await;
+    tokio::time::sleep(window).await;
+    let reqs = pve.requests_since(seq0).await;
+    let h1 = scrape(&metrics_addr).await;
+    let rss_after = rss_kib();
+
+    let mut by_endpoint: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &reqs {
+        let endpoint = controller::metrics::endpoint_label(&r.path.replace("/api2/json", ""));
+        *by_endpoint
+            .entry(format!("{} {endpoint}", r.method))
+            .or_default() += 1;
+    }
+    let mut cold: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &first_round {
+        let endpoint = controller::metrics::endpoint_label(&r.path.replace("/api2/json", ""));
+        *cold.entry(format!("{} {endpoint}", r.method)).or_default() += 1;
+    }
+    let resyncs = window.as_secs_f64() / RESYNC.as_secs_f64();
+    let reconciles = h1.count - h0.count;
+    println!("GoldenImages: {n}");
+    println!(
+        "first round (cold cache) Proxmox requests: {} {cold:?}",
+        first_round.len()
+    );
+    println!(
+        "steady state: {} Proxmox requests in {:.0}s = {:.2} per resync ({:.0} s); by endpoint: {by_endpoint:?}",
+        reqs.len(),
+        window.as_secs_f64(),
+        reqs.len() as f64 / resyncs,
+        RESYNC.as_secs_f64(),
+    );
+    let rounds = window.as_secs_f64() / REQUEUE.as_secs_f64();
+    println!(
+        "per reconcile round (every image reconciled once, every {:.0} s): {:.2} Proxmox requests",
+        REQUEUE.as_secs_f64(),
+        reqs.len() as f64 / rounds,
+    );
+    println!(
+        "reconciles in the window: {reconciles:.0} (requeue {:.0} s); latency mean {:.1} ms, p50 <= {:.1} ms, p99 <= {:.1} ms",
+        REQUEUE.as_secs_f64(),
+        if reconciles > 0.0 {
+            (h1.sum - h0.sum) / reconciles * 1000.0
+        } else {
+            0.0
+        },
+        quantile(&h0, &h1, 0.5) * 1000.0,
+        quantile(&h0, &h1, 0.99) * 1000.0,
+    );
+    println!(
+        "RSS of this process (controller + bench harness): {:.1} MiB before the controller, {:.1} MiB at steady state",
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    );
+    ctl.abort();
+}
