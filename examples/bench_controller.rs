@@ -8,10 +8,11 @@
 //! 2. N GoldenImages, and for each its latest template already on Proxmox (`add_vm` with our
 //!    marker, the image's spec hash and tags, validated and carrying the channel tag), so no
 //!    build is due;
-//! 3. the controller in this process (resync 5 s, requeue 30 s) until every image is Ready;
+//! 3. the controller as its own process (`target/debug/sombrero controller`, resync 5 s, requeue
+//!    30 s) until every image is Ready;
 //! 4. a measuring window: Proxmox requests from the fake's request log, by endpoint, per
 //!    resync interval; the reconcile latency from the controller's
-//!    `sombrero_reconcile_duration_seconds` histogram (window only); this process's RSS.
+//!    `sombrero_reconcile_duration_seconds` histogram (window only); the controller's RSS.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -27,9 +28,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sombrero::api::GoldenImage;
-use sombrero::controller::{
-    self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
-};
+use sombrero::controller;
 use sombrero::image::marker::{
     BUILDER, MARKER_SCHEMA_VERSION, Marker, Owner, Role, SourceInfo, TemplateMetadata,
     ValidationRecord, render_description,
@@ -41,13 +40,19 @@ use support::kube::control_plane;
 const RESYNC: Duration = Duration::from_secs(5);
 const REQUEUE: Duration = Duration::from_secs(30);
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// `VmRSS` or `VmHWM` (peak) of a process, KiB.
+fn mem_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            s.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| {
+                v.trim_start_matches(':')
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
         })
         .unwrap_or(0)
 }
@@ -265,36 +270,41 @@ async fn main() {
         t.elapsed().as_secs_f64()
     );
 
-    // The controller, in this process.
-    let rss_before = rss_kib();
+    // The controller: the real binary (`target/debug/sombrero`, or $SOMBRERO_BIN), so its RSS is
+    // its own.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let metrics_addr = format!("127.0.0.1:{port}");
-    let mut settings = Settings::new(DefaultConnection::None);
-    settings.resync = RESYNC;
-    settings.requeue = REQUEUE;
-    let opts = Options {
-        namespace: Some(ns.clone()),
-        metrics_addr: metrics_addr.parse().unwrap(),
-        leader_election: false,
-        lease_name: "sombrero-bench".into(),
-        controller_namespace: ns.clone(),
-        identity: "bench".into(),
-        limits: Limits {
-            global: 4,
-            per_node: 2,
-        },
-        settings,
-        concurrency: 8,
-    };
+    let bin = std::env::var("SOMBRERO_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| support::kube::repo_root().join("target/debug/sombrero"));
     let seq_start = pve.requests().await.last().map(|r| r.seq).unwrap_or(0);
-    let ctl_client = client.clone();
-    let ctl = tokio::spawn(async move {
-        controller::run(ctl_client, opts, Arc::new(controller::engine::Engine)).await
-    });
+    let mut ctl = tokio::process::Command::new(&bin)
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .env_remove("RUST_LOG")
+        .args([
+            "controller",
+            "--leader-election",
+            "false",
+            "--log-level",
+            "warn",
+        ])
+        .args(["--metrics-addr", &metrics_addr, "--namespace", &ns])
+        .args(["--controller-namespace", &ns, "--identity", "bench"])
+        .args(["--resync-seconds", &RESYNC.as_secs().to_string()])
+        .args(["--requeue-seconds", &REQUEUE.as_secs().to_string()])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e}; run `cargo build --bin sombrero`",
+                bin.display()
+            )
+        });
+    let pid = ctl.id().expect("controller pid");
 
     // Until every image is Ready with its prepared template (no build was due).
     let t = Instant::now();
@@ -325,6 +335,7 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let rss_ready = mem_kib(pid, "VmRSS");
     let first_round = pve.requests_since(seq_start).await;
     eprintln!(
         "all {n} Ready after {:.1}s; first round: {} Proxmox requests",
@@ -338,7 +349,8 @@ async fn main() {
     tokio::time::sleep(window).await;
     let reqs = pve.requests_since(seq0).await;
     let h1 = scrape(&metrics_addr).await;
-    let rss_after = rss_kib();
+    let rss_after = mem_kib(pid, "VmRSS");
+    let peak = mem_kib(pid, "VmHWM");
 
     let mut by_endpoint: BTreeMap<String, usize> = BTreeMap::new();
     for r in &reqs {
@@ -384,9 +396,13 @@ async fn main() {
         quantile(&h0, &h1, 0.99) * 1000.0,
     );
     println!(
-        "RSS of this process (controller + bench harness): {:.1} MiB before the controller, {:.1} MiB at steady state",
-        rss_before as f64 / 1024.0,
-        rss_after as f64 / 1024.0
+        "controller RSS: {:.1} MiB when all were Ready, {:.1} MiB at steady state, peak {:.1} MiB",
+        rss_ready as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        peak as f64 / 1024.0
     );
-    ctl.abort();
+    if let Ok(Some(status)) = ctl.try_wait() {
+        panic!("the controller exited during the window: {status}");
+    }
+    let _ = ctl.kill().await;
 }

@@ -11,7 +11,7 @@ scripts/fakepve-venv.sh >/dev/null
 
 sizes="${BENCH_SIZES:-100 1000}"
 window="${BENCH_WINDOW:-65}"
-cargo build --quiet --locked --example bench_controller
+cargo build --quiet --locked --bin sombrero --example bench_controller
 for n in $sizes; do
   echo "== $n GoldenImages"
   target/debug/examples/bench_controller "$n" "$window"
