@@ -71,6 +71,7 @@ fn request(spec: GoldenImageSpec, owner: Owner, today: NaiveDate) -> BuildReques
         owner,
         build_id: format!("b-{today}-{n}"),
         today,
+        adopt_unvalidated: true,
     }
 }
 
@@ -554,6 +555,23 @@ async fn a_finished_build_is_answered_again_not_built_twice() {
     let vms = image_vms(&c, &o).await;
     assert_eq!(vms.len(), 1, "{vms:?}");
 
+    // The CLI asks for a new template on every run: it does not adopt the pending one.
+    let cli = BuildRequest {
+        adopt_unvalidated: false,
+        ..request(spec.clone(), o.clone(), day(18))
+    };
+    let fresh = build(&c, &cli).await.unwrap();
+    assert_ne!(fresh.vmid, first.vmid);
+    assert_eq!(fresh.build_number, 2);
+    sombrero::promote::promote(
+        &c,
+        &o,
+        fresh.vmid,
+        sombrero::promote::Evidence::ValidationDisabled,
+    )
+    .await
+    .unwrap();
+
     // Another spec is not the build in flight: it builds.
     let mut other = spec.clone();
     other.hardware.cores += 1;
@@ -561,7 +579,7 @@ async fn a_finished_build_is_answered_again_not_built_twice() {
         .await
         .unwrap();
     assert_ne!(changed.vmid, first.vmid);
-    assert_eq!(changed.build_number, 2);
+    assert_eq!(changed.build_number, 3);
 
     // Once promoted, the same spec builds anew under a new id; the old id still answers its
     // own template (a crash after promotion, before the status was written).
@@ -569,11 +587,11 @@ async fn a_finished_build_is_answered_again_not_built_twice() {
     let rebuilt = build(&c, &request(spec.clone(), o.clone(), day(18)))
         .await
         .unwrap();
-    assert_eq!(rebuilt.build_number, 3);
+    assert_eq!(rebuilt.build_number, 4);
     let answered = build(&c, &req).await.unwrap();
     assert_eq!(answered.vmid, first.vmid);
     assert_eq!(answered.package_manifest, first.package_manifest);
-    assert_eq!(image_vms(&c, &o).await.len(), 3);
+    assert_eq!(image_vms(&c, &o).await.len(), 4);
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 //! # How callers use it
 //!
 //! ```ignore
-//! let req = BuildRequest { spec, owner, build_id: "b-20250118-001".into(), today };
+//! let req = BuildRequest { spec, owner, build_id: "b-20250118-001".into(), today, adopt_unvalidated: true };
 //! let outcome = sombrero::build::run_build(&client, &req, &progress).await?;
 //! // outcome.vmid / outcome.name: an unvalidated template (validation `pending`).
 //! ```
@@ -93,6 +93,11 @@ pub struct BuildRequest {
     pub build_id: String,
     /// Build date of a new build (UTC day). A resumed build keeps the date its marker has.
     pub today: NaiveDate,
+    /// Answer with the image's newest template when it has this spec and still awaits
+    /// validation, instead of building again. The controller sets it (such a template is its
+    /// build in flight whose outcome was lost); the CLI does not, because it never validates:
+    /// each `sombrero build` run asks for a new template.
+    pub adopt_unvalidated: bool,
 }
 
 /// What a finished build produced.

@@ -90,7 +90,11 @@ pub async fn run_build_with(
         None => {
             // No build VM to continue: an unvalidated template of this spec is the build in
             // flight whose outcome was lost (e.g. status.build too), not something to redo.
-            if let Some((t, marker)) = inventory::unvalidated_template(&vms, &req.owner, &hash) {
+            if let Some((t, marker)) = req
+                .adopt_unvalidated
+                .then(|| inventory::unvalidated_template(&vms, &req.owner, &hash))
+                .flatten()
+            {
                 progress.message(&format!(
                     "template {} (VM {}) of this spec is built but not validated yet: using it",
                     t.name, t.vmid

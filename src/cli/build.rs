@@ -90,6 +90,7 @@ pub async fn run(args: &BuildArgs) -> ExitCode {
         owner,
         build_id: format!("cli-{}", Utc::now().format("%Y%m%dT%H%M%SZ")),
         today,
+        adopt_unvalidated: false,
     };
     let progress = TermProgress::new();
     let result = run_build(&client, &req, &progress).await;

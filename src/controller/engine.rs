@@ -33,6 +33,7 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
         owner: req.owner.clone(),
         build_id: req.build_id.clone(),
         today: req.today,
+        adopt_unvalidated: true,
     };
     let built = match build::run_build(&req.client, &build_req, &progress).await {
         Ok(b) => b,
