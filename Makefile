@@ -23,7 +23,7 @@ clippy:
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
 cargo-test:
-	$(CARGO) test --locked $(CARGO_TEST_FLAGS)
+	$(CARGO) test --locked --no-fail-fast $(CARGO_TEST_FLAGS)
 
 # Regenerate the checked-in CRDs and the Helm chart's copies (tests fail when either is stale).
 crds:
