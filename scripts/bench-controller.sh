@@ -11,8 +11,13 @@ scripts/fakepve-venv.sh >/dev/null
 
 sizes="${BENCH_SIZES:-100 1000}"
 window="${BENCH_WINDOW:-65}"
+target="${CARGO_TARGET_DIR:-target}"
 cargo build --quiet --locked --bin sombrero --example bench_controller
+# The controller binary is named explicitly: a target directory shared with another checkout
+# may hold an example built there, whose compiled-in repository path is not this one.
+export SOMBRERO_BIN="$PWD/$target/debug/sombrero"
+case "$target" in /*) SOMBRERO_BIN="$target/debug/sombrero" ;; esac
 for n in $sizes; do
   echo "== $n GoldenImages"
-  target/debug/examples/bench_controller "$n" "$window"
+  "$target/debug/examples/bench_controller" "$n" "$window"
 done
