@@ -18,7 +18,7 @@ use sombrero::api::common::find_condition;
 use sombrero::controller::{
     self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
 };
-use sombrero::image::marker::{Ownership, Role, ownership, parse_description};
+use sombrero::image::marker::{Ownership, Role, ownership, parse_description, render_description};
 use sombrero::image::tags::{FAILED_VALIDATION_TAG, OWNER_TAG, TagSet};
 use sombrero::proxmox;
 use support::fakepve::{Failure, FakePve, GuestSettings, Image, Options as PveOptions};
@@ -953,5 +953,73 @@ async fn deleting_with_delete_removes_unused_templates_and_keeps_a_cloned_one() 
         ev.2.contains(&format!("{first} (in use by [{clone}])")),
         "{ev:?}"
     );
+    ctl.abort();
+}
+
+#[tokio::test]
+async fn a_leftover_validation_clone_goes_on_the_next_reconcile() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-leftover").await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let uid = create_image(&client, &ns, "img", &pve, "pve")
+        .await
+        .uid()
+        .unwrap();
+    let ctl = start(&client, options(&ns, "a", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True",
+        Duration::from_secs(300),
+        is_ready,
+    )
+    .await;
+    let latest = latest_vmid(&gi).unwrap();
+
+    // A validation clone a crashed run left (as validation makes them: our marker with role
+    // validation written for 900, the validation tag), and a consumer's full clone of it (the
+    // marker and tags copied: it names 900, not 901).
+    let c = pve_client(&pve);
+    let config = c.vm_config(&pve.node, latest).await.unwrap();
+    let marker = parse_description(config.description.as_deref().unwrap())
+        .unwrap()
+        .unwrap()
+        .retarget(Role::Validation, 900);
+    let description = render_description("", &marker).unwrap();
+    let tags = format!(
+        "{OWNER_TAG};{};sombrero.{ns}.img",
+        sombrero::validate::VALIDATION_TAG
+    );
+    for (vmid, name) in [(900, "sombrero-validate-100"), (901, "consumer")] {
+        pve.add_vm(json!({
+            "vmid": vmid, "name": name, "node": pve.node, "status": "running",
+            "config": {"tags": tags, "description": description},
+        }))
+        .await;
+    }
+    assert_eq!(leftovers(&tagged_vms(&c).await, &uid), vec![900]);
+    let start_t = Instant::now();
+    loop {
+        let vms = tagged_vms(&c).await;
+        if leftovers(&vms, &uid).is_empty() {
+            assert!(
+                vms.iter()
+                    .any(|v| v.vmid == 901 && v.ownership == Ownership::Foreign),
+                "the consumer's clone stays: {vms:#?}"
+            );
+            assert_eq!(templates(&vms, &uid), vec![latest], "{vms:#?}");
+            break;
+        }
+        assert!(
+            start_t.elapsed() < Duration::from_secs(60),
+            "the leftover validation clone is still there: {vms:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_event(&client, &ns, "img", "LeftoverRemoved", "[900]").await;
     ctl.abort();
 }

@@ -29,7 +29,7 @@ use crate::api::common::ConditionStatus;
 use crate::api::golden_image::{
     DeletionPolicy, GoldenImage, GoldenImageStatus, TemplateRef, TemplateVersionStatus,
 };
-use crate::image::marker::{Owner, Role, SourceInfo, ownership};
+use crate::image::marker::{Owner, Ownership, Role, SourceInfo, ownership};
 use crate::image::output::TerraformOutput;
 use crate::image::version::{TemplateVersion, VmFacts};
 use crate::proxmox;
@@ -455,6 +455,34 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         ctx.tracker.remove_finished(&key);
         inv.invalidate(&touched).await;
         snap = inv.snapshot(ctx.settings.resync).await?;
+    }
+
+    // A validation clone of this image left by a crash or a failed destroy goes on the next
+    // reconcile, found by its marker in the shared inventory (no request when there is none).
+    // Only while no job of the image runs here: a job's own clone is its business.
+    let leftover = |v: &&super::inventory::OurVm| {
+        ownership(v.marker.as_ref(), v.vm.vmid) == Ownership::Ours(Role::Validation)
+    };
+    if !ctx.tracker.is_tracked(&key) && snap.of_owner(&owner.uid).any(|v| leftover(&v)) {
+        match crate::validate::cleanup_stale_validation_vms(&client, &owner).await {
+            Ok(removed) if !removed.is_empty() => {
+                info!(?removed, "destroyed leftover validation clones");
+                event(
+                    ctx,
+                    gi,
+                    EventType::Normal,
+                    "LeftoverRemoved",
+                    "Cleanup",
+                    format!("destroyed leftover validation clones {removed:?}"),
+                )
+                .await;
+                inv.invalidate(&removed).await;
+                snap = inv.snapshot(ctx.settings.resync).await?;
+            }
+            Ok(_) => {}
+            // Retried on the next reconcile; it does not block the image.
+            Err(e) => warn!(error = %e, "cannot destroy a leftover validation clone"),
+        }
     }
 
     let versions = versions(&snap, &owner.uid);
