@@ -3,10 +3,10 @@
 # then runs formatting, lints and the whole test suite.
 
 CARGO ?= cargo
-# 2-core machines: one test binary at a time keeps memory and CPU contention predictable.
+# Extra arguments for `cargo test`, e.g. CARGO_TEST_FLAGS='--test build'.
 CARGO_TEST_FLAGS ?=
 
-.PHONY: test tools venv fmt-check clippy cargo-test crds crds-check demo bench-build bench-controller
+.PHONY: test tools venv fmt-check clippy cargo-test crds demo bench-build bench-controller
 
 test: tools venv fmt-check clippy cargo-test
 

@@ -97,12 +97,19 @@ pub async fn run(args: &BuildArgs) -> ExitCode {
     progress.finish();
     match result {
         Ok(out) => {
-            let json = serde_json::json!({
-                "template_id": out.vmid.to_string(),
-                "template_name": out.name,
-                "node": out.node,
-            });
-            println!("{json}");
+            // The typed output keeps the seed's key order (template_id, template_name, node).
+            let hand_off = crate::image::output::TerraformOutput::new(
+                out.vmid,
+                out.name.clone(),
+                Some(out.node.clone()),
+            );
+            match serde_json::to_string(&hand_off) {
+                Ok(json) => println!("{json}"),
+                Err(e) => {
+                    eprintln!("error: cannot encode the result: {e}");
+                    return ExitCode::from(exit::FAILURE);
+                }
+            }
             let times: Vec<String> = out
                 .stages
                 .iter()
