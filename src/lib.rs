@@ -8,5 +8,6 @@ pub mod image;
 pub mod promote;
 pub mod proxmox;
 pub mod retention;
+pub mod ssh;
 pub mod telemetry;
 pub mod validate;

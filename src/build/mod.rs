@@ -68,7 +68,6 @@ mod pipeline;
 mod plan;
 mod provision;
 mod source;
-mod ssh;
 
 use std::fmt;
 use std::time::Duration;

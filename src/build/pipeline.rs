@@ -10,7 +10,6 @@ use super::inventory::{self, TaggedVm};
 use super::plan::{hardware_config, static_ip};
 use super::provision::{self, Channel};
 use super::source::{self, Prepared};
-use super::ssh::BuildKey;
 use super::{BuildOutcome, BuildRequest, Progress, Stage, StageTiming, Timeouts};
 use crate::api::GoldenImageSpec;
 use crate::api::golden_image::ProvisioningChannel;
@@ -25,6 +24,10 @@ use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, DeleteVm, QemuConfig, Shutdown, VmConfig,
 };
 use crate::retention::duration::parse_duration;
+use crate::ssh::ThrowawayKey;
+
+/// Comment of the build's public key, so a person who finds it in `sshkeys` knows its origin.
+const BUILD_KEY_COMMENT: &str = "sombrero-build";
 
 /// Runs (or resumes) one build to a finished, unvalidated template. See the module docs.
 pub async fn run_build(
@@ -602,7 +605,7 @@ impl Run<'_> {
         }
         let key = match p.via {
             ProvisioningChannel::Ssh => {
-                let key = BuildKey::generate().map_err(|e| {
+                let key = ThrowawayKey::generate(BUILD_KEY_COMMENT).map_err(|e| {
                     BuildError::new(ErrorCategory::Guest, e, "internal error").at(stage)
                 })?;
                 // A changed cloud-init config is a new instance id: cloud-init runs (again) at

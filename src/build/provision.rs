@@ -5,17 +5,9 @@ use std::time::{Duration, Instant};
 
 use super::commands::{self, Step};
 use super::error::BuildError;
-use super::ssh::{BuildKey, SshSession};
 use super::{Progress, Stage};
 use crate::proxmox::Client;
-
-/// What a command gave.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandOutput {
-    pub exitcode: i64,
-    pub stdout: String,
-    pub stderr: String,
-}
+use crate::ssh::{CommandOutput, SshSession, ThrowawayKey};
 
 /// The way into the guest.
 pub enum Channel<'a> {
@@ -92,7 +84,7 @@ pub async fn wait_for_ssh(
     host: &str,
     port: u16,
     user: &str,
-    key: &BuildKey,
+    key: &ThrowawayKey,
     deadline: Instant,
     progress: &dyn Progress,
 ) -> Result<SshSession, BuildError> {

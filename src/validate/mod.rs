@@ -54,10 +54,8 @@ mod check;
 mod cleanup;
 pub mod drift;
 mod error;
-mod keys;
 mod report;
 mod run;
-mod ssh;
 
 use std::time::Duration;
 

@@ -10,9 +10,7 @@ use super::check::{Check, plan_checks};
 use super::cleanup::{CLONE_NAME_PREFIX, cleanup_stale_validation_vms, destroy_validation_vm};
 use super::drift::{DPKG_QUERY, PackageDrift, compute_drift, parse_installed};
 use super::error::ValidateError;
-use super::keys::ThrowawayKey;
 use super::report::{CheckOutcome, ValidationReport};
-use super::ssh;
 use super::{ProgressEvent, SshProbe, VALIDATION_TAG, ValidationProgress, ValidationRequest};
 use crate::image::marker::{Ownership, Role, ownership, parse_description, render_description};
 use crate::image::tags::{OWNER_TAG, TagSet, image_tag};
@@ -20,6 +18,7 @@ use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, ExecStatus, QemuConfig, StorageInfo, VmConfig,
 };
 use crate::retention::duration::parse_duration;
+use crate::ssh::{self, ThrowawayKey};
 
 /// Longest a clone or start task may take.
 const TASK_TIMEOUT: Duration = Duration::from_secs(600);
@@ -29,6 +28,8 @@ const RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
 const SSH_TIMEOUT: Duration = Duration::from_secs(120);
 /// One TCP connect / SSH login attempt.
 const SSH_ATTEMPT: Duration = Duration::from_secs(10);
+/// Comment of the clone's public key, so a person who finds it in `sshkeys` knows its origin.
+const VALIDATION_KEY_COMMENT: &str = "sombrero-validation";
 /// Attempts at a free VMID (`nextid` does not reserve one).
 const VMID_ATTEMPTS: u32 = 5;
 
@@ -71,9 +72,11 @@ pub async fn validate_template(
         progress.event(&ProgressEvent::LeftoversDestroyed { vmids: leftovers });
     }
 
-    let key = ThrowawayKey::generate().map_err(|message| ValidateError::InvalidRequest {
-        field: "ssh key".into(),
-        message,
+    let key = ThrowawayKey::generate(VALIDATION_KEY_COMMENT).map_err(|message| {
+        ValidateError::InvalidRequest {
+            field: "ssh key".into(),
+            message,
+        }
     })?;
     let storages = client
         .storages(node, None)
@@ -704,7 +707,7 @@ impl Run<'_> {
                 SshProbe::Connect => ssh::tcp_connect(&host, port, attempt).await.map(|()| {
                     format!("{unit}.service is active and {host}:{port} accepts TCP connections")
                 }),
-                _ => ssh::login(&host, port, &self.req.ssh.user, self.key, attempt).await.map(|()| {
+                _ => ssh::login_probe(&host, port, &self.req.ssh.user, self.key, attempt).await.map(|()| {
                     format!("{unit}.service is active and {} logged in to {host}:{port} with the cloud-init key", self.req.ssh.user)
                 }),
             };
