@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use serde_json::json;
-use sombrero::api::GoldenImageSpec;
+use sombrero::api::admission::admit;
 use sombrero::api::golden_image::{ProvisioningChannel, TemplateSource};
-use sombrero::build::admission::admit_golden_image;
+use sombrero::api::{GoldenImage, GoldenImageSpec};
 use sombrero::build::{BuildError, BuildOutcome, BuildRequest, NoProgress, Progress, Stage};
 use sombrero::image::marker::{
     Marker, Owner, Role, SourceInfo, parse_description, render_description,
@@ -50,7 +50,7 @@ fn example_spec(pve: &FakePve, img: &ImageInfo, ip_n: u8) -> GoldenImageSpec {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ubuntu-24.04-minimal.yaml"),
     )
     .unwrap();
-    let mut spec = admit_golden_image(&yaml).unwrap().spec;
+    let mut spec = admit::<GoldenImage>(&yaml).unwrap().object.spec;
     let ci = spec.source.cloud_image.as_mut().unwrap();
     ci.url = img.url.clone();
     ci.checksum_url = None;

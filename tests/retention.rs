@@ -922,6 +922,46 @@ fn prune(pve: &FakePve, args: &[&str]) -> std::process::Output {
         .expect("run sombrero")
 }
 
+/// Every malformed TemplateRetention fixture is refused by `sombrero prune` (exit 2, before any
+/// Proxmox connection), naming the field the API server names.
+#[test]
+fn prune_cli_refuses_every_malformed_policy_naming_the_field() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/malformed");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("tr-"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 7, "only {} fixtures", files.len());
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let field = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect-field:"))
+            .unwrap_or_else(|| panic!("{} has no expect-field header", file.display()))
+            .trim()
+            .trim_start_matches('.')
+            .to_string();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
+            .args(["prune", "--dry-run", "-f"])
+            .arg(&file)
+            .env_remove("PROXMOX_URL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {stderr}", file.display());
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.trim_start().trim_start_matches('.').starts_with(&field)),
+            "{}: expected the field {field} in:\n{stderr}",
+            file.display()
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
 #[tokio::test]
 async fn prune_cli_dry_run_changes_nothing_then_runs() {
     let pve = FakePve::start().await;

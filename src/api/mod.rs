@@ -3,6 +3,7 @@
 //! Everything the API server can judge is declared here, in the schema or as CEL rules with
 //! messages a person understands; what only the controller can judge is reported in status.
 
+pub mod admission;
 pub mod common;
 pub mod crd;
 pub mod golden_image;

@@ -60,7 +60,6 @@
 //! ([`crate::image::marker::ownership`]): a consumer's clone of our template carries our tag and
 //! a copied marker naming another VMID, and is never adopted, changed or deleted.
 
-pub mod admission;
 mod commands;
 mod error;
 mod inventory;

@@ -19,7 +19,8 @@ use std::time::Instant;
 use chrono::Utc;
 
 use super::exit;
-use crate::build::admission::admit_golden_image;
+use crate::api::GoldenImage;
+use crate::api::admission::admit;
 use crate::build::{BuildRequest, ErrorCategory, Progress, Stage, cli_owner_uid, run_build};
 use crate::image::marker::Owner;
 use crate::proxmox::{Client, Config};
@@ -43,7 +44,7 @@ pub async fn run(args: &BuildArgs) -> ExitCode {
             return ExitCode::from(exit::INVALID_INPUT);
         }
     };
-    let admitted = match admit_golden_image(&text) {
+    let admitted = match admit::<GoldenImage>(&text) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {}: {e}", args.file.display());
@@ -57,7 +58,7 @@ pub async fn run(args: &BuildArgs) -> ExitCode {
         name: admitted.name,
     };
     let today = Utc::now().date_naive();
-    let spec = admitted.spec;
+    let spec = admitted.object.spec;
     if args.dry_run {
         let source = match (&spec.source.cloud_image, &spec.source.template) {
             (Some(ci), _) => format!("cloud image {}", ci.url),

@@ -11,10 +11,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use kube::CustomResourceExt;
-use serde_yaml::Value;
-
 use super::exit;
+use crate::api::admission::admit;
 use crate::api::template_retention::{ExecutedAction, TemplateRetention};
 use crate::image::version::TemplateVersion;
 use crate::proxmox::{Client, Config};
@@ -105,106 +103,14 @@ pub fn load(path: &Path) -> Result<Policy, Vec<String>> {
     parse(&text)
 }
 
-/// Checks a manifest's text as the API server would: kind, apiVersion, known fields only, types,
-/// then the CRD's rules ([`Policy::from_spec`]).
+/// Checks a manifest's text as the API server would ([`admit`]: kind, apiVersion, the CRD's
+/// schema with unknown fields refused, defaults, its CEL rules), then what only a run needs
+/// ([`Policy::from_spec`]: durations, the target).
 pub fn parse(text: &str) -> Result<Policy, Vec<String>> {
-    let raw: Value = serde_yaml::from_str(text).map_err(|e| vec![format!("not YAML: {e}")])?;
-    let mut problems = Vec::new();
-    let field = |name: &str| raw.get(name).and_then(Value::as_str).unwrap_or("");
-    if field("kind") != "TemplateRetention" {
-        problems.push(format!(
-            "kind: {:?}, expected TemplateRetention",
-            field("kind")
-        ));
-    }
-    if field("apiVersion") != "images.sombrero.dev/v1alpha1" {
-        problems.push(format!(
-            "apiVersion: {:?}, expected images.sombrero.dev/v1alpha1",
-            field("apiVersion")
-        ));
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    // From the text, not `raw`: serde_yaml names the field path only when it has the source.
-    let object: TemplateRetention = serde_yaml::from_str(text).map_err(|e| vec![e.to_string()])?;
-    // serde ignores unknown keys; the API server (structural schema, strict field validation)
-    // refuses them, and a typo like `keeplast` must not silently mean the default.
-    if let (Some(input), Ok(parsed)) = (raw.get("spec"), serde_yaml::to_value(&object.spec)) {
-        unknown_fields("spec", input, &parsed, &mut problems);
-    }
-    let namespace = object
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    match Policy::from_spec(&namespace, &object.spec) {
-        Ok(p) if problems.is_empty() => {
-            // The installed CRD's own CEL rules as a last word, so a rule added there cannot be
-            // missed here. Defaults are applied first, as the API server does.
-            let cel = cel_problems(&object);
-            if cel.is_empty() { Ok(p) } else { Err(cel) }
-        }
-        Ok(_) => Err(problems),
-        Err(more) => {
-            problems.extend(more);
-            Err(problems)
-        }
-    }
-}
-
-/// The CEL rules (`x-kubernetes-validations`) of the TemplateRetention CRD, evaluated on the
-/// object as parsed (defaults filled in).
-fn cel_problems(object: &TemplateRetention) -> Vec<String> {
-    let crd = TemplateRetention::crd();
-    let Some(schema) = crd
-        .spec
-        .versions
-        .first()
-        .and_then(|v| v.schema.as_ref())
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .and_then(|s| serde_json::to_value(s).ok())
-    else {
-        return vec!["internal: the TemplateRetention CRD has no schema".into()];
-    };
-    let mut value = match serde_json::to_value(object) {
-        Ok(v) => v,
-        Err(e) => return vec![format!("internal: cannot serialize the object: {e}")],
-    };
-    if let Some(o) = value.as_object_mut() {
-        o.remove("metadata");
-        o.remove("status");
-    }
-    match kube::core::cel::Validator::new().validate(&schema, &value, None) {
-        Ok(()) => Vec::new(),
-        Err(errors) => errors
-            .into_vec()
-            .into_iter()
-            .map(|e| {
-                let field = if e.field_path.is_empty() {
-                    "spec".to_string()
-                } else {
-                    e.field_path.clone()
-                };
-                format!("{field}: {}", e.message)
-            })
-            .collect(),
-    }
-}
-
-fn unknown_fields(path: &str, input: &Value, parsed: &Value, out: &mut Vec<String>) {
-    let (Value::Mapping(input), Value::Mapping(parsed)) = (input, parsed) else {
-        return;
-    };
-    for (key, value) in input {
-        let name = key.as_str().unwrap_or("?");
-        match parsed.get(key) {
-            None => out.push(format!(
-                "{path}.{name}: unknown field (check the spelling; see `sombrero crd`)"
-            )),
-            Some(p) => unknown_fields(&format!("{path}.{name}"), value, p, out),
-        }
-    }
+    let admitted = admit::<TemplateRetention>(text)
+        .map_err(|e| e.errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let namespace = admitted.namespace.unwrap_or_else(|| "default".into());
+    Policy::from_spec(&namespace, &admitted.object.spec)
 }
 
 /// The plan as a table: VMID, NAME, BUILD DATE, ACTION, REASON.
@@ -293,12 +199,12 @@ mod tests {
         let e = parse(&GOOD.replace("archive:", "keeplast: 5\n  archive:")).unwrap_err();
         assert!(
             e.iter()
-                .any(|p| p.starts_with("spec.keeplast: unknown field")),
+                .any(|p| p.starts_with(".spec.keeplast: ") && p.contains("unknown field")),
             "{e:?}"
         );
         let e = parse(&GOOD.replace("{mode: delete}", "{mode: delete, storage: x}")).unwrap_err();
         assert!(
-            e.iter().any(|p| p.starts_with("spec.archive.storage")),
+            e.iter().any(|p| p.starts_with(".spec.archive.storage")),
             "{e:?}"
         );
         let e = parse(&GOOD.replace("TemplateRetention", "GoldenImage")).unwrap_err();
@@ -326,7 +232,9 @@ mod tests {
                 .expect("expect-field");
             let problems = parse(&text).expect_err(&file);
             assert!(
-                problems.iter().any(|p| p.starts_with(field)),
+                problems
+                    .iter()
+                    .any(|p| p.trim_start_matches('.').starts_with(field)),
                 "{file}: expected a problem on {field}, got {problems:?}"
             );
         }
@@ -342,17 +250,13 @@ mod tests {
     }
 
     #[test]
-    fn the_crds_cel_rules_pass_on_good_files_and_run() {
-        let good: TemplateRetention = serde_yaml::from_str(GOOD).unwrap();
-        assert!(cel_problems(&good).is_empty(), "{:?}", cel_problems(&good));
-        // A spec only the CEL rules refuse (Policy::from_spec is bypassed here).
-        let mut bad = good.clone();
-        bad.spec.retain_at_least = 9;
-        let p = cel_problems(&bad);
-        assert!(
-            p.iter()
-                .any(|m| m.contains("retainAtLeast must not exceed keepLast")),
-            "{p:?}"
+    fn the_crds_cel_rules_run_on_the_defaulted_object() {
+        // keepLast defaults to 3; only CEL compares it with retainAtLeast before from_spec runs.
+        let e = parse(&GOOD.replace("archive:", "retainAtLeast: 9\n  archive:")).unwrap_err();
+        assert_eq!(
+            e,
+            vec!["spec: retainAtLeast must not exceed keepLast".to_string()],
+            "{e:?}"
         );
     }
 

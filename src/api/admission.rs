@@ -1,21 +1,26 @@
-//! Checks a GoldenImage file the way the API server would, before anything touches Proxmox:
-//! the generated CRD's openAPIV3Schema (types, required fields, unknown fields, min/max, lengths,
-//! patterns, enums) and its CEL rules (`x-kubernetes-validations`, evaluated with kube's `cel`
-//! feature, defaults applied first as the API server does). Both come from
-//! [`crate::api::crd::all`], the very CRD that is installed, so the CLI cannot drift from the
-//! cluster's rules.
+//! Checks a custom resource file the way the API server would, before anything touches Proxmox
+//! (`sombrero build -f`, `sombrero prune -f`): the generated CRD's openAPIV3Schema (types,
+//! required fields, unknown fields, min/max, lengths, patterns, enums), its defaults, and its CEL
+//! rules (`x-kubernetes-validations`, evaluated with kube's `cel` feature on the defaulted
+//! object, as the API server does). Both come from [`CustomResourceExt::crd`], the very CRD that
+//! is installed, so the CLI cannot drift from the cluster's rules.
+//!
+//! ```ignore
+//! let a = admit::<GoldenImage>(&yaml)?;   // Err names each refused field
+//! let spec = a.object.spec;               // defaults filled in
+//! ```
 
 use std::fmt;
 
-use kube::CustomResourceExt;
+use kube::{CustomResourceExt, Resource};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
-
-use crate::api::{GROUP, GoldenImage, GoldenImageSpec, VERSION};
 
 /// One refused field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
-    /// `spec.hardware.cores`, `spec.provisioning.packages[2]`.
+    /// `spec.hardware.cores`, `spec.provisioning.packages[2]`; unknown fields as the API server
+    /// names them (`.spec.typo`).
     pub field: String,
     pub message: String,
 }
@@ -29,12 +34,14 @@ impl fmt::Display for FieldError {
 /// Why a file was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdmissionError {
+    /// `GoldenImage`, `TemplateRetention`.
+    pub kind: String,
     pub errors: Vec<FieldError>,
 }
 
 impl fmt::Display for AdmissionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the GoldenImage is invalid:")?;
+        write!(f, "the {} is invalid:", self.kind)?;
         for e in &self.errors {
             write!(f, "\n  {e}")?;
         }
@@ -44,39 +51,41 @@ impl fmt::Display for AdmissionError {
 
 impl std::error::Error for AdmissionError {}
 
-fn refuse(field: &str, message: impl Into<String>) -> AdmissionError {
-    AdmissionError {
-        errors: vec![FieldError {
-            field: field.into(),
-            message: message.into(),
-        }],
-    }
-}
-
-/// A checked GoldenImage document.
+/// A checked object, defaults applied.
 #[derive(Debug, Clone)]
-pub struct Admitted {
+pub struct Admitted<K> {
     pub namespace: Option<String>,
     pub name: String,
-    pub spec: GoldenImageSpec,
+    pub object: K,
 }
 
-/// Parses and checks one YAML document holding a GoldenImage.
-pub fn admit_golden_image(yaml: &str) -> Result<Admitted, AdmissionError> {
+/// Parses one YAML document holding a `K` and checks it as the API server would on create.
+pub fn admit<K>(yaml: &str) -> Result<Admitted<K>, AdmissionError>
+where
+    K: CustomResourceExt + Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let kind = K::kind(&()).to_string();
+    let refuse = |field: &str, message: String| AdmissionError {
+        kind: kind.clone(),
+        errors: vec![FieldError {
+            field: field.into(),
+            message,
+        }],
+    };
     let object: Value =
         serde_yaml::from_str(yaml).map_err(|e| refuse("(file)", format!("not valid YAML: {e}")))?;
     let Some(map) = object.as_object() else {
         return Err(refuse(
             "(file)",
-            "expected a YAML mapping (a GoldenImage object)",
+            format!("expected a YAML mapping (a {kind} object)"),
         ));
     };
-    let api_version = format!("{GROUP}/{VERSION}");
-    if map.get("apiVersion").and_then(Value::as_str) != Some(api_version.as_str()) {
+    let api_version = K::api_version(&());
+    if map.get("apiVersion").and_then(Value::as_str) != Some(&*api_version) {
         return Err(refuse("apiVersion", format!("must be {api_version}")));
     }
-    if map.get("kind").and_then(Value::as_str) != Some("GoldenImage") {
-        return Err(refuse("kind", "must be GoldenImage"));
+    if map.get("kind").and_then(Value::as_str) != Some(kind.as_str()) {
+        return Err(refuse("kind", format!("must be {kind}")));
     }
     let name = map
         .get("metadata")
@@ -87,7 +96,7 @@ pub fn admit_golden_image(yaml: &str) -> Result<Admitted, AdmissionError> {
     if !is_dns_subdomain(&name) {
         return Err(refuse(
             "metadata.name",
-            "required: a lowercase DNS name (letters, digits, '-', '.'; at most 253)",
+            "required: a lowercase DNS name (letters, digits, '-', '.'; at most 253)".into(),
         ));
     }
     let namespace = map
@@ -100,11 +109,11 @@ pub fn admit_golden_image(yaml: &str) -> Result<Admitted, AdmissionError> {
     {
         return Err(refuse(
             "metadata.namespace",
-            "must be a DNS label (lowercase, at most 63)",
+            "must be a DNS label (lowercase, at most 63)".into(),
         ));
     }
 
-    let schema = crd_schema();
+    let schema = crd_schema::<K>();
     let mut errors = Vec::new();
     for (key, value) in map {
         match key.as_str() {
@@ -123,15 +132,17 @@ pub fn admit_golden_image(yaml: &str) -> Result<Admitted, AdmissionError> {
         });
     }
     if !errors.is_empty() {
-        return Err(AdmissionError { errors });
+        return Err(AdmissionError { kind, errors });
     }
-    // CEL rules run on the object without metadata (the rules never look at it).
+    // CEL rules run on the object without metadata (the rules never look at it); the
+    // validator applies the schema's defaults first, as the API server does.
     let mut for_cel = object.clone();
     if let Some(o) = for_cel.as_object_mut() {
         o.remove("metadata");
     }
     if let Err(cel) = kube::core::cel::Validator::new().validate(&schema, &for_cel, None) {
         return Err(AdmissionError {
+            kind,
             errors: cel
                 .into_vec()
                 .into_iter()
@@ -146,18 +157,19 @@ pub fn admit_golden_image(yaml: &str) -> Result<Admitted, AdmissionError> {
                 .collect(),
         });
     }
-    let gi: GoldenImage = serde_json::from_value(object)
-        .map_err(|e| refuse("spec", format!("does not match the GoldenImage type: {e}")))?;
+    let defaulted = kube::core::cel::apply_defaults(&schema, &object);
+    let object: K = serde_json::from_value(defaulted)
+        .map_err(|e| refuse("spec", format!("does not match the {kind} type: {e}")))?;
     Ok(Admitted {
         namespace,
         name,
-        spec: gi.spec,
+        object,
     })
 }
 
-/// The openAPIV3Schema of the GoldenImage CRD.
-fn crd_schema() -> Value {
-    let crd = GoldenImage::crd();
+/// The openAPIV3Schema of `K`'s CRD.
+fn crd_schema<K: CustomResourceExt>() -> Value {
+    let crd = K::crd();
     crd.spec
         .versions
         .first()
@@ -326,8 +338,9 @@ fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{GoldenImage, TemplateRetention};
 
-    const OK: &str = r#"
+    const GI: &str = r#"
 apiVersion: images.sombrero.dev/v1alpha1
 kind: GoldenImage
 metadata: {name: u, namespace: platform}
@@ -341,29 +354,50 @@ spec:
   placement: {node: pve1}
 "#;
 
+    const TR: &str = "apiVersion: images.sombrero.dev/v1alpha1\nkind: TemplateRetention\nmetadata: {name: r}\nspec:\n  target: {goldenImageRef: {name: ubuntu}}\n  archive: {mode: delete}\n";
+
     #[test]
     fn a_good_file_passes_with_defaults() {
-        let a = admit_golden_image(OK).unwrap();
+        let a = admit::<GoldenImage>(GI).unwrap();
         assert_eq!(a.name, "u");
         assert_eq!(a.namespace.as_deref(), Some("platform"));
-        assert_eq!(a.spec.placement.storage, "local-lvm");
+        assert_eq!(a.object.spec.placement.storage, "local-lvm");
+        let a = admit::<TemplateRetention>(TR).unwrap();
+        assert_eq!((a.name.as_str(), a.namespace), ("r", None));
+        assert_eq!(a.object.spec.keep_last, 3);
     }
 
     #[test]
     fn schema_and_cel_errors_name_the_field() {
-        let bad = OK.replace(
+        let bad = GI.replace(
             "placement: {node: pve1}",
             "placement: {node: pve1}\n  hardware: {cores: 0}",
         );
-        let e = admit_golden_image(&bad).unwrap_err();
+        let e = admit::<GoldenImage>(&bad).unwrap_err();
         assert_eq!(e.errors[0].field, "spec.hardware.cores", "{e}");
-        let bad = OK.replace("type: minimal", "type: Minimal");
-        let e = admit_golden_image(&bad).unwrap_err();
+        let bad = GI.replace("type: minimal", "type: Minimal");
+        let e = admit::<GoldenImage>(&bad).unwrap_err();
         assert!(e.to_string().contains("spec.type"), "{e}");
-        let bad = OK.replace("type: minimal", "type: minimal\n  typo: 1");
-        let e = admit_golden_image(&bad).unwrap_err();
+        let bad = GI.replace("type: minimal", "type: minimal\n  typo: 1");
+        let e = admit::<GoldenImage>(&bad).unwrap_err();
+        assert!(
+            e.to_string().starts_with("the GoldenImage is invalid:"),
+            "{e}"
+        );
         assert!(e.to_string().contains(".spec.typo"), "{e}");
-        assert!(admit_golden_image("kind: Pod").is_err());
-        assert!(admit_golden_image(": : :").is_err());
+        assert!(admit::<GoldenImage>("kind: Pod").is_err());
+        assert!(admit::<GoldenImage>(": : :").is_err());
+        // The kind is the type's own: a GoldenImage is not a TemplateRetention.
+        let e = admit::<TemplateRetention>(GI).unwrap_err();
+        assert_eq!(e.errors[0].field, "kind", "{e}");
+        // A rule only CEL expresses (defaults applied first: keepLast defaults to 3).
+        let e = admit::<TemplateRetention>(&TR.replace("archive:", "retainAtLeast: 9\n  archive:"))
+            .unwrap_err();
+        assert!(
+            e.errors
+                .iter()
+                .any(|f| f.message.contains("retainAtLeast must not exceed keepLast")),
+            "{e}"
+        );
     }
 }
