@@ -117,7 +117,10 @@ pub fn client_config(mode: &TlsMode) -> Result<rustls::ClientConfig> {
         }
         TlsMode::Fingerprint(fp) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedVerifier { pin: *fp, provider }))
+            .with_custom_certificate_verifier(Arc::new(LeafVerifier {
+                pin: Some(*fp),
+                provider,
+            }))
             .with_no_client_auth(),
         TlsMode::Insecure => {
             tracing::warn!(
@@ -125,7 +128,10 @@ pub fn client_config(mode: &TlsMode) -> Result<rustls::ClientConfig> {
             );
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerifier { provider }))
+                .with_custom_certificate_verifier(Arc::new(LeafVerifier {
+                    pin: None,
+                    provider,
+                }))
                 .with_no_client_auth()
         }
     };
@@ -134,16 +140,19 @@ pub fn client_config(mode: &TlsMode) -> Result<rustls::ClientConfig> {
     Ok(config)
 }
 
-/// Accepts exactly the certificate whose DER SHA-256 matches the pin, whoever signed it (PVE's
-/// node certificates are signed by a per-cluster CA, and its own nodes pin the same way).
-/// Signatures of the handshake are still verified against that certificate.
+/// The leaf-only verifier of the `fingerprint` and `insecure` modes. With a pin it accepts
+/// exactly the certificate whose DER SHA-256 matches, whoever signed it (PVE's node certificates
+/// are signed by a per-cluster CA, and its own nodes pin the same way); without one (insecure
+/// mode) any certificate. Either way the handshake signatures are verified against the
+/// certificate shown, so the connection is at least bound to it.
 #[derive(Debug)]
-struct PinnedVerifier {
-    pin: [u8; 32],
+struct LeafVerifier {
+    /// `None`: insecure mode.
+    pin: Option<[u8; 32]>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedVerifier {
+impl ServerCertVerifier for LeafVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -152,70 +161,19 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let Some(pin) = &self.pin else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if got == self.pin {
+        if &got == pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
                 "server certificate fingerprint {} does not match the pinned {}",
                 format_fingerprint(&got),
-                format_fingerprint(&self.pin)
+                format_fingerprint(pin)
             )))
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Accepts any certificate (insecure mode); handshake signatures are still checked so the
-/// connection is at least bound to the certificate that was shown.
-#[derive(Debug)]
-struct NoVerifier {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for NoVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -292,5 +250,37 @@ mod tests {
         assert!(client_config(&TlsMode::Fingerprint(fp)).is_ok());
         assert!(client_config(&TlsMode::Insecure).is_ok());
         assert!(format!("{:?}", TlsMode::Fingerprint(fp)).contains("AB:CD"));
+    }
+
+    /// Captures what a subscriber writes, to see the insecure-mode warning.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn only_insecure_mode_warns() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let fp = parse_fingerprint(FP).unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            client_config(&TlsMode::Fingerprint(fp)).unwrap();
+            assert!(out.0.lock().unwrap().is_empty());
+            client_config(&TlsMode::Insecure).unwrap();
+        });
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+        assert!(text.contains("WARN") && text.contains("DISABLED"), "{text}");
     }
 }
