@@ -22,9 +22,23 @@ use sombrero::image::marker::{Ownership, Role, ownership, parse_description, ren
 use sombrero::image::tags::{FAILED_VALIDATION_TAG, OWNER_TAG, TagSet};
 use sombrero::proxmox;
 use support::fakepve::{Failure, FakePve, GuestSettings, Image, Options as PveOptions};
-use support::kube::control_plane;
+use support::kube::{ControlPlane, control_plane};
+use support::rbac::{ChartRbac, install_chart_rbac};
 
-fn options(ns: &str, identity: &str, leader_election: bool) -> Options {
+/// Installs the chart's RBAC for this test (release and controller namespace = the test's
+/// namespace; release names are unique, so are the ClusterRole(Binding)s) and returns it with
+/// the client the controller runs with: the chart's ServiceAccount, not cluster-admin. The test
+/// itself keeps the admin client for setup and assertions.
+async fn controller_client(cp: &ControlPlane, ns: &str) -> (ChartRbac, Client) {
+    let rbac = install_chart_rbac(cp, ns, ns);
+    let client = rbac.client(cp).await;
+    (rbac, client)
+}
+
+/// The controller as the chart runs it: watching the test's namespace, its Lease the one the
+/// chart's Role names, in the release namespace.
+fn options(rbac: &ChartRbac, identity: &str, leader_election: bool) -> Options {
+    let ns = &rbac.namespace;
     let mut settings = Settings::new(DefaultConnection::None);
     settings.resync = Duration::from_secs(2);
     settings.requeue = Duration::from_secs(5);
@@ -33,8 +47,8 @@ fn options(ns: &str, identity: &str, leader_election: bool) -> Options {
         namespace: Some(ns.to_string()),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         leader_election,
-        lease_name: "sombrero-test".into(),
-        controller_namespace: ns.to_string(),
+        lease_name: rbac.lease_name.clone(),
+        controller_namespace: rbac.namespace.clone(),
         identity: identity.to_string(),
         limits: Limits {
             global: 4,
@@ -343,6 +357,7 @@ async fn a_wrong_token_stalls_and_a_fixed_secret_recovers() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-token").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(
         &client,
@@ -353,7 +368,7 @@ async fn a_wrong_token_stalls_and_a_fixed_secret_recovers() {
     )
     .await;
     create_image(&client, &ns, "img", &pve, "pve").await;
-    let ctl = start(&client, options(&ns, "a", false));
+    let ctl = start(&sa, options(&rbac, "a", false));
 
     let gi = wait_for(
         &client,
@@ -405,6 +420,7 @@ async fn a_wrong_token_stalls_and_a_fixed_secret_recovers() {
         condition(&gi, "Reconciling").is_some() || condition(&gi, "Ready").unwrap().0 == "True"
     );
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -413,6 +429,7 @@ async fn proxmox_unreachable_is_reconciling_then_recovers() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-down").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     pve.fail(Failure::status(
         "GET",
@@ -423,7 +440,7 @@ async fn proxmox_unreachable_is_reconciling_then_recovers() {
     .await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     create_image(&client, &ns, "img", &pve, "pve").await;
-    let ctl = start(&client, options(&ns, "a", false));
+    let ctl = start(&sa, options(&rbac, "a", false));
 
     let gi = wait_for(
         &client,
@@ -465,6 +482,7 @@ async fn proxmox_unreachable_is_reconciling_then_recovers() {
     )
     .await;
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -473,12 +491,13 @@ async fn two_replicas_elect_one_leader() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-lease").await;
-    let a = start(&client, options(&ns, "replica-a", true));
+    let (rbac, sa) = controller_client(cp, &ns).await;
+    let a = start(&sa, options(&rbac, "replica-a", true));
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let holder = |l: &Lease| l.spec.as_ref().and_then(|s| s.holder_identity.clone());
     let start_t = Instant::now();
     let first = loop {
-        if let Ok(l) = leases.get("sombrero-test").await
+        if let Ok(l) = leases.get(&rbac.lease_name).await
             && let Some(h) = holder(&l)
         {
             break h;
@@ -490,10 +509,10 @@ async fn two_replicas_elect_one_leader() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(first, "replica-a");
-    let b = start(&client, options(&ns, "replica-b", true));
+    let b = start(&sa, options(&rbac, "replica-b", true));
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        holder(&leases.get("sombrero-test").await.unwrap()).as_deref(),
+        holder(&leases.get(&rbac.lease_name).await.unwrap()).as_deref(),
         Some("replica-a")
     );
     assert!(!b.is_finished(), "the standby waits");
@@ -502,7 +521,7 @@ async fn two_replicas_elect_one_leader() {
     a.abort();
     let start_t = Instant::now();
     loop {
-        if holder(&leases.get("sombrero-test").await.unwrap()).as_deref() == Some("replica-b") {
+        if holder(&leases.get(&rbac.lease_name).await.unwrap()).as_deref() == Some("replica-b") {
             break;
         }
         assert!(
@@ -512,6 +531,7 @@ async fn two_replicas_elect_one_leader() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     b.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -520,10 +540,11 @@ async fn apply_builds_validates_and_promotes() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-flow").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     create_image(&client, &ns, "img", &pve, "pve").await;
-    let ctl = start(&client, options(&ns, "a", false));
+    let ctl = start(&sa, options(&rbac, "a", false));
     let gi = wait_for(
         &client,
         &ns,
@@ -540,6 +561,7 @@ async fn apply_builds_validates_and_promotes() {
         .unwrap();
     assert_eq!(cm.data.unwrap()["template_id"], latest.vmid.to_string());
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -548,13 +570,14 @@ async fn a_spec_change_promotes_a_new_version_and_keeps_the_old() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-change").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     let uid = create_image(&client, &ns, "img", &pve, "pve")
         .await
         .uid()
         .unwrap();
-    let ctl = start(&client, options(&ns, "a", false));
+    let ctl = start(&sa, options(&rbac, "a", false));
     let gi = wait_for(
         &client,
         &ns,
@@ -660,6 +683,7 @@ async fn a_spec_change_promotes_a_new_version_and_keeps_the_old() {
     let promoted = wait_event(&client, &ns, "img", "Promoted", &vmid).await;
     assert_eq!(promoted.0, "Normal");
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -668,13 +692,14 @@ async fn a_failed_validation_keeps_the_previous_latest_and_does_not_loop() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-vfail").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     let uid = create_image(&client, &ns, "img", &pve, "pve")
         .await
         .uid()
         .unwrap();
-    let ctl = start(&client, options(&ns, "a", false));
+    let ctl = start(&sa, options(&rbac, "a", false));
     let gi = wait_for(
         &client,
         &ns,
@@ -765,6 +790,7 @@ async fn a_failed_validation_keeps_the_previous_latest_and_does_not_loop() {
         .count();
     assert_eq!(started, 2, "{:#?}", events(&client, &ns, "img").await);
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -773,6 +799,7 @@ async fn a_controller_killed_mid_build_resumes_without_leaks() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-kill").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     // Slow enough (1 PVE second = 50 ms) that a build is caught in flight.
     let pve = FakePve::start_with(PveOptions { time_scale: 0.05 }).await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
@@ -780,7 +807,7 @@ async fn a_controller_killed_mid_build_resumes_without_leaks() {
         .await
         .uid()
         .unwrap();
-    let ctl = start(&client, options(&ns, "a", false));
+    let ctl = start(&sa, options(&rbac, "a", false));
     let gi = wait_for(
         &client,
         &ns,
@@ -809,7 +836,7 @@ async fn a_controller_killed_mid_build_resumes_without_leaks() {
         "the stopped controller's build still talks to Proxmox: {after:#?}"
     );
 
-    let ctl = start(&client, options(&ns, "b", false));
+    let ctl = start(&sa, options(&rbac, "b", false));
     let gi = wait_for(
         &client,
         &ns,
@@ -835,6 +862,7 @@ async fn a_controller_killed_mid_build_resumes_without_leaks() {
     )
     .await;
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -843,13 +871,14 @@ async fn deleting_with_retain_leaves_the_templates() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-retain").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     let uid = create_image(&client, &ns, "img", &pve, "pve")
         .await
         .uid()
         .unwrap();
-    let ctl = start(&client, options(&ns, "a", false));
+    let ctl = start(&sa, options(&rbac, "a", false));
     let gi = wait_for(
         &client,
         &ns,
@@ -870,6 +899,7 @@ async fn deleting_with_retain_leaves_the_templates() {
     );
     wait_event(&client, &ns, "img", "TemplatesRetained", "Retain").await;
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -878,6 +908,7 @@ async fn deleting_with_delete_removes_unused_templates_and_keeps_a_cloned_one() 
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-delete").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     let uid = create_image_with(
@@ -891,7 +922,7 @@ async fn deleting_with_delete_removes_unused_templates_and_keeps_a_cloned_one() 
     .await
     .uid()
     .unwrap();
-    let ctl = start(&client, options(&ns, "a", false));
+    let ctl = start(&sa, options(&rbac, "a", false));
     let gi = wait_for(
         &client,
         &ns,
@@ -954,6 +985,7 @@ async fn deleting_with_delete_removes_unused_templates_and_keeps_a_cloned_one() 
         "{ev:?}"
     );
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -962,13 +994,14 @@ async fn a_leftover_validation_clone_goes_on_the_next_reconcile() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-leftover").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     let uid = create_image(&client, &ns, "img", &pve, "pve")
         .await
         .uid()
         .unwrap();
-    let ctl = start(&client, options(&ns, "a", false));
+    let ctl = start(&sa, options(&rbac, "a", false));
     let gi = wait_for(
         &client,
         &ns,
@@ -1022,4 +1055,5 @@ async fn a_leftover_validation_clone_goes_on_the_next_reconcile() {
     }
     wait_event(&client, &ns, "img", "LeftoverRemoved", "[900]").await;
     ctl.abort();
+    rbac.assert_nothing_denied();
 }

@@ -25,8 +25,12 @@ use sombrero::image::tags::{OWNER_TAG, TagSet};
 use sombrero::proxmox;
 use support::fakepve::{FakePve, Image};
 use support::kube::control_plane;
+use support::rbac::{ChartRbac, install_chart_rbac};
 
-fn options(ns: &str) -> Options {
+/// The controller as the chart runs it: its Lease the one the chart's Role names, in the
+/// release namespace (here the test's namespace).
+fn options(rbac: &ChartRbac) -> Options {
+    let ns = &rbac.namespace;
     let mut settings = Settings::new(DefaultConnection::None);
     settings.resync = Duration::from_secs(2);
     settings.requeue = Duration::from_secs(5);
@@ -35,8 +39,8 @@ fn options(ns: &str) -> Options {
         namespace: Some(ns.to_string()),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         leader_election: false,
-        lease_name: "sombrero-test".into(),
-        controller_namespace: ns.to_string(),
+        lease_name: rbac.lease_name.clone(),
+        controller_namespace: rbac.namespace.clone(),
         identity: "resume".into(),
         limits: Limits {
             global: 4,
@@ -115,6 +119,9 @@ async fn a_template_finished_before_a_crash_is_validated_and_promoted_not_rebuil
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-resume").await;
+    // The controller runs with the chart's ServiceAccount permissions, not cluster-admin.
+    let rbac = install_chart_rbac(cp, &ns, &ns);
+    let sa = rbac.client(cp).await;
     let pve = FakePve::start().await;
     let c = pve_client(&pve);
     put_secret(&client, &ns, &pve).await;
@@ -167,8 +174,8 @@ async fn a_template_finished_before_a_crash_is_validated_and_promoted_not_rebuil
         )
         .with_test_writer()
         .try_init();
-    let kube = client.clone();
-    let opts = options(&ns);
+    let kube = sa.clone();
+    let opts = options(&rbac);
     let ctl = tokio::spawn(async move {
         controller::run(kube, opts, Arc::new(controller::engine::Engine)).await
     });
@@ -226,4 +233,5 @@ async fn a_template_finished_before_a_crash_is_validated_and_promoted_not_rebuil
             .map(|e| (e.reason.clone(), e.message.clone()))
             .collect::<Vec<_>>()
     );
+    rbac.assert_nothing_denied();
 }

@@ -1104,8 +1104,12 @@ mod controller_e2e {
         self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
     };
     use support::kube::control_plane;
+    use support::rbac::{ChartRbac, install_chart_rbac};
 
-    fn options(ns: &str) -> Options {
+    /// The controller as the chart runs it: its Lease the one the chart's Role names, in the
+    /// release namespace (here the test's namespace).
+    fn options(rbac: &ChartRbac) -> Options {
+        let ns = &rbac.namespace;
         let mut settings = Settings::new(DefaultConnection::None);
         settings.resync = Duration::from_secs(2);
         settings.requeue = Duration::from_secs(5);
@@ -1114,8 +1118,8 @@ mod controller_e2e {
             namespace: Some(ns.to_string()),
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
             leader_election: false,
-            lease_name: "sombrero-retention-test".into(),
-            controller_namespace: ns.to_string(),
+            lease_name: rbac.lease_name.clone(),
+            controller_namespace: rbac.namespace.clone(),
             identity: "retention-test".into(),
             limits: Limits {
                 global: 1,
@@ -1177,6 +1181,9 @@ mod controller_e2e {
         cp.install_crds();
         let client = cp.client().await;
         let ns = cp.namespace(&client, "retention").await;
+        // The controller runs with the chart's ServiceAccount permissions, not cluster-admin.
+        let rbac = install_chart_rbac(cp, &ns, &ns);
+        let sa = rbac.client(cp).await;
         let pve = FakePve::start().await;
         for (vmid, days) in [(1801, 200), (1802, 150), (1803, 100), (1804, 50)] {
             add_template(&pve, vmid, days, T::default()).await;
@@ -1224,8 +1231,8 @@ mod controller_e2e {
             .expect("create");
 
         let handle = {
-            let client = client.clone();
-            let opts = options(&ns);
+            let client = sa.clone();
+            let opts = options(&rbac);
             tokio::spawn(async move {
                 controller::run(client, opts, Arc::new(controller::engine::Engine)).await
             })
@@ -1346,6 +1353,7 @@ mod controller_e2e {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         handle.abort();
+        rbac.assert_nothing_denied();
     }
 
     #[tokio::test]
@@ -1354,6 +1362,9 @@ mod controller_e2e {
         cp.install_crds();
         let client = cp.client().await;
         let ns = cp.namespace(&client, "retention-fail").await;
+        // The controller runs with the chart's ServiceAccount permissions, not cluster-admin.
+        let rbac = install_chart_rbac(cp, &ns, &ns);
+        let sa = rbac.client(cp).await;
         let pve = FakePve::start().await;
         add_template(&pve, 1901, 200, T::default()).await;
         add_template(
@@ -1392,8 +1403,8 @@ mod controller_e2e {
             .await
             .expect("create");
         let handle = {
-            let client = client.clone();
-            let opts = options(&ns);
+            let client = sa.clone();
+            let opts = options(&rbac);
             tokio::spawn(async move {
                 controller::run(client, opts, Arc::new(controller::engine::Engine)).await
             })
@@ -1447,6 +1458,7 @@ mod controller_e2e {
         );
         assert!(!all.contains(&pve.token_secret));
         handle.abort();
+        rbac.assert_nothing_denied();
     }
 
     fn client_for(pve: &FakePve) -> Client {
