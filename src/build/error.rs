@@ -149,7 +149,11 @@ impl BuildError {
         self.category.as_str()
     }
 
-    /// Whether running the build again later may succeed without a spec change.
+    /// Whether running the build again later may succeed without a spec change. A failed guest
+    /// command counts (a mirror mid-sync, a network hiccup), though the same failure may also
+    /// come from the spec (a command that always fails); the controller tells them apart by
+    /// bounding the retries of one spec (`controller::context::MAX_BUILD_ATTEMPTS`), then
+    /// reports `Stalled`.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.category,

@@ -20,17 +20,18 @@ use tracing::{info, warn};
 
 use super::builds::{JobOutcome, JobView};
 use super::connection;
-use super::context::{Context, FailedBuild, JobRequest};
+use super::context::{Context, FailedBuild, JobRequest, attempt_number, retry_again};
 use super::error::{Error, Result};
 use super::inventory::Snapshot;
-use super::status::{self, Cond, Verdict};
+use super::status::{self, Cond, FailedValidation, Verdict};
 use super::triggers::{self, Attempt, REBUILD_ANNOTATION, Trigger};
 use crate::api::common::ConditionStatus;
 use crate::api::golden_image::{
     DeletionPolicy, GoldenImage, GoldenImageStatus, TemplateRef, TemplateVersionStatus,
 };
-use crate::image::marker::{Owner, Ownership, Role, SourceInfo, ownership};
-use crate::image::output::TerraformOutput;
+use crate::image::marker::{
+    Marker, Owner, Ownership, Role, SourceInfo, ValidationRecord, ownership,
+};
 use crate::image::version::{TemplateVersion, VmFacts};
 use crate::proxmox;
 use crate::retention::inventory::{Candidate, Counted, find_users};
@@ -402,6 +403,12 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                 touched.push(*vmid);
                 st.last_validation = Some(report.clone());
                 st.build = None;
+                // The build worked: a retry series of earlier build failures ends here (left
+                // behind, its due retry would rebuild the failed spec in a loop).
+                ctx.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
                 warn!(vmid, name, failed_check, "validation failed");
                 event_about(ctx, gi, EventType::Warning, "ValidationFailed", "Validate",
                     format!("template {name} (VMID {vmid}) failed check {failed_check}: {message}; it is tagged failed-validation and not promoted, the previous latest stays; change the spec or request a rebuild"),
@@ -420,18 +427,41 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                 b.stage = "Failed".into();
                 b.message = Some(format!("{stage_text}: {message}"));
                 st.build = Some(b);
+                let attempt = {
+                    let failed = ctx.failed.lock().unwrap_or_else(|e| e.into_inner());
+                    attempt_number(failed.get(&key), &spec_hash)
+                };
+                let again = retry_again(*retryable, reason, attempt);
+                let gave_up = *retryable && !again;
+                let what_now = if again {
+                    format!("retrying with backoff (attempt {attempt} failed)")
+                } else if gave_up {
+                    format!(
+                        "gave up after {attempt} failed attempts of this spec: fix the spec or request a rebuild"
+                    )
+                } else {
+                    "fix the cause and change the spec or request a rebuild".to_string()
+                };
                 ctx.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(
                     key.clone(),
                     FailedBuild {
                         spec_hash: spec_hash.clone(),
                         reason,
-                        message: format!("build failed in stage {stage_text}: {message}"),
-                        retry_at: retryable.then(|| {
+                        message: if gave_up {
+                            format!("build failed in stage {stage_text}: {message}\n{what_now}")
+                        } else {
+                            format!("build failed in stage {stage_text}: {message}")
+                        },
+                        retry_at: again.then(|| {
                             std::time::Instant::now() + ctx.backoff(&format!("build:{key}"))
                         }),
+                        attempts: attempt,
                     },
                 );
-                warn!(stage = %stage_text, reason, error = %message, "build failed");
+                if !again {
+                    ctx.reset_backoff(&format!("build:{key}"));
+                }
+                warn!(stage = %stage_text, reason, attempt, error = %message, "build failed");
                 event_about(
                     ctx,
                     gi,
@@ -439,13 +469,8 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                     reason,
                     "Build",
                     format!(
-                        "build {} failed in stage {stage_text}: {message}{}",
+                        "build {} failed in stage {stage_text}: {message}; {what_now}",
                         progress.id,
-                        if *retryable {
-                            "; retrying with backoff"
-                        } else {
-                            "; fix the cause and change the spec or request a rebuild"
-                        }
                     ),
                     Some(About::Build(&progress.id)),
                 )
@@ -548,6 +573,8 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         .filter(|b| b.stage != "Failed" && !ctx.tracker.is_tracked(&key))
         .map(|b| b.id.clone());
 
+    // An automatic retry of the same spec after a failed build: its attempt count goes on.
+    let mut retrying = false;
     match ctx.tracker.view(&key) {
         Some(JobView::Running(p)) => {
             announce_stages(ctx, gi, &key, &p.id).await;
@@ -572,8 +599,15 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&key)
                 .cloned();
-            let manual = trigger == Some(Trigger::Manual);
+            // A rebuild request, whichever trigger `decide` named first (with no template at all,
+            // or the spec changed since the newest one, that is not `Manual`).
+            let manual = trigger == Some(Trigger::Manual)
+                || (trigger.is_some()
+                    && (annotation
+                        || (gi.spec.rebuild.requested_at.is_some()
+                            && gi.spec.rebuild.requested_at != st.handled_rebuild_request)));
             if let Some(f) = failed.filter(|f| f.spec_hash == spec_hash && !manual) {
+                retrying = f.retry_at.is_some();
                 match f.retry_at {
                     None => {
                         stalled = Some((f.reason.to_string(), f.message.clone()));
@@ -622,10 +656,12 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
             move |p| pipeline.run(request, p),
         ) {
             Ok(()) => {
-                ctx.failed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
+                if !retrying {
+                    ctx.failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
+                }
                 let why = if resume_id.is_some() {
                     "ResumingBuild"
                 } else {
@@ -669,16 +705,35 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         }
     }
 
-    // Output ConfigMap for the latest.
-    if let (Some(out), Some((l, _))) = (&gi.spec.output, latest) {
-        write_config_map(
-            ctx,
-            gi,
-            &out.config_map_name,
-            l,
-            st.build.as_ref().map(|b| b.id.as_str()),
-        )
-        .await?;
+    // The newest template failed validation and nothing is building or due: the same spec is
+    // deliberately not rebuilt, so the object cannot progress without a person (kstatus
+    // `Stalled`, Argo CD `Degraded`). A spec change or a rebuild request starts a build, which
+    // clears it.
+    let failed_validation = match newest {
+        Some((v, _))
+            if v.validation == crate::image::version::ValidationStatus::Failed
+                && reconciling.is_none()
+                && stalled.is_none() =>
+        {
+            Some(FailedValidation {
+                name: &v.name,
+                vmid: v.vmid,
+                check: failed_check(&st, v.vmid, marker_of(&snap, v.vmid)),
+                serving: latest.map(|(l, _)| (l.name.as_str(), l.vmid)),
+            })
+        }
+        _ => None,
+    };
+    if let Some(f) = &failed_validation {
+        stalled = Some(f.stalled());
+    }
+
+    // Output ConfigMap for the latest, from its marker: stable at steady state, and changed
+    // only when a promotion lands.
+    if let (Some(out), Some((l, _))) = (&gi.spec.output, latest)
+        && let Some(marker) = marker_of(&snap, l.vmid)
+    {
+        write_config_map(ctx, gi, &out.config_map_name, l, marker).await?;
     }
 
     // Status.
@@ -711,6 +766,7 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     }
 
     let ready = match (&st.latest, &stalled) {
+        _ if let Some(f) = &failed_validation => f.ready(),
         (Some(l), _) => Cond::new(
             ConditionStatus::True,
             "TemplateAvailable",
@@ -730,12 +786,7 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
             format!("template {} (VMID {}) passed validation", v.name, v.vmid),
         ),
         crate::image::version::ValidationStatus::Failed => {
-            let check = st
-                .last_validation
-                .as_ref()
-                .and_then(|r| r.checks.iter().find(|c| !c.passed))
-                .map(|c| format!("check {} failed: {}", c.name, c.message))
-                .unwrap_or_else(|| "validation failed".into());
+            let check = failed_check(&st, v.vmid, marker_of(&snap, v.vmid));
             Cond::new(
                 ConditionStatus::False,
                 "ValidationFailed",
@@ -790,36 +841,44 @@ async fn remove_rebuild_annotation(ctx: &Context, gi: &GoldenImage) -> Result<()
     Ok(())
 }
 
-/// The Terraform hand-off: `template_id`, `template_name`, `node`, and a Packer-compatible
-/// `manifest.json`. Owned by the GoldenImage (garbage-collected with it).
+/// Our marker of the VM `vmid` in the inventory.
+fn marker_of(snap: &Snapshot, vmid: u32) -> Option<&Marker> {
+    snap.ours
+        .iter()
+        .find(|o| o.vm.vmid == vmid)
+        .and_then(|o| o.marker.as_ref())
+}
+
+/// Which check failed on template `vmid`: from `status.lastValidation` when it is that
+/// template's report, else the reason its marker records (the status may be older than it).
+fn failed_check(st: &GoldenImageStatus, vmid: u32, marker: Option<&Marker>) -> String {
+    let from_report = st
+        .last_validation
+        .as_ref()
+        .filter(|r| r.vmid == vmid)
+        .and_then(|r| r.checks.iter().find(|c| !c.passed))
+        .map(|c| format!("check {} failed: {}", c.name, c.message));
+    let from_marker = || match marker.map(|m| &m.metadata.validation) {
+        Some(ValidationRecord::Failed { reason, .. }) => Some(reason.clone()),
+        _ => None,
+    };
+    from_report
+        .or_else(from_marker)
+        .unwrap_or_else(|| "a check failed (see status.lastValidation)".to_string())
+}
+
+/// The Terraform hand-off, `promote::config_map_data` of the latest template's marker:
+/// `template_id`, `template_name`, `node`, and a Packer-compatible `manifest.json` whose run
+/// uuid derives from the template's build id. Owned by the GoldenImage (garbage-collected with
+/// it).
 async fn write_config_map(
     ctx: &Context,
     gi: &GoldenImage,
     name: &str,
     latest: &TemplateVersion,
-    build_id: Option<&str>,
+    marker: &Marker,
 ) -> Result<()> {
-    let out = TerraformOutput::new(latest.vmid, latest.name.clone(), Some(latest.node.clone()));
-    let manifest = json!({
-        "builds": [{
-            "name": gi.name_any(),
-            "builder_type": "sombrero",
-            "build_time": latest.created_at().timestamp(),
-            "files": null,
-            "artifact_id": latest.vmid.to_string(),
-            "packer_run_uuid": build_id,
-            "custom_data": {"template_name": latest.name, "node": latest.node},
-        }],
-        "last_run_uuid": build_id,
-    });
-    let mut data = BTreeMap::new();
-    data.insert("template_id".to_string(), out.template_id.clone());
-    data.insert("template_name".to_string(), out.template_name.clone());
-    data.insert("node".to_string(), latest.node.clone());
-    data.insert(
-        "manifest.json".to_string(),
-        serde_json::to_string_pretty(&manifest).unwrap_or_default(),
-    );
+    let data = crate::promote::config_map_data(latest.vmid, &latest.node, marker);
     let owner_ref: Option<OwnerReference> = gi.controller_owner_ref(&());
     let cm = ConfigMap {
         metadata: ObjectMeta {

@@ -45,6 +45,71 @@ pub struct Verdict {
     pub up_to_date: Option<Cond>,
 }
 
+/// The newest template of the current spec failed validation and nothing will rebuild it: the
+/// controller does not retry the same spec, so only a person can move the object on.
+#[derive(Debug, Clone)]
+pub struct FailedValidation<'a> {
+    pub name: &'a str,
+    pub vmid: u32,
+    /// Which check failed and why, e.g. `check cloudInit failed: cloud-init status: degraded`.
+    pub check: String,
+    /// The latest template that still serves, if any: (name, VMID).
+    pub serving: Option<(&'a str, u32)>,
+}
+
+pub const VALIDATION_FAILED: &str = "ValidationFailed";
+
+impl FailedValidation<'_> {
+    fn serving_text(&self) -> String {
+        match self.serving {
+            Some((name, vmid)) => {
+                format!("the previous latest {name} (VMID {vmid}) still serves")
+            }
+            None => "no earlier template serves".to_string(),
+        }
+    }
+
+    /// `Stalled=True` (reason, message): which template, which check, and what to do.
+    pub fn stalled(&self) -> (String, String) {
+        (
+            VALIDATION_FAILED.to_string(),
+            format!(
+                "template {} (VMID {}) failed validation: {}; it is not promoted and the same spec is not rebuilt ({}): fix the image or the spec and change the spec, or request a rebuild (spec.rebuild.requestedAt or the annotation images.sombrero.dev/rebuild)",
+                self.name,
+                self.vmid,
+                self.check,
+                self.serving_text()
+            ),
+        )
+    }
+
+    /// `Ready`: still True while a previous latest serves (consumers keep working; `Stalled`
+    /// says something needs a person), else False with the same reason.
+    pub fn ready(&self) -> Cond {
+        match self.serving {
+            Some((name, vmid)) => Cond::new(
+                ConditionStatus::True,
+                "TemplateAvailable",
+                format!(
+                    "template {name} (VMID {vmid}) serves; the newer template {} (VMID {}) failed validation",
+                    self.name, self.vmid
+                ),
+            ),
+            None => Cond::new(
+                ConditionStatus::False,
+                VALIDATION_FAILED,
+                format!(
+                    "template {} (VMID {}) failed validation ({}); {}",
+                    self.name,
+                    self.vmid,
+                    self.check,
+                    self.serving_text()
+                ),
+            ),
+        }
+    }
+}
+
 pub fn apply(conds: &mut Vec<Condition>, v: &Verdict, generation: Option<i64>, now: DateTime<Utc>) {
     let now = time(now);
     let mut set = |type_: &str, c: &Cond| {
@@ -85,6 +150,43 @@ pub fn apply(conds: &mut Vec<Condition>, v: &Verdict, generation: Option<i64>, n
 mod tests {
     use super::*;
     use crate::api::common::find_condition;
+
+    #[test]
+    fn a_failed_validation_stalls_and_says_what_serves() {
+        let mut f = FailedValidation {
+            name: "ubuntu-002",
+            vmid: 8031,
+            check: "check cloudInit failed: cloud-init status: degraded".into(),
+            serving: None,
+        };
+        let (reason, message) = f.stalled();
+        assert_eq!(reason, "ValidationFailed");
+        for part in [
+            "8031",
+            "cloudInit",
+            "no earlier template serves",
+            "change the spec",
+            "request a rebuild",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        let ready = f.ready();
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (ConditionStatus::False, "ValidationFailed")
+        );
+        assert!(ready.message.contains("no earlier template serves"));
+
+        f.serving = Some(("ubuntu-001", 8024));
+        assert!(
+            f.stalled()
+                .1
+                .contains("ubuntu-001 (VMID 8024) still serves")
+        );
+        let ready = f.ready();
+        assert_eq!(ready.status, ConditionStatus::True);
+        assert!(ready.message.contains("8024") && ready.message.contains("8031"));
+    }
 
     #[test]
     fn reconciling_and_stalled_exist_only_while_true() {

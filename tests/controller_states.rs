@@ -1,0 +1,579 @@
+//! End-to-end tests of the GoldenImage controller's states that need a person: the output
+//! ConfigMap describes the latest template and stays stable while another build runs; a first
+//! template that fails validation stalls the object until the spec changes; a guest command
+//! that keeps failing is retried a bounded number of times, then stalls. The controller runs
+//! in-process against a real kube-apiserver (tests/support/kube.rs) and the fake Proxmox
+//! (tests/support/fakepve.rs), set up as in tests/controller.rs.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use sombrero::api::GoldenImage;
+use sombrero::api::common::find_condition;
+use sombrero::controller::{
+    self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
+};
+use sombrero::image::marker::{Marker, parse_description};
+use sombrero::promote::output::run_uuid;
+use sombrero::proxmox;
+use support::fakepve::{CommandFailure, FakePve, GuestSettings, Image};
+use support::kube::control_plane;
+
+fn options(ns: &str, identity: &str) -> Options {
+    let mut settings = Settings::new(DefaultConnection::None);
+    settings.resync = Duration::from_secs(2);
+    settings.requeue = Duration::from_secs(5);
+    settings.poll = Duration::from_secs(1);
+    Options {
+        namespace: Some(ns.to_string()),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        leader_election: false,
+        lease_name: "sombrero-test".into(),
+        controller_namespace: ns.to_string(),
+        identity: identity.to_string(),
+        limits: Limits {
+            global: 4,
+            per_node: 2,
+        },
+        settings,
+        concurrency: 4,
+    }
+}
+
+fn start(client: &Client, opts: Options) -> tokio::task::JoinHandle<Result<(), String>> {
+    // The controller's warnings go to the captured test output (shown when a test fails).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "sombrero=info,kube=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let client = client.clone();
+    tokio::spawn(async move {
+        controller::run(client, opts, Arc::new(controller::engine::Engine)).await
+    })
+}
+
+async fn put_secret(client: &Client, ns: &str, name: &str, pve: &FakePve) {
+    let mut data = BTreeMap::new();
+    data.insert("url".to_string(), pve.url.clone());
+    data.insert("tokenId".to_string(), pve.token_id.clone());
+    data.insert("tokenSecret".to_string(), pve.token_secret.clone());
+    data.insert("caCert".to_string(), pve.ca_pem.clone());
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        string_data: Some(data),
+        ..Default::default()
+    };
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let mut v = serde_json::to_value(&secret).unwrap();
+    v["apiVersion"] = json!("v1");
+    v["kind"] = json!("Secret");
+    api.patch(
+        name,
+        &PatchParams::apply("sombrero-tests").force(),
+        &Patch::Apply(v),
+    )
+    .await
+    .expect("apply Secret");
+}
+
+/// Merges `patch` into `base` (objects key by key; anything else replaces).
+fn merge(base: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+/// A GoldenImage of a fresh cloud image (with the guest agent), validated through the agent;
+/// `spec` is merged into the default spec.
+async fn create_image(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    pve: &FakePve,
+    spec: serde_json::Value,
+) -> GoldenImage {
+    let img = pve
+        .add_image(Image::new(&format!("{name}.qcow2")).agent())
+        .await;
+    let mut value = json!({
+        "apiVersion": "images.sombrero.dev/v1alpha1",
+        "kind": "GoldenImage",
+        "metadata": {"name": name},
+        "spec": {
+            "proxmox": {"secretRef": {"name": "pve"}},
+            "os": "ubuntu-24.04",
+            "type": "minimal",
+            "source": {"cloudImage": {"url": img.url, "checksum": format!("sha256:{}", img.checksums["sha256"])}},
+            "placement": {"node": pve.node},
+            "provisioning": {"via": "guestAgent"},
+            "validation": {"checks": ["boot", "guestAgent", "cloudInit", "packageDrift"], "timeout": "10m"},
+            "output": {"configMapName": format!("{name}-template")},
+        }
+    });
+    merge(&mut value["spec"], &spec);
+    let gi: GoldenImage = serde_json::from_value(value).unwrap();
+    Api::<GoldenImage>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &gi)
+        .await
+        .expect("create GoldenImage")
+}
+
+/// Waits until `check` holds; panics with the last status.
+async fn wait_for(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&GoldenImage) -> bool,
+) -> GoldenImage {
+    let api: Api<GoldenImage> = Api::namespaced(client.clone(), ns);
+    let start = Instant::now();
+    loop {
+        let gi = api.get(name).await.expect("get GoldenImage");
+        if check(&gi) {
+            return gi;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out waiting for {what}; status: {:#?}", gi.status);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn get(client: &Client, ns: &str, name: &str) -> GoldenImage {
+    Api::<GoldenImage>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .expect("get GoldenImage")
+}
+
+/// (status, reason, message) of a condition.
+fn condition(gi: &GoldenImage, type_: &str) -> Option<(String, String, String)> {
+    let st = gi.status.as_ref()?;
+    find_condition(&st.conditions, type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn is_ready(gi: &GoldenImage) -> bool {
+    condition(gi, "Ready").is_some_and(|c| c.0 == "True")
+}
+
+fn observed(gi: &GoldenImage) -> bool {
+    gi.status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation == gi.metadata.generation)
+}
+
+/// A spec change that needs a new build (the VM's cores).
+async fn change_spec(client: &Client, ns: &str, name: &str, cores: u32) {
+    Api::<GoldenImage>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"hardware": {"cores": cores}}})),
+        )
+        .await
+        .expect("patch GoldenImage");
+}
+
+/// Events about `name`: (type, reason, message).
+async fn events(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.message.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+async fn count_events(client: &Client, ns: &str, name: &str, reason: &str) -> usize {
+    events(client, ns, name)
+        .await
+        .iter()
+        .filter(|e| e.1 == reason)
+        .count()
+}
+
+/// A client of the fake with the full token, to look at what the controller left on Proxmox.
+fn pve_client(pve: &FakePve) -> proxmox::Client {
+    let data: BTreeMap<String, String> = [
+        ("url", pve.url.clone()),
+        ("tokenId", pve.token_id.clone()),
+        ("tokenSecret", pve.token_secret.clone()),
+        ("caCert", pve.ca_pem.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = controller::connection::config_from_secret(&data, "test", false).unwrap();
+    proxmox::Client::new(config).unwrap()
+}
+
+/// The marker in the description of VM `vmid`, as Proxmox holds it.
+async fn marker(pve: &FakePve, node: &str, vmid: u32) -> Marker {
+    let config = pve_client(pve).vm_config(node, vmid).await.unwrap();
+    parse_description(config.description.as_deref().unwrap_or(""))
+        .unwrap()
+        .expect("the template carries our marker")
+}
+
+async fn config_map(client: &Client, ns: &str, name: &str) -> ConfigMap {
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .expect("get the output ConfigMap")
+}
+
+fn manifest(cm: &ConfigMap) -> serde_json::Value {
+    serde_json::from_str(&cm.data.as_ref().unwrap()["manifest.json"]).unwrap()
+}
+
+#[tokio::test]
+async fn the_config_map_describes_the_latest_and_changes_only_when_a_promotion_lands() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "st-cm").await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve).await;
+    let uid = create_image(&client, &ns, "img", &pve, json!({}))
+        .await
+        .uid()
+        .unwrap();
+    let ctl = start(&client, options(&ns, "a"));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True",
+        Duration::from_secs(300),
+        |gi| is_ready(gi) && gi.status.as_ref().is_some_and(|s| s.build.is_none()),
+    )
+    .await;
+    let first = gi.status.unwrap().latest.unwrap();
+    let first_marker = marker(&pve, &first.node, first.vmid).await;
+
+    // The ConfigMap is the promote module's hand-off for the latest template's marker.
+    let cm = config_map(&client, &ns, "img-template").await;
+    let data = cm.data.clone().unwrap();
+    assert_eq!(
+        data,
+        sombrero::promote::config_map_data(first.vmid, &first.node, &first_marker)
+    );
+    let m = manifest(&cm);
+    let uuid = run_uuid(&uid, &first_marker.build_id);
+    assert_eq!(m["last_run_uuid"], uuid, "{m:#}");
+    let b = &m["builds"][0];
+    assert_eq!(b["packer_run_uuid"], uuid, "{m:#}");
+    assert_eq!(b["artifact_id"], first.vmid.to_string());
+    let cd = &b["custom_data"];
+    assert_eq!(cd["build_id"], first_marker.build_id.as_str());
+    assert_eq!(cd["os"], "ubuntu-24.04");
+    assert_eq!(cd["type"], "minimal");
+    assert_eq!(cd["build_date"], first.build_date.as_str());
+    assert_eq!(cd["build_number"], format!("{:03}", first.build_number));
+    assert_eq!(
+        cd["spec_hash"],
+        first.spec_hash.as_deref().unwrap(),
+        "{m:#}"
+    );
+    assert_eq!(
+        cd["source_checksum"],
+        first.source_checksum.as_deref().unwrap(),
+        "{m:#}"
+    );
+    assert!(cd["validated_at"].is_string(), "{m:#}");
+
+    // Stable at steady state: several requeues (5 s) and resyncs (2 s) later, not rewritten.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let again = config_map(&client, &ns, "img-template").await;
+    assert_eq!(again.data, cm.data);
+    assert_eq!(again.resource_version(), cm.resource_version());
+
+    // A new build does not change it while it runs (slowed down to be seen: 1 PVE s = 50 ms).
+    pve.set_time_scale(0.05).await;
+    change_spec(&client, &ns, "img", 4).await;
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "the new build in flight",
+        Duration::from_secs(120),
+        |gi| gi.status.as_ref().and_then(|s| s.build.as_ref()).is_some(),
+    )
+    .await;
+    let build_id = gi.status.unwrap().build.unwrap().id;
+    assert_ne!(build_id, first_marker.build_id);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = config_map(&client, &ns, "img-template").await;
+    assert!(
+        get(&client, &ns, "img")
+            .await
+            .status
+            .unwrap()
+            .build
+            .is_some(),
+        "the build still runs (else the check above proves nothing)"
+    );
+    assert_eq!(during.data, cm.data, "unchanged while the build runs");
+
+    // The promotion lands: the ConfigMap names the new template and its build.
+    pve.set_time_scale(0.0).await;
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "the new template promoted",
+        Duration::from_secs(300),
+        |gi| {
+            gi.status
+                .as_ref()
+                .and_then(|s| s.latest.as_ref())
+                .is_some_and(|l| l.vmid != first.vmid)
+        },
+    )
+    .await;
+    let second = gi.status.unwrap().latest.unwrap();
+    let start_t = Instant::now();
+    let cm = loop {
+        let cm = config_map(&client, &ns, "img-template").await;
+        if cm.data.as_ref().unwrap()["template_id"] == second.vmid.to_string() {
+            break cm;
+        }
+        assert!(
+            start_t.elapsed() < Duration::from_secs(30),
+            "the ConfigMap still names the old template: {:?}",
+            cm.data
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let m = manifest(&cm);
+    assert_eq!(m["last_run_uuid"], run_uuid(&uid, &build_id), "{m:#}");
+    assert_eq!(m["builds"][0]["custom_data"]["build_id"], build_id.as_str());
+    let second_marker = marker(&pve, &second.node, second.vmid).await;
+    assert_eq!(
+        cm.data.unwrap(),
+        sombrero::promote::config_map_data(second.vmid, &second.node, &second_marker)
+    );
+    ctl.abort();
+}
+
+#[tokio::test]
+async fn a_first_template_failing_validation_stalls_until_a_passing_spec_change() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "st-vfail").await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve).await;
+    // cloud-init ends `degraded` in every guest: the build accepts it, the validation does not.
+    pve.set_guest(
+        None,
+        GuestSettings {
+            cloud_init: Some("degraded".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    create_image(&client, &ns, "img", &pve, json!({})).await;
+    let ctl = start(&client, options(&ns, "a"));
+
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Stalled=True",
+        Duration::from_secs(300),
+        |gi| observed(gi) && condition(gi, "Stalled").is_some_and(|c| c.0 == "True"),
+    )
+    .await;
+    let (_, reason, message) = condition(&gi, "Stalled").unwrap();
+    assert_eq!(reason, "ValidationFailed", "{message}");
+    let failed = gi.status.as_ref().unwrap().versions[0].clone();
+    for part in [
+        failed.name.as_str(),
+        &failed.vmid.to_string(),
+        "cloudInit",
+        "degraded",
+        "no earlier template serves",
+        "change the spec",
+        "request a rebuild",
+    ] {
+        assert!(message.contains(part), "{part:?} in {message}");
+    }
+    let (ready, ready_reason, ready_message) = condition(&gi, "Ready").unwrap();
+    assert_eq!(
+        (ready.as_str(), ready_reason.as_str()),
+        ("False", "ValidationFailed"),
+        "{ready_message}"
+    );
+    assert!(
+        ready_message.contains("no earlier template serves"),
+        "{ready_message}"
+    );
+    assert_eq!(condition(&gi, "Validated").unwrap().0, "False");
+    let up_to_date = condition(&gi, "UpToDate").unwrap();
+    assert_eq!(
+        (up_to_date.0.as_str(), up_to_date.1.as_str()),
+        ("False", "ValidationFailed")
+    );
+    assert!(condition(&gi, "Reconciling").is_none(), "{:#?}", gi.status);
+    assert!(gi.status.as_ref().unwrap().latest.is_none());
+
+    // It stays so: nothing rebuilds the same spec.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let gi = get(&client, &ns, "img").await;
+    assert_eq!(condition(&gi, "Stalled").unwrap().1, "ValidationFailed");
+    assert_eq!(count_events(&client, &ns, "img", "BuildStarted").await, 1);
+
+    // The image is fixed and the spec changed: a new build passes, Stalled goes, Ready.
+    pve.set_guest(
+        None,
+        GuestSettings {
+            cloud_init: Some("done".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    change_spec(&client, &ns, "img", 4).await;
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True after the spec change",
+        Duration::from_secs(300),
+        |gi| observed(gi) && is_ready(gi),
+    )
+    .await;
+    assert!(condition(&gi, "Stalled").is_none(), "{:#?}", gi.status);
+    assert_eq!(condition(&gi, "Validated").unwrap().0, "True");
+    let latest = gi.status.as_ref().unwrap().latest.clone().unwrap();
+    assert_ne!(latest.vmid, failed.vmid);
+    ctl.abort();
+}
+
+#[tokio::test]
+async fn a_guest_command_that_keeps_failing_stalls_after_three_attempts() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "st-retry").await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve).await;
+    pve.set_guest(
+        None,
+        GuestSettings {
+            failures: Some(vec![CommandFailure::new(
+                "^echo provision-step",
+                1,
+                "E: mirror sync in progress",
+            )]),
+            ..Default::default()
+        },
+    )
+    .await;
+    create_image(
+        &client,
+        &ns,
+        "img",
+        &pve,
+        json!({"provisioning": {"commands": ["echo provision-step"]}}),
+    )
+    .await;
+    let ctl = start(&client, options(&ns, "a"));
+
+    // Attempts 1 and 2 are retried with backoff (5 s, 10 s); the third failure stalls.
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Stalled=True",
+        Duration::from_secs(300),
+        |gi| condition(gi, "Stalled").is_some_and(|c| c.0 == "True"),
+    )
+    .await;
+    let (_, reason, message) = condition(&gi, "Stalled").unwrap();
+    assert_eq!(reason, "ProvisioningFailed", "{message}");
+    for part in [
+        "Provision",
+        "echo provision-step",
+        "E: mirror sync in progress",
+        "3 failed attempts",
+        "fix the spec or request a rebuild",
+    ] {
+        assert!(message.contains(part), "{part:?} in {message}");
+    }
+    assert_eq!(condition(&gi, "Ready").unwrap().0, "False");
+    assert!(condition(&gi, "Reconciling").is_none(), "{:#?}", gi.status);
+    assert_eq!(count_events(&client, &ns, "img", "BuildStarted").await, 3);
+    let retried = events(&client, &ns, "img")
+        .await
+        .into_iter()
+        .filter(|e| e.1 == "ProvisioningFailed" && e.2.contains("retrying with backoff"))
+        .count();
+    assert_eq!(retried, 2, "{:#?}", events(&client, &ns, "img").await);
+
+    // No fourth attempt: well past the next backoff (20 s) still three builds.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let gi = get(&client, &ns, "img").await;
+    assert_eq!(condition(&gi, "Stalled").unwrap().1, "ProvisioningFailed");
+    assert_eq!(count_events(&client, &ns, "img", "BuildStarted").await, 3);
+
+    // The mirror is fine again and a rebuild is requested: it builds, and the object is Ready.
+    pve.set_guest(
+        None,
+        GuestSettings {
+            failures: Some(vec![]),
+            ..Default::default()
+        },
+    )
+    .await;
+    Api::<GoldenImage>::namespaced(client.clone(), &ns)
+        .patch(
+            "img",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"images.sombrero.dev/rebuild": "1"}}}),
+            ),
+        )
+        .await
+        .expect("request a rebuild");
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True after the rebuild request",
+        Duration::from_secs(300),
+        is_ready,
+    )
+    .await;
+    assert!(condition(&gi, "Stalled").is_none(), "{:#?}", gi.status);
+    assert_eq!(count_events(&client, &ns, "img", "BuildStarted").await, 4);
+    ctl.abort();
+}
