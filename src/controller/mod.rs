@@ -28,6 +28,7 @@ pub mod inventory;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod report;
 pub mod retention;
 pub mod source;
 pub mod status;

@@ -177,27 +177,7 @@ async fn report_error(gi: &GoldenImage, ctx: &Context, e: &Error) {
     )
     .await;
     let mut st = gi.status.clone().unwrap_or_default();
-    let current_ready = crate::api::common::find_condition(&st.conditions, "Ready").cloned();
-    let ready = match current_ready {
-        Some(c) if !e.is_stalled() => Cond {
-            status: if c.status == "True" {
-                ConditionStatus::True
-            } else {
-                ConditionStatus::False
-            },
-            reason: c.reason,
-            message: c.message,
-        },
-        _ => Cond::new(ConditionStatus::False, e.reason(), e.message()),
-    };
-    let pair = Some((e.reason().to_string(), e.message()));
-    let verdict = Verdict {
-        ready,
-        reconciling: if e.is_stalled() { None } else { pair.clone() },
-        stalled: if e.is_stalled() { pair } else { None },
-        validated: None,
-        up_to_date: None,
-    };
+    let verdict = super::report::error_verdict(&st.conditions, e);
     status::apply(
         &mut st.conditions,
         &verdict,
@@ -211,23 +191,7 @@ async fn report_error(gi: &GoldenImage, ctx: &Context, e: &Error) {
 }
 
 async fn write_status(ctx: &Context, gi: &GoldenImage, st: &GoldenImageStatus) -> Result<()> {
-    if gi.status.as_ref() == Some(st) {
-        return Ok(());
-    }
-    let api: Api<GoldenImage> =
-        Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": format!("{}/{}", crate::api::GROUP, crate::api::VERSION),
-        "kind": KIND,
-        "status": st,
-    });
-    api.patch_status(
-        &gi.name_any(),
-        &PatchParams::apply(&ctx.settings.manager).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
-    Ok(())
+    super::report::write_status(ctx, gi, gi.status.as_ref(), st).await
 }
 
 /// The spec hash the build records in its markers (compared with the newest template's).

@@ -18,17 +18,17 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::{Controller, controller, watcher};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::connection::{self, Connection, DefaultConnection};
 use super::context::Context;
 use super::error::{Error, Result};
+use super::report;
 use super::status::{self, Cond, Verdict};
 use crate::api::GoldenImage;
 use crate::api::common::{ConditionStatus, find_condition};
@@ -414,27 +414,7 @@ async fn report_error(tr: &TemplateRetention, ctx: &Context, e: &Error) {
         warn!(error = %err, "cannot publish Event");
     }
     let mut st = tr.status.clone().unwrap_or_default();
-    let pair = Some((e.reason().to_string(), e.message()));
-    // A transient error keeps the last Ready verdict; a stalled one says why it cannot proceed.
-    let ready = match find_condition(&st.conditions, "Ready") {
-        Some(c) if !e.is_stalled() => Cond {
-            status: if c.status == "True" {
-                ConditionStatus::True
-            } else {
-                ConditionStatus::False
-            },
-            reason: c.reason.clone(),
-            message: c.message.clone(),
-        },
-        _ => Cond::new(ConditionStatus::False, e.reason(), e.message()),
-    };
-    let verdict = Verdict {
-        ready,
-        reconciling: if e.is_stalled() { None } else { pair.clone() },
-        stalled: if e.is_stalled() { pair } else { None },
-        validated: None,
-        up_to_date: None,
-    };
+    let verdict = report::error_verdict(&st.conditions, e);
     status::apply(
         &mut st.conditions,
         &verdict,
@@ -452,23 +432,7 @@ async fn write_status(
     tr: &TemplateRetention,
     st: &TemplateRetentionStatus,
 ) -> Result<()> {
-    if tr.status.as_ref() == Some(st) {
-        return Ok(());
-    }
-    let api: Api<TemplateRetention> =
-        Api::namespaced(ctx.client.clone(), &tr.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": format!("{}/{}", crate::api::GROUP, crate::api::VERSION),
-        "kind": KIND,
-        "status": st,
-    });
-    api.patch_status(
-        &tr.name_any(),
-        &PatchParams::apply(&ctx.settings.manager).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
-    Ok(())
+    report::write_status(ctx, tr, tr.status.as_ref(), st).await
 }
 
 #[cfg(test)]
