@@ -3,7 +3,8 @@
 //! template that fails validation stalls the object until the spec changes; a guest command
 //! that keeps failing is retried a bounded number of times, then stalls. The controller runs
 //! in-process against a real kube-apiserver (tests/support/kube.rs) and the fake Proxmox
-//! (tests/support/fakepve.rs), set up as in tests/controller.rs.
+//! (tests/support/fakepve.rs), set up as in tests/controller.rs: as the chart's ServiceAccount
+//! (tests/support/rbac.rs), not cluster-admin, and each test fails if any request was refused.
 
 mod support;
 
@@ -24,9 +25,23 @@ use sombrero::image::marker::{Marker, parse_description};
 use sombrero::promote::output::run_uuid;
 use sombrero::proxmox;
 use support::fakepve::{CommandFailure, FakePve, GuestSettings, Image};
-use support::kube::control_plane;
+use support::kube::{ControlPlane, control_plane};
+use support::rbac::{ChartRbac, install_chart_rbac};
 
-fn options(ns: &str, identity: &str) -> Options {
+/// Installs the chart's RBAC for this test (release and controller namespace = the test's
+/// namespace; release names are unique, so are the ClusterRole(Binding)s) and returns it with
+/// the client the controller runs with: the chart's ServiceAccount, not cluster-admin. The test
+/// itself keeps the admin client for setup and assertions.
+async fn controller_client(cp: &ControlPlane, ns: &str) -> (ChartRbac, Client) {
+    let rbac = install_chart_rbac(cp, ns, ns);
+    let client = rbac.client(cp).await;
+    (rbac, client)
+}
+
+/// The controller as the chart runs it: watching the test's namespace, its Lease the one the
+/// chart's Role names, in the release namespace.
+fn options(rbac: &ChartRbac, identity: &str) -> Options {
+    let ns = &rbac.namespace;
     let mut settings = Settings::new(DefaultConnection::None);
     settings.resync = Duration::from_secs(2);
     settings.requeue = Duration::from_secs(5);
@@ -35,8 +50,8 @@ fn options(ns: &str, identity: &str) -> Options {
         namespace: Some(ns.to_string()),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         leader_election: false,
-        lease_name: "sombrero-test".into(),
-        controller_namespace: ns.to_string(),
+        lease_name: rbac.lease_name.clone(),
+        controller_namespace: rbac.namespace.clone(),
         identity: identity.to_string(),
         limits: Limits {
             global: 4,
@@ -260,13 +275,14 @@ async fn the_config_map_describes_the_latest_and_changes_only_when_a_promotion_l
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "st-cm").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(&client, &ns, "pve", &pve).await;
     let uid = create_image(&client, &ns, "img", &pve, json!({}))
         .await
         .uid()
         .unwrap();
-    let ctl = start(&client, options(&ns, "a"));
+    let ctl = start(&sa, options(&rbac, "a"));
     let gi = wait_for(
         &client,
         &ns,
@@ -382,6 +398,7 @@ async fn the_config_map_describes_the_latest_and_changes_only_when_a_promotion_l
         sombrero::promote::config_map_data(second.vmid, &second.node, &second_marker)
     );
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -390,6 +407,7 @@ async fn a_first_template_failing_validation_stalls_until_a_passing_spec_change(
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "st-vfail").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(&client, &ns, "pve", &pve).await;
     // cloud-init ends `degraded` in every guest: the build accepts it, the validation does not.
@@ -402,7 +420,7 @@ async fn a_first_template_failing_validation_stalls_until_a_passing_spec_change(
     )
     .await;
     create_image(&client, &ns, "img", &pve, json!({})).await;
-    let ctl = start(&client, options(&ns, "a"));
+    let ctl = start(&sa, options(&rbac, "a"));
 
     let gi = wait_for(
         &client,
@@ -476,6 +494,7 @@ async fn a_first_template_failing_validation_stalls_until_a_passing_spec_change(
     let latest = gi.status.as_ref().unwrap().latest.clone().unwrap();
     assert_ne!(latest.vmid, failed.vmid);
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
 
 #[tokio::test]
@@ -484,6 +503,7 @@ async fn a_guest_command_that_keeps_failing_stalls_after_three_attempts() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "st-retry").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     put_secret(&client, &ns, "pve", &pve).await;
     pve.set_guest(
@@ -506,7 +526,7 @@ async fn a_guest_command_that_keeps_failing_stalls_after_three_attempts() {
         json!({"provisioning": {"commands": ["echo provision-step"]}}),
     )
     .await;
-    let ctl = start(&client, options(&ns, "a"));
+    let ctl = start(&sa, options(&rbac, "a"));
 
     // Attempts 1 and 2 are retried with backoff (5 s, 10 s); the third failure stalls.
     let gi = wait_for(
@@ -576,4 +596,5 @@ async fn a_guest_command_that_keeps_failing_stalls_after_three_attempts() {
     assert!(condition(&gi, "Stalled").is_none(), "{:#?}", gi.status);
     assert_eq!(count_events(&client, &ns, "img", "BuildStarted").await, 4);
     ctl.abort();
+    rbac.assert_nothing_denied();
 }
