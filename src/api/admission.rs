@@ -5,9 +5,16 @@
 //! object, as the API server does). Both come from [`CustomResourceExt::crd`], the very CRD that
 //! is installed, so the CLI cannot drift from the cluster's rules.
 //!
-//! ```ignore
-//! let a = admit::<GoldenImage>(&yaml)?;   // Err names each refused field
-//! let spec = a.object.spec;               // defaults filled in
+//! ```
+//! use sombrero::api::{GoldenImage, admission::admit};
+//! let yaml = "apiVersion: images.sombrero.dev/v1alpha1\nkind: GoldenImage\nmetadata: {name: demo}\n\
+//!             spec: {os: debian-12, type: minimal, placement: {node: pve1},\n\
+//!                    source: {template: {vmid: 9000}}, hardware: {cores: 0}}\n";
+//! let refused = admit::<GoldenImage>(yaml).unwrap_err();   // names each refused field
+//! assert!(refused.errors.iter().any(|e| e.field == "spec.hardware.cores"));
+//! let fixed = yaml.replace("cores: 0", "cores: 4");
+//! let admitted = admit::<GoldenImage>(&fixed).unwrap();
+//! assert_eq!(admitted.object.spec.hardware.memory_mib, 2048);   // defaults filled in
 //! ```
 
 use std::fmt;

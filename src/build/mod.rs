@@ -3,10 +3,15 @@
 //!
 //! # How callers use it
 //!
-//! ```ignore
+//! ```no_run
+//! # use sombrero::{api::GoldenImageSpec, image::marker::Owner, proxmox::Client};
+//! use sombrero::build::{BuildError, BuildRequest, NoProgress, run_build};
+//! # async fn example(client: Client, spec: GoldenImageSpec, owner: Owner) -> Result<(), BuildError> {
+//! let today = chrono::Utc::now().date_naive();
 //! let req = BuildRequest { spec, owner, build_id: "b-20250118-001".into(), today, adopt_unvalidated: true };
-//! let outcome = sombrero::build::run_build(&client, &req, &progress).await?;
+//! let outcome = run_build(&client, &req, &NoProgress).await?;
 //! // outcome.vmid / outcome.name: an unvalidated template (validation `pending`).
+//! # Ok(()) }
 //! ```
 //!
 //! - The controller calls [`run_build`] from its reconciler and writes [`Progress`] into

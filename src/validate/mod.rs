@@ -3,13 +3,21 @@
 //!
 //! # API (what the controller calls)
 //!
-//! ```ignore
-//! let report = validate::validate_template(&client, &request, &progress).await?;
+//! ```no_run
+//! # use sombrero::{api, image::marker::Owner, proxmox::Client};
+//! use sombrero::promote::{self, Evidence};
+//! use sombrero::validate::{self, NoProgress, ValidationRequest};
+//! # async fn example(client: Client, owner: Owner, spec: api::golden_image::Validation)
+//! #     -> Result<(), Box<dyn std::error::Error>> {
+//! let vmid = 8024;
+//! let request = ValidationRequest::new(vmid, "pve1", owner.clone(), spec);
+//! let report = validate::validate_template(&client, &request, &NoProgress).await?;
 //! let status: api::golden_image::ValidationReport = (&report).into();   // status.lastValidation
 //! if report.passed { promote::promote(&client, &owner, vmid, Evidence::Report(&report)).await?; }
 //! else { promote::mark_failed(&client, vmid, &report.failure_reason().unwrap_or_default()).await?; }
 //! // On every reconcile (cheap: one inventory list), after a crash in particular:
 //! validate::cleanup_stale_validation_vms(&client, &owner).await?;
+//! # let _ = status; Ok(()) }
 //! ```
 //!
 //! - [`validate_template`]`(client, &`[`ValidationRequest`]`, &dyn `[`ValidationProgress`]`) ->
