@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::{Error, Result};
 use crate::api::GoldenImage;
+use crate::api::common::ProxmoxConnection;
 use crate::proxmox::{self, config as pc};
 
 /// Secret keys and the environment variables of `proxmox::Config::from_lookup` they stand for.
@@ -126,7 +127,18 @@ pub async fn resolve(
     gi: &GoldenImage,
 ) -> Result<Connection> {
     let namespace = gi.metadata.namespace.as_deref().unwrap_or("default");
-    if let Some(p) = &gi.spec.proxmox {
+    resolve_for(client, default, namespace, gi.spec.proxmox.as_ref()).await
+}
+
+/// The connection of an object in `namespace` with `spec.proxmox` = `proxmox`: its Secret, else
+/// the controller's default. Shared by the GoldenImage and TemplateRetention reconcilers.
+pub async fn resolve_for(
+    client: &kube::Client,
+    default: &DefaultConnection,
+    namespace: &str,
+    proxmox: Option<&ProxmoxConnection>,
+) -> Result<Connection> {
+    if let Some(p) = proxmox {
         let name = &p.secret_ref.name;
         let data = read_secret(client, namespace, name).await?;
         let config = config_from_secret(

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -25,7 +25,7 @@ use kube::runtime::{Controller, controller, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::connection::{self, Connection, DefaultConnection};
+use super::connection::{self, Connection};
 use super::context::Context;
 use super::error::{Error, Result};
 use super::report;
@@ -323,47 +323,7 @@ async fn resolve_connection(
         };
         return connection::resolve(&ctx.client, default, &gi).await;
     }
-    if let Some(p) = &tr.spec.proxmox {
-        let data = secret_data(&ctx.client, &ns, &p.secret_ref.name).await?;
-        let config = connection::config_from_secret(
-            &data,
-            &format!("{ns}/{}", p.secret_ref.name),
-            p.insecure_skip_tls_verify,
-        )?;
-        return Ok(Connection::new(config));
-    }
-    match default {
-        DefaultConnection::Secret { namespace, name } => {
-            let data = secret_data(&ctx.client, namespace, name).await?;
-            let config = connection::config_from_secret(&data, &format!("{namespace}/{name}"), false)?;
-            Ok(Connection::new(config))
-        }
-        DefaultConnection::Env(config) => Ok(Connection::new(config.clone())),
-        DefaultConnection::None => Err(Error::Connection(
-            "no Proxmox connection: set spec.proxmox.secretRef, or start the controller with --proxmox-secret or the PROXMOX_* environment".into(),
-        )),
-    }
-}
-
-async fn secret_data(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-) -> Result<BTreeMap<String, String>> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let Some(secret) = api.get_opt(name).await? else {
-        return Err(Error::Connection(format!(
-            "Secret {namespace}/{name} does not exist; create it with keys url, tokenId, tokenSecret (and caCert or fingerprint)"
-        )));
-    };
-    let mut out = BTreeMap::new();
-    for (k, v) in secret.data.unwrap_or_default() {
-        if let Ok(s) = String::from_utf8(v.0) {
-            out.insert(k, s);
-        }
-    }
-    out.extend(secret.string_data.unwrap_or_default());
-    Ok(out)
+    connection::resolve_for(&ctx.client, default, &ns, tr.spec.proxmox.as_ref()).await
 }
 
 /// An Event for one archive or delete.
