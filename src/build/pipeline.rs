@@ -7,7 +7,7 @@ use chrono::Utc;
 use super::commands::{self, Step};
 use super::error::{BuildError, ErrorCategory};
 use super::inventory::{self, TaggedVm};
-use super::plan::{hardware_config, static_ip};
+use super::plan::{first_ipv4, hardware_config, static_ip};
 use super::provision::{self, Channel};
 use super::source::{self, Prepared};
 use super::{BuildOutcome, BuildRequest, Progress, Stage, StageTiming, Timeouts};
@@ -720,19 +720,13 @@ impl Run<'_> {
             .agent_network_interfaces(node, vmid)
             .await
             .map_err(self.pve(Stage::Provision, "agent network-get-interfaces"))?;
-        ifaces
-            .iter()
-            .filter(|i| !i.is_loopback())
-            .flat_map(|i| i.ip_addresses.iter())
-            .find(|a| a.ip_address_type == "ipv4")
-            .map(|a| a.ip_address.clone())
-            .ok_or_else(|| {
-                BuildError::invalid_spec(
-                    "the build VM got no IPv4 address the guest agent could report",
-                    "set provisioning.ssh.host or a static provisioning.ssh.ipConfig",
-                )
-                .at(Stage::Provision)
-            })
+        first_ipv4(&ifaces).ok_or_else(|| {
+            BuildError::invalid_spec(
+                "the build VM got no IPv4 address the guest agent could report",
+                "set provisioning.ssh.host or a static provisioning.ssh.ipConfig",
+            )
+            .at(Stage::Provision)
+        })
     }
 
     /// Graceful shutdown with a timeout, then a hard stop; done when the VM is stopped.

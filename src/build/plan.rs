@@ -4,7 +4,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::GoldenImageSpec;
 use crate::api::golden_image::Bios;
-use crate::proxmox::{ChecksumAlgorithm, QemuConfig};
+use crate::proxmox::{ChecksumAlgorithm, NetworkInterface, QemuConfig};
 
 /// The import file name for a cloud image URL: the URL's last path segment, characters PVE
 /// refuses replaced by `_`, and `.img` (Ubuntu) made `.qcow2`, because `content=import` only
@@ -114,6 +114,17 @@ pub fn static_ip(ip_config: &str) -> Option<String> {
     })
 }
 
+/// The first non-loopback IPv4 address the guest agent reports (where a VM with `ip=dhcp` is
+/// reached).
+pub fn first_ipv4(ifaces: &[NetworkInterface]) -> Option<String> {
+    ifaces
+        .iter()
+        .filter(|i| !i.is_loopback())
+        .flat_map(|i| i.ip_addresses.iter())
+        .find(|a| a.ip_address_type == "ipv4")
+        .map(|a| a.ip_address.clone())
+}
+
 /// Hardware, network, cloud-init and serial settings of the build VM (no disk, no marker).
 pub fn hardware_config(spec: &GoldenImageSpec) -> QemuConfig {
     let hw = &spec.hardware;
@@ -219,5 +230,16 @@ mod tests {
             Some("10.0.0.5")
         );
         assert_eq!(static_ip("ip=dhcp"), None);
+        assert_eq!(static_ip("gw=1.2.3.4"), None);
+        let ifaces: Vec<NetworkInterface> = serde_json::from_value(serde_json::json!([
+            {"name": "lo", "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4"}]},
+            {"name": "eth0", "ip-addresses": [
+                {"ip-address": "fe80::1", "ip-address-type": "ipv6"},
+                {"ip-address": "10.0.0.7", "ip-address-type": "ipv4"}
+            ]}
+        ]))
+        .unwrap();
+        assert_eq!(first_ipv4(&ifaces).as_deref(), Some("10.0.0.7"));
+        assert_eq!(first_ipv4(&ifaces[..1]), None);
     }
 }

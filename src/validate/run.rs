@@ -12,6 +12,7 @@ use super::drift::{DPKG_QUERY, PackageDrift, compute_drift, parse_installed};
 use super::error::ValidateError;
 use super::report::{CheckOutcome, ValidationReport};
 use super::{ProgressEvent, SshProbe, VALIDATION_TAG, ValidationProgress, ValidationRequest};
+use crate::build::{first_ipv4, static_ip};
 use crate::image::marker::{Ownership, Role, ownership, parse_description, render_description};
 use crate::image::tags::{OWNER_TAG, TagSet, image_tag};
 use crate::proxmox::{
@@ -371,15 +372,6 @@ pub(crate) fn net0(existing: Option<&str>, bridge: &str, vlan: Option<u16>) -> S
     parts.join(",")
 }
 
-/// Static address of an `ipconfig` value (`ip=10.0.0.5/24,gw=...` -> `10.0.0.5`).
-pub(crate) fn static_ip(ip_config: &str) -> Option<String> {
-    ip_config
-        .split(',')
-        .find_map(|p| p.strip_prefix("ip="))
-        .filter(|ip| *ip != "dhcp")
-        .map(|ip| ip.split('/').next().unwrap_or(ip).to_string())
-}
-
 /// A guest-side failure (the agent is not up, the VM is not running) as opposed to Proxmox
 /// trouble, which must not be mistaken for a failed check.
 fn guest_side(e: &proxmox::Error) -> bool {
@@ -735,12 +727,7 @@ impl Run<'_> {
             .agent_network_interfaces(self.node, self.vmid)
             .await
         {
-            Ok(ifaces) => Ok(ifaces
-                .iter()
-                .filter(|i| !i.is_loopback())
-                .flat_map(|i| i.ip_addresses.iter())
-                .find(|a| a.ip_address_type == "ipv4")
-                .map(|a| a.ip_address.clone())
+            Ok(ifaces) => Ok(first_ipv4(&ifaces)
                 .ok_or_else(|| "the agent reports no IPv4 address to connect to".to_string())),
             Err(e) if guest_side(&e) => Ok(Err(format!(
                 "its address is unknown ({})",
@@ -864,16 +851,6 @@ mod tests {
             "virtio=BC:24:11:00:00:01,firewall=1,bridge=vmbr0"
         );
         assert_eq!(net0(None, "vmbr2", Some(30)), "virtio,bridge=vmbr2,tag=30");
-    }
-
-    #[test]
-    fn static_ips() {
-        assert_eq!(
-            static_ip("ip=10.0.0.5/24,gw=10.0.0.1").as_deref(),
-            Some("10.0.0.5")
-        );
-        assert_eq!(static_ip("ip=dhcp"), None);
-        assert_eq!(static_ip("gw=1.2.3.4"), None);
     }
 
     #[test]
