@@ -1,7 +1,12 @@
-//! Logging setup for the long-running controller: JSON lines (default) or human text, filtered
-//! by `RUST_LOG` or the `--log-level` flag. Spans are flattened into each line, so every line of
-//! a reconcile carries the object it is about.
+//! Logging setup. The long-running controller ([`init`]): JSON lines (default) or human text,
+//! filtered by `RUST_LOG` or the `--log-level` flag; spans are flattened into each line, so every
+//! line of a reconcile carries the object it is about. The one-shot commands ([`init_cli`]):
+//! warnings and errors as text on stderr.
 
+use std::io::IsTerminal;
+
+use tracing::Subscriber;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Output format of log lines.
@@ -50,9 +55,63 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
     Ok(())
 }
 
+/// Logging for `sombrero build` and `sombrero prune`: text on stderr (stdout carries their
+/// results), warnings and errors only unless `RUST_LOG` says otherwise. Without a subscriber the
+/// Proxmox client's warnings (TLS verification disabled, a call retried) would go nowhere.
+pub fn init_cli() -> Result<(), String> {
+    let filter = filter("warn", std::env::var("RUST_LOG").ok().as_deref())?;
+    let stderr_is_tty = std::io::stderr().is_terminal();
+    // Already initialised: keep the first subscriber, as `init` does.
+    let _ = cli_subscriber(filter, std::io::stderr, stderr_is_tty).try_init();
+    Ok(())
+}
+
+fn cli_subscriber<W>(filter: EnvFilter, writer: W, ansi: bool) -> impl Subscriber + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::registry().with(filter).with(
+        fmt::layer()
+            .with_writer(writer)
+            .with_ansi(ansi)
+            .with_target(false),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Captures what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut out) = self.0.lock() {
+                out.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn cli_logging_shows_the_insecure_tls_warning_and_hides_info() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber =
+            cli_subscriber(filter("warn", None).unwrap(), move || writer.clone(), false);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("routine progress");
+            crate::proxmox::tls::client_config(&crate::proxmox::TlsMode::Insecure).unwrap();
+        });
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+        assert!(text.contains("WARN") && text.contains("DISABLED"), "{text}");
+        assert!(!text.contains("routine progress"), "{text}");
+    }
 
     #[test]
     fn a_bad_filter_is_refused_with_the_fix() {

@@ -37,6 +37,10 @@ pub struct BuildArgs {
 }
 
 pub async fn run(args: &BuildArgs) -> ExitCode {
+    if let Err(e) = crate::telemetry::init_cli() {
+        eprintln!("error: {e}");
+        return ExitCode::from(exit::INVALID_INPUT);
+    }
     let text = match std::fs::read_to_string(&args.file) {
         Ok(t) => t,
         Err(e) => {

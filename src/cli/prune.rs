@@ -30,6 +30,10 @@ pub struct PruneArgs {
 }
 
 pub async fn run(args: &PruneArgs) -> ExitCode {
+    if let Err(e) = crate::telemetry::init_cli() {
+        eprintln!("error: {e}");
+        return ExitCode::from(exit::INVALID_INPUT);
+    }
     let policy = match load(&args.file) {
         Ok(p) => p,
         Err(problems) => {
