@@ -44,7 +44,7 @@ use crate::image::marker::{
     render_description,
 };
 use crate::image::tags::{LATEST_TAG, TagSet, image_tag};
-use crate::proxmox::{self, Client, ConfigUpdate, QemuConfig, VmConfig};
+use crate::proxmox::{self, Client, ClusterVm, ConfigUpdate, QemuConfig, VmConfig};
 use crate::validate::ValidationReport;
 
 pub use output::{config_map_data, packer_manifest, terraform_output};
@@ -149,13 +149,10 @@ fn owner_matches(marker: &Marker, owner: &Owner) -> bool {
 /// written for their VMID with role `template`, naming this image.
 async fn image_templates(
     client: &Client,
+    vms: &[ClusterVm],
     owner: &Owner,
 ) -> Result<Vec<ImageTemplate>, PromoteError> {
     let tag = image_tag(&owner.namespace, &owner.name);
-    let vms = client
-        .cluster_vms()
-        .await
-        .map_err(|e| PromoteError::proxmox("listing VMs", e))?;
     let mut out = Vec::new();
     for vm in vms
         .iter()
@@ -182,10 +179,8 @@ fn ours(vmid: u32, node: &str, config: &VmConfig, owner: &Owner) -> Option<Image
     let marker = parse_description(config.description.as_deref().unwrap_or(""))
         .ok()
         .flatten()?;
-    (config.template
-        && ownership(Some(&marker), vmid) == Ownership::Ours(Role::Template)
-        && owner_matches(&marker, owner))
-    .then(|| ImageTemplate {
+    our_template(vmid, owner)(config, &marker).ok()?;
+    Some(ImageTemplate {
         vmid,
         node: node.to_string(),
         tags: TagSet::parse(config.tags.as_deref().unwrap_or("")),
@@ -193,14 +188,18 @@ fn ours(vmid: u32, node: &str, config: &VmConfig, owner: &Owner) -> Option<Image
     })
 }
 
-async fn locate(client: &Client, vmid: u32) -> Result<String, PromoteError> {
-    let vms = client
+async fn list_vms(client: &Client) -> Result<Vec<ClusterVm>, PromoteError> {
+    client
         .cluster_vms()
         .await
-        .map_err(|e| PromoteError::proxmox("listing VMs", e))?;
-    vms.into_iter()
+        .map_err(|e| PromoteError::proxmox("listing VMs", e))
+}
+
+/// The node of `vmid` in a cluster listing.
+fn locate(vms: &[ClusterVm], vmid: u32) -> Result<String, PromoteError> {
+    vms.iter()
         .find(|vm| vm.vmid == vmid && vm.is_qemu())
-        .map(|vm| vm.node)
+        .map(|vm| vm.node.clone())
         .ok_or(PromoteError::NotFound { vmid })
 }
 
@@ -353,7 +352,10 @@ pub async fn promote(
         Evidence::Report(r) => Some(r.finished_at),
         Evidence::Recorded | Evidence::ValidationDisabled => None,
     };
-    let node = locate(client, vmid).await?;
+    // One listing serves both: where `vmid` is, and which templates carry the image tag (their
+    // tags are read from each config, so a listing taken before write 1 is good enough).
+    let vms = list_vms(client).await?;
+    let node = locate(&vms, vmid)?;
     let check = our_template(vmid, owner);
     let recorded_only = matches!(evidence, Evidence::Recorded);
     let disabled = matches!(evidence, Evidence::ValidationDisabled);
@@ -383,7 +385,7 @@ pub async fn promote(
     }
     // Write 2: take the tag from every other holder of this image.
     let mut previous = Vec::new();
-    for other in image_templates(client, owner).await? {
+    for other in image_templates(client, &vms, owner).await? {
         if other.vmid == vmid || !other.tags.is_latest() {
             continue;
         }
@@ -428,7 +430,8 @@ fn holder_key(t: &ImageTemplate) -> (Option<DateTime<Utc>>, chrono::NaiveDate, u
 /// promotion's writes): keeps the most recently validated (then newest build) and removes the
 /// tag from the rest. Returns the holder, `None` when there is none (never invents one).
 pub async fn converge_channel(client: &Client, owner: &Owner) -> Result<Option<u32>, PromoteError> {
-    let templates = image_templates(client, owner).await?;
+    let vms = list_vms(client).await?;
+    let templates = image_templates(client, &vms, owner).await?;
     let mut holders: Vec<&ImageTemplate> =
         templates.iter().filter(|t| t.tags.is_latest()).collect();
     holders.sort_by_key(|t| std::cmp::Reverse(holder_key(t)));
@@ -455,7 +458,7 @@ pub async fn converge_channel(client: &Client, owner: &Owner) -> Result<Option<u
 /// holding the channel tag keeps it: the previous latest stays in place. Re-running keeps the
 /// first record.
 pub async fn mark_failed(client: &Client, vmid: u32, reason: &str) -> Result<(), PromoteError> {
-    let node = locate(client, vmid).await?;
+    let node = locate(&list_vms(client).await?, vmid)?;
     let check = |config: &VmConfig, marker: &Marker| {
         if ownership(Some(marker), vmid) != Ownership::Ours(Role::Template) || !config.template {
             return Err(PromoteError::NotOurs {
