@@ -50,22 +50,34 @@ pub const ENV_INSECURE: &str = "PROXMOX_INSECURE";
 impl Config {
     /// Settings with the platform trust store and default timeouts and retries.
     pub fn new(url: &str, token_id: &str, token_secret: impl Into<Secret>) -> Result<Self> {
-        let config = Config {
-            url: normalize_url(url, "the url")?,
-            token_id: token_id.trim().to_owned(),
-            token_secret: token_secret.into(),
+        Self::checked(
+            normalize_url(url, "the url")?,
+            token_id.trim().to_owned(),
+            token_secret.into(),
+            "the token id",
+            "the token secret",
+        )
+    }
+
+    /// The defaults around a checked token; `id_name` and `secret_name` name the settings in
+    /// errors (the environment variable or the argument).
+    fn checked(
+        url: Url,
+        token_id: String,
+        token_secret: Secret,
+        id_name: &str,
+        secret_name: &str,
+    ) -> Result<Self> {
+        validate_token(&token_id, &token_secret, id_name, secret_name)?;
+        Ok(Config {
+            url,
+            token_id,
+            token_secret,
             tls: TlsMode::System,
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
-        };
-        validate_token(
-            &config.token_id,
-            &config.token_secret,
-            "the token id",
-            "the token secret",
-        )?;
-        Ok(config)
+        })
     }
 
     /// Trust only this CA (PEM text).
@@ -123,22 +135,13 @@ impl Config {
                 "{ENV_TOKEN_SECRET} is not set; set it to the token's secret (the UUID `pveum user token add` printed)"
             ))
         })?;
-        let url = normalize_url(&url, ENV_URL)?;
-        validate_token(
-            &token_id,
-            &Secret::new(token_secret.clone()),
+        let mut config = Self::checked(
+            normalize_url(&url, ENV_URL)?,
+            token_id,
+            Secret::new(token_secret),
             ENV_TOKEN_ID,
             ENV_TOKEN_SECRET,
         )?;
-        let mut config = Config {
-            url,
-            token_id,
-            token_secret: Secret::new(token_secret),
-            tls: TlsMode::System,
-            timeout: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(10),
-            retry: RetryPolicy::default(),
-        };
 
         let ca = get(ENV_CA_CERT);
         let fingerprint = get(ENV_FINGERPRINT);
