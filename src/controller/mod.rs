@@ -91,13 +91,13 @@ pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> 
 
     let mut lost = None;
     let mut lease_task = None;
+    // Ready from here on: a standby waiting for the Lease is ready too.
+    ready.store(true, Ordering::Relaxed);
     if opts.leader_election {
-        ready.store(true, Ordering::Relaxed);
         let (rx, task) = leader::acquire(&client, &opts).await?;
         lost = Some(leader::lost(rx));
         lease_task = Some(task);
     }
-    ready.store(true, Ordering::Relaxed);
 
     let ctx = Arc::new(Context {
         client: client.clone(),

@@ -247,11 +247,7 @@ fn versions(snap: &Snapshot, uid: &str) -> Vec<(TemplateVersion, Attempt)> {
 }
 
 fn template_ref(v: &TemplateVersion, snap: &Snapshot) -> TemplateRef {
-    let marker = snap
-        .ours
-        .iter()
-        .find(|o| o.vm.vmid == v.vmid)
-        .and_then(|o| o.marker.as_ref());
+    let marker = marker_of(snap, v.vmid);
     TemplateRef {
         vmid: v.vmid,
         name: v.name.clone(),
