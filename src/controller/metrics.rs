@@ -180,6 +180,16 @@ impl Metrics {
         }
     }
 
+    /// Drops a deleted GoldenImage's per-image series, so `/metrics` stops reporting it.
+    pub fn forget_image(&self, namespace: &str, name: &str) {
+        let image = ImageLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        self.templates.remove(&image);
+        self.latest_age_seconds.remove(&image);
+    }
+
     pub fn reconcile_failed(&self, kind: &str, category: &str) {
         self.reconcile_errors
             .get_or_create(&ErrorLabels {
@@ -233,6 +243,20 @@ mod tests {
             endpoint_label("nodes/pve1/storage/local/content"),
             "/nodes/{node}/storage/{storage}/content"
         );
+    }
+
+    #[test]
+    fn a_deleted_image_leaves_no_series_behind() {
+        let m = Metrics::new();
+        let image = ImageLabels {
+            namespace: "ns".into(),
+            name: "gone".into(),
+        };
+        m.templates.get_or_create(&image).set(3);
+        m.latest_age_seconds.get_or_create(&image).set(60);
+        assert!(m.encode().contains("name=\"gone\""));
+        m.forget_image("ns", "gone");
+        assert!(!m.encode().contains("name=\"gone\""), "{}", m.encode());
     }
 
     #[test]

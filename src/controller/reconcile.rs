@@ -870,6 +870,7 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     let key = key_of(gi);
     let owner = owner_of(gi);
     ctx.tracker.abort(&key);
+    ctx.metrics.forget_image(&owner.namespace, &owner.name);
     ctx.failed
         .lock()
         .unwrap_or_else(|e| e.into_inner())
