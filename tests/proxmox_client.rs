@@ -629,6 +629,23 @@ async fn writes_are_retried_only_when_pve_did_not_run_them() {
         .count();
     assert_eq!(posts, 1);
 
+    // A 503 may come from a proxy that already forwarded the request: not repeated either.
+    pve.fail(Failure::status("POST", "/nodes/pve1/qemu", 503, "Service Unavailable").times(1))
+        .await;
+    let seq = pve.requests().await.last().map_or(0, |r| r.seq);
+    let e = c
+        .create_vm(&node, 4603, &QemuConfig::new().name("once").memory_mib(512))
+        .await
+        .unwrap_err();
+    assert_eq!(e.category(), "transient", "{e:?}");
+    let posts = pve
+        .requests_since(seq)
+        .await
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/qemu"))
+        .count();
+    assert_eq!(posts, 1);
+
     // A config lock that cannot be taken ("can't lock file ... got timeout") stops PVE before
     // any change: repeated up to the retry budget, then reported as Locked.
     pve.hold_config_lock(4601, None).await;

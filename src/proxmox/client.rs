@@ -321,8 +321,8 @@ impl Client {
             let error = Error::from_response(request, status.as_u16(), reason.as_deref(), &body);
             // 595: pveproxy could not connect to pvedaemon or the target node, so nothing ran.
             // A lock that could not be taken also stops the handler before it changes anything.
+            // Not 503: a proxy in front of PVE may answer it after forwarding the request.
             let not_executed = status.as_u16() == 595
-                || status.as_u16() == 503
                 || matches!(&error, Error::Locked { message, .. } if message.contains("got timeout"));
             return Err(Failure {
                 error,
