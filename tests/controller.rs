@@ -559,6 +559,11 @@ async fn apply_builds_validates_and_promotes() {
         .get("img-template")
         .await
         .unwrap();
+    assert_eq!(
+        cm.metadata.labels.unwrap_or_default()["app.kubernetes.io/managed-by"],
+        "sombrero",
+        "the controller watches only ConfigMaps with its label"
+    );
     assert_eq!(cm.data.unwrap()["template_id"], latest.vmid.to_string());
     ctl.abort();
     rbac.assert_nothing_denied();

@@ -187,11 +187,14 @@ fn golden_image_controller(
             .map(|gi| ObjectRef::from_obj(&*gi))
             .collect::<Vec<_>>()
     };
-    let mut c = controller.owns(cms, watcher::Config::default()).watches(
-        secrets,
-        watcher::Config::default(),
-        mapper.clone(),
+    let output_label = format!(
+        "{}={}",
+        reconcile::OUTPUT_LABEL.0,
+        reconcile::OUTPUT_LABEL.1
     );
+    let mut c = controller
+        .owns(cms, watcher::Config::default().labels(&output_label))
+        .watches(secrets, watcher::Config::default(), mapper.clone());
     if let Some(api) = default_watch {
         c = c.watches(api, watcher::Config::default(), mapper);
     }

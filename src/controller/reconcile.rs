@@ -831,6 +831,10 @@ fn failed_check(st: &GoldenImageStatus, vmid: u32, marker: Option<&Marker>) -> S
 /// `template_id`, `template_name`, `node`, and a Packer-compatible `manifest.json` whose run
 /// uuid derives from the template's build id. Owned by the GoldenImage (garbage-collected with
 /// it).
+/// Label on the output ConfigMaps: the controller watches only ConfigMaps carrying it, instead
+/// of caching every ConfigMap of the cluster.
+pub const OUTPUT_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "sombrero");
+
 async fn write_config_map(
     ctx: &Context,
     gi: &GoldenImage,
@@ -845,6 +849,10 @@ async fn write_config_map(
             name: Some(name.to_string()),
             namespace: gi.namespace(),
             owner_references: owner_ref.map(|o| vec![o]),
+            labels: Some(BTreeMap::from([(
+                OUTPUT_LABEL.0.to_string(),
+                OUTPUT_LABEL.1.to_string(),
+            )])),
             ..Default::default()
         },
         data: Some(data),
