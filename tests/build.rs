@@ -18,7 +18,7 @@ use sombrero::image::marker::{
 };
 use sombrero::image::tags::image_tag;
 use sombrero::proxmox::{Client, Config, VmConfig};
-use support::fakepve::{CommandFailure, FakePve, GuestSettings, Image, ImageInfo};
+use support::fakepve::{CommandFailure, FakePve, GuestSettings, Image, ImageInfo, Options};
 use tokio::sync::Notify;
 
 const IMAGE: &str = "noble-server-cloudimg-amd64.img";
@@ -236,6 +236,52 @@ async fn cloud_image_over_ssh_to_a_clean_tagged_template() {
             .await
             .iter()
             .any(|r| r.path.ends_with("/download-url"))
+    );
+}
+
+/// Records every percent reported during the `Source` stage.
+#[derive(Default)]
+struct SourcePercents {
+    stage: std::sync::Mutex<Option<Stage>>,
+    seen: std::sync::Mutex<Vec<f32>>,
+}
+
+impl Progress for SourcePercents {
+    fn stage(&self, stage: Stage) {
+        *self.stage.lock().unwrap() = Some(stage);
+    }
+    fn message(&self, _: &str) {}
+    fn percent(&self, p: f32) {
+        if *self.stage.lock().unwrap() == Some(Stage::Source) {
+            self.seen.lock().unwrap().push(p);
+        }
+    }
+}
+
+/// The download task's log carries wget's progress lines; the build reports their percentages
+/// as they rise, between its own 0 and 100.
+#[tokio::test]
+async fn download_percent_rises_from_the_task_log() {
+    // 0.05: the fake's download takes 0.25 s, a progress line every 25 ms, the first polls at 50
+    // and 125 ms.
+    let pve = FakePve::start_with(Options { time_scale: 0.05 }).await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let progress = SourcePercents::default();
+    let req = request(example_spec(&pve, &img, 8), owner("percent"), day(18));
+    sombrero::build::run_build(&c, &req, &progress)
+        .await
+        .unwrap();
+    let seen = progress.seen.lock().unwrap().clone();
+    assert_eq!(seen.first(), Some(&0.0), "{seen:?}");
+    assert_eq!(seen.last(), Some(&100.0), "{seen:?}");
+    assert!(
+        seen.iter().any(|p| *p > 0.0 && *p < 100.0),
+        "no percent between 0 and 100: {seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "the percent went down: {seen:?}"
     );
 }
 

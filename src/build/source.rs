@@ -112,15 +112,45 @@ pub async fn prepare(
         .download_url(node, storage, &request)
         .await
         .map_err(|e| at(BuildError::proxmox("download-url", &e)))?;
+    // The task log carries wget's progress lines: report the highest percentage as it rises.
+    let mut shown = 0u8;
     client
-        .wait_task(&upid, timeouts.download)
+        .wait_task_observing(&upid, timeouts.download, |lines| {
+            let best = lines
+                .iter()
+                .flat_map(|l| l.lines())
+                .filter_map(wget_percent)
+                .max();
+            if let Some(p) = best.filter(|p| *p > shown) {
+                shown = p;
+                progress.percent(f32::from(p));
+            }
+        })
         .await
         .map_err(|e| at(BuildError::proxmox("download-url", &e)))?;
-    progress.percent(100.0);
+    if shown < 100 {
+        progress.percent(100.0);
+    }
     Ok(Prepared::Image {
         volid: format!("{storage}:import/{file}"),
         checksum,
     })
+}
+
+/// The percentage of a `wget` progress line as PVE's download task logs it
+/// (`  3072K ........ ........  2% 10.5M 9s`, `--progress=bar` style `45%[===>  ]` too): the
+/// last `NN%` token, 0..=100; `None` for any other line.
+pub fn wget_percent(line: &str) -> Option<u8> {
+    line.split_whitespace()
+        .filter_map(|word| {
+            let (digits, _) = word.split_once('%')?;
+            if digits.is_empty() || digits.len() > 3 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            digits.parse::<u8>().ok().filter(|p| *p <= 100)
+        })
+        .next_back()
 }
 
 async fn find_base_template(
@@ -230,5 +260,49 @@ mod tests {
             import_file_name("https://x/a.img", Some("mine.raw"), &sum),
             "mine.raw"
         );
+    }
+
+    #[test]
+    fn wget_progress_lines_give_their_percent() {
+        let cases = [
+            (
+                "      0K ........ ........ ........ ........ ........ ........  5% 10.2M 9s",
+                Some(5),
+            ),
+            (
+                "  61440K ........ ........ ........ ........ ........ ........ 98% 11.0M 0s",
+                Some(98),
+            ),
+            (
+                "  62976K ........ ........ ....                             100% 10.9M=5.8s",
+                Some(100),
+            ),
+            ("  1024K ........ ........ 50%  2.00M 1s", Some(50)),
+            (
+                "noble.qcow2          45%[=====>      ] 270.5M  10.1MB/s",
+                Some(45),
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(wget_percent(line), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn other_lines_have_no_percent() {
+        for line in [
+            "",
+            "downloading https://cloud-images.ubuntu.com/noble.img to /var/lib/vz/import/x.qcow2",
+            "Length: 612368384 (584M) [application/octet-stream]",
+            "calculating checksum...OK, checksum verified",
+            "TASK OK",
+            "garbage %% x% %5 5 %",
+            "-3% 1e2%",
+            "  1024K ........ 101% 2.00M 1s",
+            "  1024K ........ 250% 2.00M 1s",
+            "  1024K ........ 99999999999999999999% 2.00M 1s",
+        ] {
+            assert_eq!(wget_percent(line), None, "{line:?}");
+        }
     }
 }

@@ -182,6 +182,9 @@ impl PollSchedule {
     }
 }
 
+/// What [`Client::wait_task_observing`] hands new log lines to.
+type LogObserver<'a> = dyn FnMut(&[String]) + Send + 'a;
+
 /// Lines of the log kept in [`Error::TaskFailed`].
 const LOG_TAIL: usize = 20;
 
@@ -236,15 +239,77 @@ impl Client {
         timeout: Duration,
         schedule: PollSchedule,
     ) -> Result<TaskOutcome> {
+        self.wait_task_inner(upid, timeout, schedule, None).await
+    }
+
+    /// [`Client::wait_task`] that also reads the task's log as it grows: after each status poll
+    /// (and once more when the task has stopped) `observe` gets the lines added since the last
+    /// call, in order. A failed log read is skipped (the next poll catches up); it never fails
+    /// the wait. For progress from a task's log, e.g. wget's percentages in `download-url`.
+    pub async fn wait_task_observing(
+        &self,
+        upid: &Upid,
+        timeout: Duration,
+        mut observe: impl FnMut(&[String]) + Send,
+    ) -> Result<TaskOutcome> {
+        self.wait_task_inner(upid, timeout, PollSchedule::default(), Some(&mut observe))
+            .await
+    }
+
+    /// New log lines from line `next` (0-based), advancing `next`; `None` when the read failed.
+    async fn new_log_lines(
+        &self,
+        upid: &Upid,
+        next: &mut u64,
+        until: Instant,
+    ) -> Option<Vec<String>> {
+        const PAGE: u64 = 500;
+        let mut out = Vec::new();
+        loop {
+            let remaining = until.saturating_duration_since(Instant::now());
+            let page = match tokio::time::timeout(remaining, self.task_log(upid, *next, PAGE)).await
+            {
+                Ok(Ok(page)) => page,
+                Ok(Err(e)) => {
+                    tracing::debug!(upid = %upid, error = %e, "task log read failed");
+                    return (!out.is_empty()).then_some(out);
+                }
+                Err(_) => return (!out.is_empty()).then_some(out),
+            };
+            let n = page.len() as u64;
+            *next += n;
+            out.extend(page.into_iter().map(|l| l.t));
+            if n < PAGE {
+                return Some(out);
+            }
+        }
+    }
+
+    async fn wait_task_inner(
+        &self,
+        upid: &Upid,
+        timeout: Duration,
+        schedule: PollSchedule,
+        mut observe: Option<&mut LogObserver<'_>>,
+    ) -> Result<TaskOutcome> {
         let started = Instant::now();
         let deadline = started + timeout;
         let mut delay = None;
+        let mut next_line = 0;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let status = match tokio::time::timeout(remaining, self.task_status(upid)).await {
                 Ok(status) => status?,
                 Err(_) => return Err(wait_timeout(upid, started)),
             };
+            if let Some(observe) = observe.as_mut() {
+                // Read after the status, so a stopped task's log is complete here.
+                if let Some(lines) = self.new_log_lines(upid, &mut next_line, deadline).await
+                    && !lines.is_empty()
+                {
+                    observe(&lines);
+                }
+            }
             if !status.is_running() {
                 let exitstatus = status
                     .exitstatus

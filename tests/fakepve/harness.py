@@ -166,6 +166,20 @@ def parse_image(data):
         return None
 
 
+def wget_progress(size, steps):
+    """Lines as `wget --progress=dot:mega` writes them to a PVE download task's log (each dot 64 KiB, 48 to a
+    line), for a file of `size` bytes in `steps` lines of rising percentage ending at 100%."""
+    out = []
+    for i in range(1, steps + 1):
+        done = size * i // steps
+        offset_k = size * (i - 1) // steps // 1024
+        dots = max(1, min(48, (done - size * (i - 1) // steps) // 65536))
+        groups = ' '.join('.' * min(8, dots - g) for g in range(0, dots, 8))
+        tail = '{0}% 10.0M 1s'.format(100 * i // steps) if i < steps else '100% 10.0M=0.5s'
+        out.append('{0:>7}K {1:<54} {2:>4}'.format(offset_k, groups, tail))
+    return out
+
+
 def digests(data):
     return dict((name, hashlib.new(name, data).hexdigest()) for name in ('md5', 'sha1', 'sha224', 'sha256',
                                                                         'sha384', 'sha512'))
@@ -457,6 +471,16 @@ class GuestPve(FakePve):
         path = '{0}/template/{1}/{2}'.format(self._base_path(name), {'iso': 'iso', 'vztmpl': 'cache'}.get(content,
                                                                                                         content), filename)
 
+        # The task record, once known: lines go to it as they happen. At time scale 0 the task runs
+        # before task() returns, so they wait in `pending` and end up in the final note instead.
+        record, pending = {}, []
+
+        def emit(line):
+            if 'log' in record:
+                record['log'].append(line)
+            else:
+                pending.append(line)
+
         async def body():
             existing = self._volumes(name).get(volname)
             if existing is not None:
@@ -483,7 +507,11 @@ class GuestPve(FakePve):
                 raise
             except Exception as e:  # noqa: BLE001 - a connection error ends the task, as wget's would
                 raise TaskError('download failed: {0}'.format(e)) from e
-            await self.pause(5)
+            emit('downloading {0} to {1}'.format(url, path))
+            # wget's progress lines, spread over the download's 5 PVE seconds, as PVE's task log shows them.
+            for line in wget_progress(len(data), 10):
+                await self.pause(0.5)
+                emit(line)
             sums = digests(data)
             if algo:
                 got = sums[algo]
@@ -498,12 +526,18 @@ class GuestPve(FakePve):
             if meta is not None:
                 vol['_guest'] = guestos.normalise(meta.get('contents'))
                 vol['virtual_size'] = int(meta.get('virtual_size') or size)
-            lines = ['downloading {0} to {1}'.format(url, path)]
+            lines = pending[:]
             if algo:
                 lines.append('calculating checksum...OK, checksum verified')
             lines.append('download of \'{0}\' to \'{1}\' finished'.format(url, path))
             return '\n'.join(lines)
-        return ok(await self.task(request.match_info['node'], 'download', filename, user, body))
+        upid = await self.task(request.match_info['node'], 'download', filename, user, body)
+        task = self.tasks[upid]
+        if task['status'] == 'running':
+            record['log'] = task['log']
+            record['log'].extend(pending)
+            pending.clear()
+        return ok(upid)
 
     # ------------------------------------------------------------ the guest agent
 
