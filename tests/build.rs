@@ -262,9 +262,9 @@ impl Progress for SourcePercents {
 /// as they rise, between its own 0 and 100.
 #[tokio::test]
 async fn download_percent_rises_from_the_task_log() {
-    // 0.05: the fake's download takes 0.25 s, a progress line every 25 ms, the first polls at 50
-    // and 125 ms.
-    let pve = FakePve::start_with(Options { time_scale: 0.05 }).await;
+    // 0.2: the fake's download takes 1 s, a progress line every 100 ms, and the client polls
+    // about five times meanwhile (50 ms growing by 1.5x): room for a loaded CI machine.
+    let pve = FakePve::start_with(Options { time_scale: 0.2 }).await;
     let c = client(&pve);
     let img = pve.add_image(Image::new(IMAGE)).await;
     let progress = SourcePercents::default();
