@@ -6,89 +6,21 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, PostParams};
 use serde_json::json;
 use sombrero::api::GoldenImage;
-use sombrero::api::common::find_condition;
 use sombrero::build::{BuildRequest, NoProgress};
-use sombrero::controller::{
-    self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
-};
 use sombrero::image::marker::{Owner, Role, ValidationRecord, ownership, parse_description};
 use sombrero::image::tags::{OWNER_TAG, TagSet};
 use sombrero::proxmox;
+use support::controller::{
+    controller_client, events, is_ready, options, put_secret, pve_client, start, wait_for,
+};
 use support::fakepve::{FakePve, Image};
 use support::kube::control_plane;
-use support::rbac::{ChartRbac, install_chart_rbac};
-
-/// The controller as the chart runs it: its Lease the one the chart's Role names, in the
-/// release namespace (here the test's namespace).
-fn options(rbac: &ChartRbac) -> Options {
-    let ns = &rbac.namespace;
-    let mut settings = Settings::new(DefaultConnection::None);
-    settings.resync = Duration::from_secs(2);
-    settings.requeue = Duration::from_secs(5);
-    settings.poll = Duration::from_secs(1);
-    Options {
-        namespace: Some(ns.to_string()),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        leader_election: false,
-        lease_name: rbac.lease_name.clone(),
-        controller_namespace: rbac.namespace.clone(),
-        identity: "resume".into(),
-        limits: Limits {
-            global: 4,
-            per_node: 2,
-        },
-        settings,
-        concurrency: 4,
-    }
-}
-
-fn pve_client(pve: &FakePve) -> proxmox::Client {
-    let config = proxmox::Config::new(&pve.url, &pve.token_id, pve.token_secret.as_str())
-        .unwrap()
-        .with_ca_pem(pve.ca_pem.clone())
-        .unwrap();
-    proxmox::Client::new(config).unwrap()
-}
-
-async fn put_secret(client: &Client, ns: &str, pve: &FakePve) {
-    let data: BTreeMap<String, String> = [
-        ("url", pve.url.clone()),
-        ("tokenId", pve.token_id.clone()),
-        ("tokenSecret", pve.token_secret.clone()),
-        ("caCert", pve.ca_pem.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("pve".into()),
-            ..Default::default()
-        },
-        string_data: Some(data),
-        ..Default::default()
-    };
-    let mut v = serde_json::to_value(&secret).unwrap();
-    v["apiVersion"] = json!("v1");
-    v["kind"] = json!("Secret");
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .patch(
-            "pve",
-            &PatchParams::apply("sombrero-tests").force(),
-            &Patch::Apply(v),
-        )
-        .await
-        .expect("apply Secret");
-}
 
 /// (vmid, role, validation, tags) of the image's VMs written for their own VMID.
 async fn ours(c: &proxmox::Client, uid: &str) -> Vec<(u32, Role, ValidationRecord, TagSet)> {
@@ -120,11 +52,10 @@ async fn a_template_finished_before_a_crash_is_validated_and_promoted_not_rebuil
     let client = cp.client().await;
     let ns = cp.namespace(&client, "ctl-resume").await;
     // The controller runs with the chart's ServiceAccount permissions, not cluster-admin.
-    let rbac = install_chart_rbac(cp, &ns, &ns);
-    let sa = rbac.client(cp).await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
     let c = pve_client(&pve);
-    put_secret(&client, &ns, &pve).await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     let img = pve.add_image(Image::new("resume.qcow2").agent()).await;
     let gi: GoldenImage = serde_json::from_value(json!({
         "apiVersion": "images.sombrero.dev/v1alpha1",
@@ -168,35 +99,16 @@ async fn a_template_finished_before_a_crash_is_validated_and_promoted_not_rebuil
     assert_eq!(before.len(), 1, "{before:?}");
     assert_eq!(before[0].2, ValidationRecord::Pending);
 
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "sombrero=info,kube=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let kube = sa.clone();
-    let opts = options(&rbac);
-    let ctl = tokio::spawn(async move {
-        controller::run(kube, opts, Arc::new(controller::engine::Engine)).await
-    });
-    let start = Instant::now();
-    let gi = loop {
-        let gi = api.get("img").await.unwrap();
-        let ready = gi
-            .status
-            .as_ref()
-            .and_then(|s| find_condition(&s.conditions, "Ready"))
-            .is_some_and(|c| c.status == "True");
-        if ready {
-            break gi;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "not Ready: {:#?}",
-            gi.status
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let ctl = start(&sa, options(&rbac, "resume", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready",
+        Duration::from_secs(300),
+        is_ready,
+    )
+    .await;
     ctl.abort();
 
     let st = gi.status.unwrap();
@@ -214,24 +126,13 @@ async fn a_template_finished_before_a_crash_is_validated_and_promoted_not_rebuil
     assert_eq!((*vmid, *role), (built.vmid, Role::Template));
     assert!(validation.validated_at().is_some(), "{validation:?}");
     assert!(tags.is_latest(), "{tags:?}");
-    let events = Api::<Event>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default().fields("involvedObject.name=img"))
-        .await
-        .unwrap()
-        .items;
+    let events = events(&client, &ns, "img").await;
     assert!(
         events
             .iter()
-            .any(|e| e.reason.as_deref() == Some("BuildStarted")
-                && e.message
-                    .as_deref()
-                    .unwrap_or("")
-                    .starts_with("ValidationPending")),
-        "{:?}",
-        events
-            .iter()
-            .map(|e| (e.reason.clone(), e.message.clone()))
-            .collect::<Vec<_>>()
+            .any(|(_, reason, message)| reason == "BuildStarted"
+                && message.starts_with("ValidationPending")),
+        "{events:?}"
     );
     rbac.assert_nothing_denied();
 }

@@ -8,170 +8,21 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sombrero::api::GoldenImage;
-use sombrero::api::common::find_condition;
-use sombrero::controller::{
-    self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
-};
 use sombrero::image::marker::{Marker, parse_description};
 use sombrero::promote::output::run_uuid;
-use sombrero::proxmox;
-use support::fakepve::{CommandFailure, FakePve, GuestSettings, Image};
-use support::kube::{ControlPlane, control_plane};
-use support::rbac::{ChartRbac, install_chart_rbac};
-
-/// Installs the chart's RBAC for this test (release and controller namespace = the test's
-/// namespace; release names are unique, so are the ClusterRole(Binding)s) and returns it with
-/// the client the controller runs with: the chart's ServiceAccount, not cluster-admin. The test
-/// itself keeps the admin client for setup and assertions.
-async fn controller_client(cp: &ControlPlane, ns: &str) -> (ChartRbac, Client) {
-    let rbac = install_chart_rbac(cp, ns, ns);
-    let client = rbac.client(cp).await;
-    (rbac, client)
-}
-
-/// The controller as the chart runs it: watching the test's namespace, its Lease the one the
-/// chart's Role names, in the release namespace.
-fn options(rbac: &ChartRbac, identity: &str) -> Options {
-    let ns = &rbac.namespace;
-    let mut settings = Settings::new(DefaultConnection::None);
-    settings.resync = Duration::from_secs(2);
-    settings.requeue = Duration::from_secs(5);
-    settings.poll = Duration::from_secs(1);
-    Options {
-        namespace: Some(ns.to_string()),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        leader_election: false,
-        lease_name: rbac.lease_name.clone(),
-        controller_namespace: rbac.namespace.clone(),
-        identity: identity.to_string(),
-        limits: Limits {
-            global: 4,
-            per_node: 2,
-        },
-        settings,
-        concurrency: 4,
-    }
-}
-
-fn start(client: &Client, opts: Options) -> tokio::task::JoinHandle<Result<(), String>> {
-    // The controller's warnings go to the captured test output (shown when a test fails).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "sombrero=info,kube=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let client = client.clone();
-    tokio::spawn(async move {
-        controller::run(client, opts, Arc::new(controller::engine::Engine)).await
-    })
-}
-
-async fn put_secret(client: &Client, ns: &str, name: &str, pve: &FakePve) {
-    let mut data = BTreeMap::new();
-    data.insert("url".to_string(), pve.url.clone());
-    data.insert("tokenId".to_string(), pve.token_id.clone());
-    data.insert("tokenSecret".to_string(), pve.token_secret.clone());
-    data.insert("caCert".to_string(), pve.ca_pem.clone());
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        string_data: Some(data),
-        ..Default::default()
-    };
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let mut v = serde_json::to_value(&secret).unwrap();
-    v["apiVersion"] = json!("v1");
-    v["kind"] = json!("Secret");
-    api.patch(
-        name,
-        &PatchParams::apply("sombrero-tests").force(),
-        &Patch::Apply(v),
-    )
-    .await
-    .expect("apply Secret");
-}
-
-/// Merges `patch` into `base` (objects key by key; anything else replaces).
-fn merge(base: &mut serde_json::Value, patch: &serde_json::Value) {
-    match (base, patch) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                merge(b.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (b, p) => *b = p.clone(),
-    }
-}
-
-/// A GoldenImage of a fresh cloud image (with the guest agent), validated through the agent;
-/// `spec` is merged into the default spec.
-async fn create_image(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    pve: &FakePve,
-    spec: serde_json::Value,
-) -> GoldenImage {
-    let img = pve
-        .add_image(Image::new(&format!("{name}.qcow2")).agent())
-        .await;
-    let mut value = json!({
-        "apiVersion": "images.sombrero.dev/v1alpha1",
-        "kind": "GoldenImage",
-        "metadata": {"name": name},
-        "spec": {
-            "proxmox": {"secretRef": {"name": "pve"}},
-            "os": "ubuntu-24.04",
-            "type": "minimal",
-            "source": {"cloudImage": {"url": img.url, "checksum": format!("sha256:{}", img.checksums["sha256"])}},
-            "placement": {"node": pve.node},
-            "provisioning": {"via": "guestAgent"},
-            "validation": {"checks": ["boot", "guestAgent", "cloudInit", "packageDrift"], "timeout": "10m"},
-            "output": {"configMapName": format!("{name}-template")},
-        }
-    });
-    merge(&mut value["spec"], &spec);
-    let gi: GoldenImage = serde_json::from_value(value).unwrap();
-    Api::<GoldenImage>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &gi)
-        .await
-        .expect("create GoldenImage")
-}
-
-/// Waits until `check` holds; panics with the last status.
-async fn wait_for(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&GoldenImage) -> bool,
-) -> GoldenImage {
-    let api: Api<GoldenImage> = Api::namespaced(client.clone(), ns);
-    let start = Instant::now();
-    loop {
-        let gi = api.get(name).await.expect("get GoldenImage");
-        if check(&gi) {
-            return gi;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out waiting for {what}; status: {:#?}", gi.status);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
+use support::controller::{
+    change_spec, condition, controller_client, create_image_with, events, is_ready, observed,
+    options, put_secret, pve_client, start, wait_for,
+};
+use support::fakepve::{CommandFailure, FakePve, GuestSettings};
+use support::kube::control_plane;
 
 async fn get(client: &Client, ns: &str, name: &str) -> GoldenImage {
     Api::<GoldenImage>::namespaced(client.clone(), ns)
@@ -180,74 +31,12 @@ async fn get(client: &Client, ns: &str, name: &str) -> GoldenImage {
         .expect("get GoldenImage")
 }
 
-/// (status, reason, message) of a condition.
-fn condition(gi: &GoldenImage, type_: &str) -> Option<(String, String, String)> {
-    let st = gi.status.as_ref()?;
-    find_condition(&st.conditions, type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn is_ready(gi: &GoldenImage) -> bool {
-    condition(gi, "Ready").is_some_and(|c| c.0 == "True")
-}
-
-fn observed(gi: &GoldenImage) -> bool {
-    gi.status
-        .as_ref()
-        .is_some_and(|s| s.observed_generation == gi.metadata.generation)
-}
-
-/// A spec change that needs a new build (the VM's cores).
-async fn change_spec(client: &Client, ns: &str, name: &str, cores: u32) {
-    Api::<GoldenImage>::namespaced(client.clone(), ns)
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"hardware": {"cores": cores}}})),
-        )
-        .await
-        .expect("patch GoldenImage");
-}
-
-/// Events about `name`: (type, reason, message).
-async fn events(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
-    let api: Api<Event> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-        .await
-        .expect("list Events")
-        .items
-        .into_iter()
-        .map(|e| {
-            (
-                e.type_.unwrap_or_default(),
-                e.reason.unwrap_or_default(),
-                e.message.unwrap_or_default(),
-            )
-        })
-        .collect()
-}
-
 async fn count_events(client: &Client, ns: &str, name: &str, reason: &str) -> usize {
     events(client, ns, name)
         .await
         .iter()
         .filter(|e| e.1 == reason)
         .count()
-}
-
-/// A client of the fake with the full token, to look at what the controller left on Proxmox.
-fn pve_client(pve: &FakePve) -> proxmox::Client {
-    let data: BTreeMap<String, String> = [
-        ("url", pve.url.clone()),
-        ("tokenId", pve.token_id.clone()),
-        ("tokenSecret", pve.token_secret.clone()),
-        ("caCert", pve.ca_pem.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let config = controller::connection::config_from_secret(&data, "test", false).unwrap();
-    proxmox::Client::new(config).unwrap()
 }
 
 /// The marker in the description of VM `vmid`, as Proxmox holds it.
@@ -277,12 +66,12 @@ async fn the_config_map_describes_the_latest_and_changes_only_when_a_promotion_l
     let ns = cp.namespace(&client, "st-cm").await;
     let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
-    put_secret(&client, &ns, "pve", &pve).await;
-    let uid = create_image(&client, &ns, "img", &pve, json!({}))
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let uid = create_image_with(&client, &ns, "img", &pve, "pve", json!({}))
         .await
         .uid()
         .unwrap();
-    let ctl = start(&sa, options(&rbac, "a"));
+    let ctl = start(&sa, options(&rbac, "a", false));
     let gi = wait_for(
         &client,
         &ns,
@@ -409,7 +198,7 @@ async fn a_first_template_failing_validation_stalls_until_a_passing_spec_change(
     let ns = cp.namespace(&client, "st-vfail").await;
     let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
-    put_secret(&client, &ns, "pve", &pve).await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     // cloud-init ends `degraded` in every guest: the build accepts it, the validation does not.
     pve.set_guest(
         None,
@@ -419,8 +208,8 @@ async fn a_first_template_failing_validation_stalls_until_a_passing_spec_change(
         },
     )
     .await;
-    create_image(&client, &ns, "img", &pve, json!({})).await;
-    let ctl = start(&sa, options(&rbac, "a"));
+    create_image_with(&client, &ns, "img", &pve, "pve", json!({})).await;
+    let ctl = start(&sa, options(&rbac, "a", false));
 
     let gi = wait_for(
         &client,
@@ -505,7 +294,7 @@ async fn a_guest_command_that_keeps_failing_stalls_after_three_attempts() {
     let ns = cp.namespace(&client, "st-retry").await;
     let (rbac, sa) = controller_client(cp, &ns).await;
     let pve = FakePve::start().await;
-    put_secret(&client, &ns, "pve", &pve).await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     pve.set_guest(
         None,
         GuestSettings {
@@ -518,15 +307,16 @@ async fn a_guest_command_that_keeps_failing_stalls_after_three_attempts() {
         },
     )
     .await;
-    create_image(
+    create_image_with(
         &client,
         &ns,
         "img",
         &pve,
+        "pve",
         json!({"provisioning": {"commands": ["echo provision-step"]}}),
     )
     .await;
-    let ctl = start(&sa, options(&rbac, "a"));
+    let ctl = start(&sa, options(&rbac, "a", false));
 
     // Attempts 1 and 2 are retried with backoff (5 s, 10 s); the third failure stalls.
     let gi = wait_for(

@@ -1091,64 +1091,14 @@ async fn prune_cli_exit_codes() {
 
 mod controller_e2e {
     use super::*;
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
     use std::time::Instant;
 
-    use k8s_openapi::api::core::v1::Secret;
     use k8s_openapi::api::events::v1::Event as K8sEvent;
     use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
     use sombrero::api::common::find_condition;
     use sombrero::api::template_retention::TemplateRetention;
-    use sombrero::controller::{
-        self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
-    };
+    use support::controller::{controller_client, options, put_secret, start};
     use support::kube::control_plane;
-    use support::rbac::{ChartRbac, install_chart_rbac};
-
-    /// The controller as the chart runs it: its Lease the one the chart's Role names, in the
-    /// release namespace (here the test's namespace).
-    fn options(rbac: &ChartRbac) -> Options {
-        let ns = &rbac.namespace;
-        let mut settings = Settings::new(DefaultConnection::None);
-        settings.resync = Duration::from_secs(2);
-        settings.requeue = Duration::from_secs(5);
-        settings.poll = Duration::from_secs(1);
-        Options {
-            namespace: Some(ns.to_string()),
-            metrics_addr: "127.0.0.1:0".parse().unwrap(),
-            leader_election: false,
-            lease_name: rbac.lease_name.clone(),
-            controller_namespace: rbac.namespace.clone(),
-            identity: "retention-test".into(),
-            limits: Limits {
-                global: 1,
-                per_node: 1,
-            },
-            settings,
-            concurrency: 2,
-        }
-    }
-
-    async fn put_secret(client: &kube::Client, ns: &str, pve: &FakePve) {
-        let mut data = BTreeMap::new();
-        data.insert("url".to_string(), pve.url.clone());
-        data.insert("tokenId".to_string(), pve.token_id.clone());
-        data.insert("tokenSecret".to_string(), pve.token_secret.clone());
-        data.insert("caCert".to_string(), pve.ca_pem.clone());
-        let secret = Secret {
-            metadata: kube::api::ObjectMeta {
-                name: Some("pve".into()),
-                ..Default::default()
-            },
-            string_data: Some(data),
-            ..Default::default()
-        };
-        Api::<Secret>::namespaced(client.clone(), ns)
-            .create(&PostParams::default(), &secret)
-            .await
-            .expect("create Secret");
-    }
 
     async fn wait_for(
         api: &Api<TemplateRetention>,
@@ -1182,8 +1132,7 @@ mod controller_e2e {
         let client = cp.client().await;
         let ns = cp.namespace(&client, "retention").await;
         // The controller runs with the chart's ServiceAccount permissions, not cluster-admin.
-        let rbac = install_chart_rbac(cp, &ns, &ns);
-        let sa = rbac.client(cp).await;
+        let (rbac, sa) = controller_client(cp, &ns).await;
         let pve = FakePve::start().await;
         for (vmid, days) in [(1801, 200), (1802, 150), (1803, 100), (1804, 50)] {
             add_template(&pve, vmid, days, T::default()).await;
@@ -1198,7 +1147,7 @@ mod controller_e2e {
             },
         )
         .await;
-        put_secret(&client, &ns, &pve).await;
+        put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
         let seq = last_seq(&pve).await;
 
         let api: Api<TemplateRetention> = Api::namespaced(client.clone(), &ns);
@@ -1230,13 +1179,7 @@ mod controller_e2e {
             .await
             .expect("create");
 
-        let handle = {
-            let client = sa.clone();
-            let opts = options(&rbac);
-            tokio::spawn(async move {
-                controller::run(client, opts, Arc::new(controller::engine::Engine)).await
-            })
-        };
+        let handle = start(&sa, options(&rbac, "retention-test", false));
 
         let tr = wait_for(&api, "ubuntu", "the dry-run plan", |tr| {
             ready_reason(tr).is_some_and(|(_, r)| r == "DryRun")
@@ -1363,8 +1306,7 @@ mod controller_e2e {
         let client = cp.client().await;
         let ns = cp.namespace(&client, "retention-fail").await;
         // The controller runs with the chart's ServiceAccount permissions, not cluster-admin.
-        let rbac = install_chart_rbac(cp, &ns, &ns);
-        let sa = rbac.client(cp).await;
+        let (rbac, sa) = controller_client(cp, &ns).await;
         let pve = FakePve::start().await;
         add_template(&pve, 1901, 200, T::default()).await;
         add_template(
@@ -1377,7 +1319,7 @@ mod controller_e2e {
             },
         )
         .await;
-        put_secret(&client, &ns, &pve).await;
+        put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
         pve.fail(Failure::status(
             "POST",
             "/nodes/{node}/vzdump",
@@ -1402,13 +1344,7 @@ mod controller_e2e {
         api.create(&PostParams::default(), &tr)
             .await
             .expect("create");
-        let handle = {
-            let client = sa.clone();
-            let opts = options(&rbac);
-            tokio::spawn(async move {
-                controller::run(client, opts, Arc::new(controller::engine::Engine)).await
-            })
-        };
+        let handle = start(&sa, options(&rbac, "retention-test", false));
         let tr = wait_for(&api, "ubuntu", "ActionsFailed", |tr| {
             ready_reason(tr).is_some_and(|(s, r)| s == "False" && r == "ActionsFailed")
         })
