@@ -1,20 +1,26 @@
 # One entry point for people and CI. `make test` installs what the tests need (the Go-built
-# kube-apiserver/etcd/kubectl, cached in .cache/tools; the fake Proxmox in .venv/fakepve),
+# kube-apiserver/etcd/kubectl, cached in .cache/tools; the fake Proxmox in .venv/fakepve; QEMU
+# and the real Debian 12 guest image with its apt repository, cached in .cache/real-guest),
 # then runs formatting, lints and the whole test suite.
 
 CARGO ?= cargo
 # Extra arguments for `cargo test`, e.g. CARGO_TEST_FLAGS='--test build'.
 CARGO_TEST_FLAGS ?=
 
-.PHONY: test tools venv fmt-check clippy cargo-test crds demo bench-build bench-controller
+.PHONY: test tools venv real-guest-image fmt-check clippy cargo-test crds demo bench-build bench-controller
 
-test: tools venv fmt-check clippy cargo-test
+test: tools venv real-guest-image fmt-check clippy cargo-test
 
 tools:
 	scripts/test-tools.sh
 
 venv:
 	scripts/fakepve-venv.sh
+
+# QEMU (apt-get) and the Debian 12 image + signed apt repository of tests/real_guest.rs; a few
+# minutes once, instant while scripts/real-guest-image.sh and its customize hook are unchanged.
+real-guest-image:
+	scripts/real-guest-image.sh
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
