@@ -37,6 +37,10 @@ tests/support/fakepve.rs, which wraps every call. A 400 {"error": ...} answers a
     POST /backups       {vmid, storage?, filename?, notes?, protected?, size?, ctime?} -> {volid}
     GET  /tasks         [{upid, node, type, id, user, status, exitstatus, starttime, endtime}]
     POST /reset         a fresh fake on the same address, tokens and CA
+  With --real-guest CACHE_DIR (qemu_backend.py):
+    POST /images        {filename, file}   a real image file (qcow2) instead of a modelled one
+    GET  /real-guest    {accel, repo_requests, stats, boots: [{vmid, name, kernel, ...}], disks}
+    GET  /real-guest/console/{vmid}        the serial console log of the VM's last boot
 """
 
 import argparse
@@ -616,13 +620,18 @@ class Harness(object):
         self.agent_log = []
         self.ssh = None
         self.pve = None
+        self.backend = None  # qemu_backend.QemuBackend with --real-guest
         self.control_runner = None
         self.paths = make_ca_and_server_cert(args.dir, self.host)
 
     # ------------------------------------------------------------ fake lifecycle
 
     def build_pve(self, port):
-        pve = GuestPve(self, user='root@pam', password=secrets.token_urlsafe(16), host=self.host, port=port)
+        cls = GuestPve
+        if self.args.real_guest:
+            import qemu_backend
+            cls = qemu_backend.real_guest_pve(GuestPve)
+        pve = cls(self, user='root@pam', password=secrets.token_urlsafe(16), host=self.host, port=port)
         pve.time_scale = float(self.args.time_scale)
         pve.storages['local']['content'] = ','.join(split_list(pve.storages['local']['content']) + ['import'])
         pve.apitokens[TOKEN_ID] = self.token_secret
@@ -632,6 +641,10 @@ class Harness(object):
         return pve
 
     async def start(self):
+        if self.args.real_guest:
+            import qemu_backend
+            self.backend = qemu_backend.QemuBackend(self, self.args.real_guest, self.args.dir)
+            await self.backend.start()
         self.pve = self.build_pve(self.args.port)
         await self.pve.start(self.paths['server.pem'], self.paths['server.key'])
         self.control_runner = web.AppRunner(self.control_app(), access_log=None)
@@ -649,6 +662,8 @@ class Harness(object):
     async def reset(self):
         port = self.pve.port
         await self.pve.stop()
+        if self.backend:
+            await self.backend.stop_all()
         if self.ssh:
             await self.ssh.close_all()
         self.images.clear()
@@ -660,6 +675,8 @@ class Harness(object):
         await self.pve.start(self.paths['server.pem'], self.paths['server.key'])
 
     async def stop(self):
+        if self.backend:
+            await self.backend.stop()
         if self.ssh:
             await self.ssh.stop()
         if self.pve:
@@ -671,7 +688,8 @@ class Harness(object):
         return {'url': self.pve.url, 'node': 'pve1', 'ca_cert_path': self.paths['ca.pem'],
                 'token_id': TOKEN_ID, 'token_secret': self.token_secret,
                 'limited_token_id': LIMITED_TOKEN_ID, 'limited_token_secret': self.limited_secret,
-                'control_url': 'http://{0}:{1}'.format(self.host, self.control_port), 'ssh_port': self.ssh_port}
+                'control_url': 'http://{0}:{1}'.format(self.host, self.control_port), 'ssh_port': self.ssh_port,
+                'real_guest': self.backend.handoff() if self.backend else None}
 
     # ------------------------------------------------------------ request log
 
@@ -825,6 +843,8 @@ class Harness(object):
         r.add_post('/backups', self.c_backup_add)
         r.add_get('/tasks', self.c_tasks)
         r.add_post('/reset', self.c_reset)
+        if self.backend:
+            self.backend.routes(r)
         return app
 
     @web.middleware
@@ -856,11 +876,17 @@ class Harness(object):
         image = self.images.get(request.match_info['name'])
         if image is None:
             raise web.HTTPNotFound()
+        if image.get('file'):
+            return web.FileResponse(image['file'])
         return web.Response(body=image['bytes'], content_type='application/octet-stream')
 
     async def c_image_add(self, request):
         b = await self.body(request)
         filename = b['filename']
+        if b.get('file'):
+            if not self.backend:
+                raise ValueError('images from a file need the harness started with --real-guest')
+            return web.json_response(await self.backend.add_image(filename, b['file']))
         contents = b.get('contents')
         contents = guestos.normalise(contents) if contents is not None else guestos.default_contents(
             agent=bool(b.get('agent', False)))
@@ -1070,6 +1096,8 @@ if __name__ == '__main__':
     parser.add_argument('--dir', required=True, help='where the CA and server certificate are written')
     parser.add_argument('--time-scale', type=float, default=0.0, help='real seconds per PVE second (0: instant)')
     parser.add_argument('--no-stdin-watch', action='store_true', help='do not exit when stdin closes')
+    parser.add_argument('--real-guest', metavar='CACHE_DIR', help='VMs with real disks are QEMU processes '
+                        '(qemu_backend.py); CACHE_DIR is what scripts/real-guest-image.sh printed')
     logging.basicConfig(level=os.environ.get('FAKEPVE_LOG', 'WARNING'), stream=sys.stderr,
                         format='fakepve-harness %(levelname)s %(message)s')
     try:

@@ -8,7 +8,7 @@
 //!
 //! #[tokio::test]
 //! async fn builds() {
-//!     let pve = FakePve::start().await;              // or FakePve::start_with(Options { time_scale: 0.01 })
+//!     let pve = FakePve::start().await;              // or FakePve::start_with(Options { time_scale: 0.01, ..Default::default() })
 //!     let http = pve.api_client();                    // reqwest client trusting the fake's CA
 //!     let img = pve.add_image(Image::new("noble.qcow2")).await;   // served at img.url
 //!     // ... POST {pve.url}/api2/json/nodes/{pve.node}/storage/local/download-url with
@@ -103,6 +103,10 @@ use tokio::process::{Child, ChildStdin, Command};
 pub struct Options {
     /// Real seconds per PVE second: 0 (default) finishes every task before its request returns.
     pub time_scale: f64,
+    /// The cache directory of `scripts/real-guest-image.sh`: VMs whose disks come from an image
+    /// registered with [`FakePve::add_image_file`] are real QEMU guests
+    /// (`tests/fakepve/qemu_backend.py`). `None`: the guest model only.
+    pub real_guest: Option<PathBuf>,
 }
 
 /// A running fake Proxmox VE.
@@ -481,6 +485,12 @@ impl FakePve {
             .arg("--dir")
             .arg(dir.path())
             .args(["--time-scale", &options.time_scale.to_string()])
+            .args(
+                options
+                    .real_guest
+                    .iter()
+                    .flat_map(|dir| [std::ffi::OsStr::new("--real-guest"), dir.as_os_str()]),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -686,6 +696,31 @@ impl FakePve {
     }
 
     // ------------------------------------------------------------ guest model
+
+    /// Registers a real image file (with [`Options::real_guest`]): served like [`Self::add_image`]'s.
+    pub async fn add_image_file(&self, filename: &str, path: &Path) -> ImageInfo {
+        let v = self
+            .control("/images", Some(json!({"filename": filename, "file": path})))
+            .await;
+        serde_json::from_value(v).expect("image info")
+    }
+
+    /// With [`Options::real_guest`]: accel, apt repository requests, timed disk and shutdown
+    /// operations, every boot (with the kernel its console showed), disk sizes.
+    pub async fn real_guest_status(&self) -> Value {
+        self.control("/real-guest", None).await
+    }
+
+    /// The serial console of a real guest's last boot.
+    pub async fn real_guest_console(&self, vmid: u32) -> String {
+        let rsp = self
+            .http
+            .get(format!("{}/real-guest/console/{vmid}", self.control_url))
+            .send()
+            .await
+            .expect("control API");
+        rsp.text().await.unwrap_or_default()
+    }
 
     pub async fn add_image(&self, image: Image) -> ImageInfo {
         let body = json!({
