@@ -18,7 +18,9 @@ use sombrero::image::marker::{
 };
 use sombrero::image::tags::image_tag;
 use sombrero::proxmox::{Client, Config, VmConfig};
-use support::fakepve::{CommandFailure, FakePve, GuestSettings, Image, ImageInfo, Options};
+use support::fakepve::{
+    CommandFailure, FakePve, GuestSettings, Image, ImageInfo, Options, TrapAction,
+};
 use tokio::sync::Notify;
 
 const IMAGE: &str = "noble-server-cloudimg-amd64.img";
@@ -156,6 +158,27 @@ async fn cloud_image_over_ssh_to_a_clean_tagged_template() {
         cfg.value("ipconfig0").is_none(),
         "no build network left in the template"
     );
+    assert!(
+        cfg.value("ciuser").is_none() && cfg.value("cipassword").is_none(),
+        "no build user left in the template: a clone setting none gets the image's default"
+    );
+    // Removed before the conversion, not after: the template call found them gone.
+    let reqs = pve.requests().await;
+    let convert = reqs
+        .iter()
+        .position(|r| r.method == "POST" && r.path.ends_with("/template"))
+        .unwrap();
+    let cleaned = reqs
+        .iter()
+        .position(|r| {
+            r.method == "PUT"
+                && r.path.ends_with(&format!("/qemu/{}/config", out.vmid))
+                && r.params["delete"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("ciuser"))
+        })
+        .expect("the build settings were removed");
+    assert!(cleaned < convert);
     let tags = cfg.tag_list();
     for t in [
         "sombrero",
@@ -841,5 +864,364 @@ async fn cli_builds_against_the_fake_and_prints_the_seed_json() {
     assert!(
         !stderr.contains(&pve.token_secret),
         "the token secret leaked into the output"
+    );
+}
+
+// ---------------------------------------------------------------- crash safety at every request
+//
+// The `sombrero build` CLI against the fake, killed (SIGKILL) right after each of its Proxmox
+// requests in turn, or losing the answer to each of its writes in turn, then run again to
+// completion. After each: one template per build number, consecutive numbers, no VM left that
+// is not a template, and the foreign VM and the consumer's clone untouched.
+
+/// A `sombrero build` run of one image file against one fake.
+struct CliBuild<'a> {
+    pve: &'a FakePve,
+    file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl<'a> CliBuild<'a> {
+    const NAME: &'static str = "crash";
+    const NAMESPACE: &'static str = "ci";
+
+    fn new(pve: &'a FakePve, img: &ImageInfo) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = json!({
+            "apiVersion": "images.sombrero.dev/v1alpha1", "kind": "GoldenImage",
+            "metadata": {"name": Self::NAME, "namespace": Self::NAMESPACE},
+            "spec": example_spec(pve, img, 20),
+        });
+        let file = dir.path().join("image.yaml");
+        std::fs::write(&file, serde_yaml::to_string(&doc).unwrap()).unwrap();
+        CliBuild {
+            pve,
+            file,
+            _dir: dir,
+        }
+    }
+
+    fn owner() -> Owner {
+        Owner {
+            namespace: Self::NAMESPACE.into(),
+            name: Self::NAME.into(),
+            uid: sombrero::build::cli_owner_uid(Self::NAMESPACE, Self::NAME),
+        }
+    }
+
+    /// The process, held at a `read` in `sh` until [`CliBuild::go`]: its pid is known (and a
+    /// trap armed with it) before it sends anything. `exec` keeps the pid.
+    fn spawn(&self) -> tokio::process::Child {
+        tokio::process::Command::new("sh")
+            .args(["-c", "read _ && exec \"$0\" build -f \"$1\""])
+            .arg(env!("CARGO_BIN_EXE_sombrero"))
+            .arg(&self.file)
+            .env("PROXMOX_URL", &self.pve.url)
+            .env("PROXMOX_TOKEN_ID", &self.pve.token_id)
+            .env("PROXMOX_TOKEN_SECRET", &self.pve.token_secret)
+            .env("PROXMOX_CA_CERT", self.pve.ca_path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    async fn go(mut child: tokio::process::Child) -> std::process::Output {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").await.unwrap();
+        drop(stdin);
+        tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .expect("sombrero build did not end within 120 s")
+            .unwrap()
+    }
+
+    /// One run to its end (or its death).
+    async fn run(&self) -> std::process::Output {
+        Self::go(self.spawn()).await
+    }
+
+    /// One run with a trap armed first (a `Kill` trap gets this run's pid).
+    async fn run_with(&self, mut trap: support::fakepve::Trap) -> std::process::Output {
+        let child = self.spawn();
+        if let TrapAction::Kill { pid } = &mut trap.action {
+            *pid = child.id().unwrap();
+        }
+        self.pve.arm_trap(trap).await;
+        Self::go(child).await
+    }
+}
+
+fn killed(out: &std::process::Output) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    out.status.signal() == Some(9)
+}
+
+/// The VMs present before a run: a stranger's VM and a consumer's clone of one of our
+/// templates (our tags, a copied marker naming another VMID). Answers their configs.
+async fn foreign_vms(pve: &FakePve, c: &Client, consumer_marker: &Marker) -> Vec<VmConfig> {
+    pve.add_vm(json!({"vmid": 100, "name": "someone-elses-db", "status": "running"}))
+        .await;
+    let desc = render_description("a consumer's clone", consumer_marker).unwrap();
+    let tags = format!(
+        "sombrero;{}",
+        image_tag(CliBuild::NAMESPACE, CliBuild::NAME)
+    );
+    pve.add_vm(
+        json!({"vmid": 101, "name": "consumer-vm", "status": "running", "agent": true,
+                      "config": {"tags": tags, "description": desc}}),
+    )
+    .await;
+    let mut out = Vec::new();
+    for vmid in [100, 101] {
+        out.push(config(c, pve, vmid).await);
+    }
+    out
+}
+
+/// The invariants after a crash and a run to completion; answers the template names.
+async fn assert_no_duplicate_no_leak(
+    pve: &FakePve,
+    c: &Client,
+    foreign: &[VmConfig],
+    when: &str,
+) -> Vec<String> {
+    let o = CliBuild::owner();
+    let mut names = Vec::new();
+    for vm in c.cluster_vms().await.unwrap() {
+        let cfg = config(c, pve, vm.vmid).await;
+        if vm.vmid == 100 || vm.vmid == 101 {
+            let before = &foreign[(vm.vmid - 100) as usize];
+            assert_eq!(
+                cfg.digest, before.digest,
+                "{when}: VM {} was changed",
+                vm.vmid
+            );
+            assert_eq!(
+                c.vm_status(&pve.node, vm.vmid).await.unwrap().status,
+                "running",
+                "{when}: VM {} was stopped",
+                vm.vmid
+            );
+            continue;
+        }
+        assert!(
+            cfg.template && cfg.lock.is_none(),
+            "{when}: VM {} is left and not a template: {cfg:?}",
+            vm.vmid
+        );
+        let m = marker_of(&cfg);
+        assert_eq!(
+            (m.role, m.vmid, &m.owner),
+            (Role::Template, vm.vmid, &o),
+            "{when}"
+        );
+        assert_eq!(
+            cfg.name.as_deref(),
+            Some(m.metadata.name.as_str()),
+            "{when}"
+        );
+        names.push(m.metadata.name);
+    }
+    for vmid in [100, 101] {
+        assert!(
+            c.vm_status(&pve.node, vmid).await.is_ok(),
+            "{when}: VM {vmid} is gone"
+        );
+    }
+    names.sort();
+    assert!(!names.is_empty(), "{when}: no template");
+    // The consumer's clone carries a copy of template 001's marker, so numbering starts after
+    // it: consecutive from the first, each once.
+    let (stem, first) = names[0].rsplit_once('-').unwrap();
+    let first: usize = first.parse().unwrap();
+    let want: Vec<String> = (first..first + names.len())
+        .map(|n| format!("{stem}-{n:03}"))
+        .collect();
+    assert_eq!(names, want, "{when}: one template per number, consecutive");
+    names
+}
+
+/// A fresh fake with the image and the foreign VMs; answers their configs and the first
+/// request's sequence number.
+async fn crash_start(pve: &FakePve, c: &Client, consumer_marker: &Marker) -> (Vec<VmConfig>, u64) {
+    pve.reset().await;
+    pve.add_image(Image::new(IMAGE)).await;
+    let foreign = foreign_vms(pve, c, consumer_marker).await;
+    let seq = pve.requests().await.last().map_or(0, |r| r.seq);
+    (foreign, seq)
+}
+
+/// The marker a consumer's clone of a CLI-built template carries: a copy of the template's,
+/// naming the template's VMID, not the clone's. Made by one real run on a fresh fake.
+async fn consumer_marker(pve: &FakePve, c: &Client, img: &ImageInfo) -> Marker {
+    pve.reset().await;
+    pve.add_image(Image::new(IMAGE)).await;
+    let out = CliBuild::new(pve, img).run().await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vmid: u32 = v["template_id"].as_str().unwrap().parse().unwrap();
+    let mut m = marker_of(&config(c, pve, vmid).await);
+    assert_eq!(m.vmid, vmid);
+    m.vmid = 999;
+    m
+}
+
+/// Counts the requests (and the writes) of one complete run from the crash tests' start.
+async fn count_requests(pve: &FakePve, c: &Client, cli: &CliBuild<'_>, m: &Marker) -> (u64, u64) {
+    let (foreign, seq) = crash_start(pve, c, m).await;
+    let out = cli.run().await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reqs = pve.requests_since(seq).await;
+    assert_no_duplicate_no_leak(pve, c, &foreign, "the counting run").await;
+    let writes = reqs.iter().filter(|r| r.method != "GET").count() as u64;
+    (reqs.len() as u64, writes)
+}
+
+#[tokio::test]
+async fn cli_killed_after_every_request_never_builds_twice_nor_leaks() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let m = consumer_marker(&pve, &c, &img).await;
+    let cli = CliBuild::new(&pve, &img);
+    let (n, _) = count_requests(&pve, &c, &cli, &m).await;
+    assert!(n > 20, "a build makes more requests than {n}");
+    for k in 1..=n {
+        let (foreign, _) = crash_start(&pve, &c, &m).await;
+        let out = cli
+            .run_with(support::fakepve::Trap::new(TrapAction::Kill { pid: 0 }, k))
+            .await;
+        let fired = pve.trap_state().await.fired;
+        assert!(
+            killed(&out) || (k == n && out.status.success()),
+            "k={k}: not killed (fired: {fired}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let again = cli.run().await;
+        let when = format!("killed after request {k} of {n}, then run again");
+        assert_eq!(
+            again.status.code(),
+            Some(0),
+            "{when}: {}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+        let names = assert_no_duplicate_no_leak(&pve, &c, &foreign, &when).await;
+        assert!(names.len() <= 2, "{when}: {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn cli_losing_the_answer_to_every_write_reads_back_and_finishes() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let m = consumer_marker(&pve, &c, &img).await;
+    let cli = CliBuild::new(&pve, &img);
+    let (_, writes) = count_requests(&pve, &c, &cli, &m).await;
+    assert!(writes > 8, "a build makes more writes than {writes}");
+    for k in 1..=writes {
+        let (foreign, seq) = crash_start(&pve, &c, &m).await;
+        let out = cli
+            .run_with(support::fakepve::Trap::new(TrapAction::Drop, k).writes_only())
+            .await;
+        let lost = pve
+            .requests_since(seq)
+            .await
+            .into_iter()
+            .filter(|r| r.method != "GET")
+            .nth((k - 1) as usize)
+            .map(|r| format!("{} {}", r.method, r.path))
+            .unwrap_or_default();
+        let when = format!("the answer to write {k} of {writes} ({lost}) lost");
+        assert!(
+            pve.trap_state().await.fired,
+            "{when}: the trap did not fire"
+        );
+        // The run finds out what happened and carries on: no failed build, no rerun needed.
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{when}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let names = assert_no_duplicate_no_leak(&pve, &c, &foreign, &when).await;
+        assert_eq!(names.len(), 1, "{when}: {names:?}");
+    }
+}
+
+/// A create task of realistic length (50 PVE s: the VM shows `lock: create`, no tags, no
+/// description meanwhile): the run killed inside it, the next run waits for it, finds the VM
+/// ours and continues it; a node outage of 3 s inside it (longer than the client's own
+/// retries) is waited out.
+#[tokio::test]
+async fn slow_create_survives_a_kill_and_a_node_blip_inside_it() {
+    let pve = FakePve::start_with(Options { time_scale: 0.02 }).await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let m = consumer_marker(&pve, &c, &img).await;
+    let cli = CliBuild::new(&pve, &img);
+    let creates = |reqs: &[support::fakepve::RecordedRequest]| {
+        reqs.iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/qemu"))
+            .count()
+    };
+
+    // Killed while the create task runs.
+    let (foreign, seq) = crash_start(&pve, &c, &m).await;
+    pve.set_task_secs("qmcreate", 50.0).await;
+    let out = cli
+        .run_with(support::fakepve::Trap::new(TrapAction::Kill { pid: 0 }, 1).on("POST", "/qemu$"))
+        .await;
+    assert!(killed(&out), "{}", String::from_utf8_lossy(&out.stderr));
+    let locked: Vec<_> = c
+        .cluster_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.lock.as_deref() == Some("create"))
+        .collect();
+    assert_eq!(locked.len(), 1, "the create task still runs: {locked:?}");
+    assert!(locked[0].tags.is_none(), "no tags before the task ends");
+    let again = cli.run().await;
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(0), "{stderr}");
+    let names = assert_no_duplicate_no_leak(&pve, &c, &foreign, "killed inside the create").await;
+    assert_eq!(names.len(), 1, "{names:?}");
+    let reqs = pve.requests_since(seq).await;
+    assert_eq!(creates(&reqs), 1, "a second VM was created");
+
+    // The node unreachable for 3 s while the create task runs.
+    let (foreign, seq) = crash_start(&pve, &c, &m).await;
+    pve.set_task_secs("qmcreate", 50.0).await;
+    let out = cli
+        .run_with(
+            support::fakepve::Trap::new(TrapAction::NodeOffline { secs: 3.0 }, 1)
+                .on("POST", "/qemu$"),
+        )
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let names =
+        assert_no_duplicate_no_leak(&pve, &c, &foreign, "a node blip inside the create").await;
+    assert_eq!(names.len(), 1, "{names:?}");
+    let reqs = pve.requests_since(seq).await;
+    assert_eq!(creates(&reqs), 1);
+    assert!(
+        reqs.iter().any(|r| r.status == Some(595)),
+        "the node was unreachable during the run"
     );
 }

@@ -3,11 +3,14 @@
 
 use chrono::NaiveDate;
 
-use super::error::BuildError;
+use std::time::{Duration, Instant};
+
+use super::error::{BuildError, ErrorCategory};
+use super::readback::is_creation_lock;
 use crate::image::marker::{Marker, Owner, Role, ValidationRecord, parse_description};
 use crate::image::naming::NameTemplate;
 use crate::image::tags::{TagSet, image_tag};
-use crate::proxmox::{Client, VmConfig};
+use crate::proxmox::{Client, ClusterVm, PollSchedule, VmConfig};
 
 /// One VM with the image's tag.
 #[derive(Debug, Clone)]
@@ -88,14 +91,77 @@ fn newest<'a>(vms: impl Iterator<Item = &'a TaggedVm>) -> Option<(&'a TaggedVm, 
         .max_by_key(|(v, m)| (m.metadata.build_date, m.metadata.build_number, v.vmid))
 }
 
+/// A build VM holding the (date, number) of one of this owner's finished templates: a second
+/// VM of that build, never to be resumed.
+pub fn number_taken_by_template(vms: &[TaggedVm], owner: &Owner, build: &TaggedVm) -> bool {
+    let Some(b) = &build.marker else { return false };
+    let number = (b.metadata.build_date, b.metadata.build_number);
+    vms.iter().any(|v| {
+        v.vmid != build.vmid
+            && v.is_our_template(owner)
+            && v.marker.as_ref().is_some_and(|m| {
+                (m.metadata.build_date, m.metadata.build_number) == number
+                    && m.metadata.name == b.metadata.name
+            })
+    })
+}
+
+/// A VM still being created that may be this image's build VM: Proxmox writes its tags and
+/// description only when the create (or clone) task ends, so until then it is anonymous. One
+/// carrying another image's tags is not ours.
+pub fn may_be_ours_being_created(vm: &ClusterVm, tag: &str) -> bool {
+    let tags = vm.tag_list();
+    vm.is_qemu()
+        && is_creation_lock(vm.lock.as_deref())
+        && (tags.is_empty() || tags.iter().any(|t| t == tag))
+}
+
 /// Lists the VMs tagged for this owner's image and reads their configs (one list + one config
 /// per tagged VM; the image's templates are few).
-pub async fn scan(client: &Client, owner: &Owner) -> Result<Vec<TaggedVm>, BuildError> {
+///
+/// First it waits (at most `wait`) until no VM that may be ours is being created: a run that
+/// died during a create leaves a VM without marker until its task ends, and deciding before
+/// then would take a second VMID and the same build number for the same build.
+pub async fn scan(
+    client: &Client,
+    owner: &Owner,
+    wait: Duration,
+) -> Result<Vec<TaggedVm>, BuildError> {
     let tag = image_tag(&owner.namespace, &owner.name);
-    let vms = client
-        .cluster_vms()
-        .await
-        .map_err(|e| BuildError::proxmox("list VMs", &e))?;
+    let deadline = Instant::now() + wait;
+    let schedule = PollSchedule::default();
+    let mut delay = None;
+    let vms = loop {
+        let vms = client
+            .cluster_vms()
+            .await
+            .map_err(|e| BuildError::proxmox("list VMs", &e))?;
+        let pending: Vec<u32> = vms
+            .iter()
+            .filter(|v| may_be_ours_being_created(v, &tag))
+            .map(|v| v.vmid)
+            .collect();
+        if pending.is_empty() {
+            break vms;
+        }
+        if Instant::now() >= deadline {
+            return Err(BuildError::new(
+                ErrorCategory::ProxmoxTransient,
+                format!(
+                    "VM(s) {pending:?} are still being created after {}s; one may be a build VM of this image, so nothing is decided before its marker can be read",
+                    wait.as_secs()
+                ),
+                "the next run looks again; a create task that never ends shows in the node's task list",
+            ));
+        }
+        tracing::info!(
+            ?pending,
+            "waiting for VMs being created before reading build numbers"
+        );
+        let d = schedule.next(delay);
+        delay = Some(d);
+        tokio::time::sleep(d).await;
+    };
     let mut out = Vec::new();
     for vm in vms.into_iter().filter(|v| v.is_qemu()) {
         if !vm.tag_list().contains(&tag) {

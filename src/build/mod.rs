@@ -71,6 +71,7 @@ mod inventory;
 mod pipeline;
 mod plan;
 mod provision;
+mod readback;
 mod source;
 
 use std::fmt;

@@ -9,13 +9,15 @@ use super::error::{BuildError, ErrorCategory};
 use super::inventory::{self, TaggedVm};
 use super::plan::{first_ipv4, hardware_config, static_ip};
 use super::provision::{self, Channel};
+use super::readback::{TaskCall, run_task, settled_config};
 use super::source::{self, Prepared};
 use super::{BuildOutcome, BuildRequest, Progress, Stage, StageTiming, Timeouts};
 use crate::api::GoldenImageSpec;
 use crate::api::golden_image::ProvisioningChannel;
 use crate::image::marker::{
     BUILDER, BuildProgress, MARKER_SCHEMA_VERSION, Marker, MarkerError, Owner, Role, SourceInfo,
-    TemplateMetadata, ValidationRecord, render_description, render_description_fitting,
+    TemplateMetadata, ValidationRecord, parse_description, render_description,
+    render_description_fitting,
 };
 use crate::image::naming::{NameTemplate, next_build_number};
 use crate::image::spec_hash::spec_hash;
@@ -49,7 +51,7 @@ pub async fn run_build_with(
     let names = name_template(spec)?;
     let hash = spec_hash(spec)
         .map_err(|e| BuildError::invalid_spec(e.to_string(), "the spec must serialize to JSON"))?;
-    let vms = inventory::scan(client, &req.owner).await?;
+    let vms = inventory::scan(client, &req.owner, timeouts.task).await?;
     // Finished already: the process died after Finalize, before the outcome was recorded.
     if let Some((done, marker)) = inventory::finished_build(&vms, &req.owner, &req.build_id, &hash)
     {
@@ -65,7 +67,11 @@ pub async fn run_build_with(
             .marker
             .as_ref()
             .is_some_and(|m| m.metadata.spec_hash == hash);
-        if same_spec && resume.is_none() {
+        // A build VM holding the number of a finished template is a second VM of that build
+        // (left by a create whose run died): resumed, it would be a second template of the
+        // same name.
+        let duplicate = inventory::number_taken_by_template(&vms, &req.owner, vm);
+        if same_spec && !duplicate && resume.is_none() {
             resume = Some(vm.clone());
         } else {
             progress.message(&format!(
@@ -180,7 +186,7 @@ pub async fn cleanup_abandoned_builds(
 ) -> Result<Vec<u32>, BuildError> {
     let timeouts = Timeouts::default();
     let mut removed = Vec::new();
-    for vm in inventory::scan(client, owner).await? {
+    for vm in inventory::scan(client, owner, timeouts.task).await? {
         if vm.is_our_build(owner) {
             destroy_vm(client, &vm.node, vm.vmid, vm.running, &timeouts)
                 .await
@@ -285,7 +291,7 @@ impl Run<'_> {
 
         let t = self.begin(Stage::CreateVm);
         // Numbers are read again right before the VM (which reserves the number) is created.
-        let vms = inventory::scan(self.client, &req.owner)
+        let vms = inventory::scan(self.client, &req.owner, self.timeouts.task)
             .await
             .map_err(|e| e.at(Stage::CreateVm))?;
         let used = inventory::used_numbers(&vms, names, &self.spec.os, &self.spec.type_);
@@ -365,7 +371,7 @@ impl Run<'_> {
                 },
                 "",
             )?;
-            let created = match prepared {
+            let created: proxmox::Result<Option<proxmox::TaskOutcome>> = match prepared {
                 Prepared::Image { volid, .. } => {
                     let mut config = hardware_config(spec)
                         .name(name)
@@ -383,7 +389,17 @@ impl Run<'_> {
                     if let Some(pool) = &spec.placement.pool {
                         config = config.pool(pool);
                     }
-                    self.client.create_vm(&node, vmid, &config).await
+                    let what = TaskCall {
+                        node: &node,
+                        vmid: Some(vmid),
+                        task_type: "qmcreate",
+                        id: vmid.to_string(),
+                    };
+                    let (client, on, config) = (self.client, node.as_str(), &config);
+                    run_task(client, &what, self.timeouts.task, move || async move {
+                        client.create_vm(on, vmid, config).await.map(Some)
+                    })
+                    .await
                 }
                 Prepared::Template {
                     node: base_node,
@@ -398,16 +414,24 @@ impl Run<'_> {
                     if *base_node != node {
                         req.target = Some(node.clone());
                     }
-                    self.client.clone_vm(base_node, *base, &req).await
+                    // The UPID of a clone names the source VM.
+                    let what = TaskCall {
+                        node: base_node,
+                        vmid: Some(*base),
+                        task_type: "qmclone",
+                        id: base.to_string(),
+                    };
+                    let (client, base_node, base, req) =
+                        (self.client, base_node.as_str(), *base, &req);
+                    run_task(client, &what, self.timeouts.task, move || async move {
+                        client.clone_vm(base_node, base, req).await.map(Some)
+                    })
+                    .await
                 }
             };
-            let upid = match created {
-                Ok(u) => u,
+            match created {
+                Ok(_) => {}
                 Err(e) if e.is_already_exists() => continue,
-                Err(e) => return Err(BuildError::proxmox("create VM", &e).at(stage)),
-            };
-            match self.client.wait_task(&upid, self.timeouts.task).await {
-                Ok(_) => return Ok((vmid, node)),
                 Err(proxmox::Error::TaskFailed { exitstatus, .. })
                     if exitstatus.contains("already exists") =>
                 {
@@ -415,6 +439,28 @@ impl Run<'_> {
                 }
                 Err(e) => return Err(BuildError::proxmox("create VM", &e).at(stage)),
             }
+            // Ours only if it carries our marker for this VMID (after a lost answer the task
+            // found may, in theory, have been another one's).
+            let config = settled_config(self.client, &node, vmid, self.timeouts.task)
+                .await
+                .map_err(self.pve(stage, "read the created VM"))?;
+            let ours = config.as_ref().is_some_and(|c| {
+                parse_description(c.description.as_deref().unwrap_or(""))
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| {
+                        m.vmid == vmid
+                            && m.owner.uid == marker.owner.uid
+                            && m.build_id == marker.build_id
+                    })
+            });
+            if ours {
+                return Ok((vmid, node));
+            }
+            tracing::warn!(
+                vmid,
+                "the VM created at this VMID is not ours; taking the next one"
+            );
         }
         Err(BuildError::new(
             ErrorCategory::ProxmoxTransient,
@@ -434,14 +480,33 @@ impl Run<'_> {
             .await
             .map_err(self.pve(stage, "read VM config"))?;
         if spec.source.template.is_some() {
-            let mut set = hardware_config(spec).tags(&tags_of(&state.marker)?);
-            if !has_cloudinit_drive(&config) {
-                set = set.ide(2, &format!("{}:cloudinit", spec.placement.storage));
-            }
-            self.client
-                .update_vm_config(&state.node, state.vmid, &ConfigUpdate::new(set))
+            let update = |config: &VmConfig| -> Result<ConfigUpdate, BuildError> {
+                let mut set = hardware_config(spec).tags(&tags_of(&state.marker)?);
+                if !has_cloudinit_drive(config) {
+                    set = set.ide(2, &format!("{}:cloudinit", spec.placement.storage));
+                }
+                Ok(ConfigUpdate::new(set))
+            };
+            match self
+                .client
+                .update_vm_config(&state.node, state.vmid, &update(&config)?)
                 .await
-                .map_err(self.pve(stage, "configure the cloned VM"))?;
+            {
+                Ok(()) => {}
+                // A new cloud-init drive is not written twice blindly: look first.
+                Err(e) if e.outcome_unknown() => {
+                    let now = self
+                        .client
+                        .vm_config(&state.node, state.vmid)
+                        .await
+                        .map_err(self.pve(stage, "read VM config"))?;
+                    self.client
+                        .update_vm_config(&state.node, state.vmid, &update(&now)?)
+                        .await
+                        .map_err(self.pve(stage, "configure the cloned VM"))?;
+                }
+                Err(e) => return Err(self.pve(stage, "configure the cloned VM")(e)),
+            }
         }
         let Some((disk, size)) = boot_disk(&config) else {
             return Err(BuildError::new(
@@ -546,17 +611,29 @@ impl Run<'_> {
                 .await
                 .map_err(self.pve(Stage::Convert, "read VM config"))?;
             if !config.template {
-                let upid = self
-                    .client
-                    .convert_to_template(&state.node, state.vmid)
-                    .await
-                    .map_err(self.pve(Stage::Convert, "template"))?;
-                if let Some(u) = upid {
+                // Consumers' clones must not inherit the build's user, key or address; the
+                // cloud-init drive stays (clones set their own values into it).
+                let update = without_build_settings(&config);
+                if !update.delete.is_empty() {
                     self.client
-                        .wait_task(&u, self.timeouts.task)
+                        .update_vm_config(&state.node, state.vmid, &update)
                         .await
-                        .map_err(self.pve(Stage::Convert, "template"))?;
+                        .map_err(
+                            self.pve(Stage::Convert, "remove the build's cloud-init settings"),
+                        )?;
                 }
+                let what = TaskCall {
+                    node: &state.node,
+                    vmid: Some(state.vmid),
+                    task_type: "qmtemplate",
+                    id: state.vmid.to_string(),
+                };
+                let (client, node, vmid) = (self.client, state.node.as_str(), state.vmid);
+                run_task(client, &what, self.timeouts.task, move || async move {
+                    client.convert_to_template(node, vmid).await
+                })
+                .await
+                .map_err(self.pve(Stage::Convert, "template"))?;
             }
             self.record(state, Stage::Convert, None).await?;
             self.end(Stage::Convert, t);
@@ -625,15 +702,18 @@ impl Run<'_> {
             ProvisioningChannel::GuestAgent => None,
         };
         self.progress.message("starting the build VM");
-        let upid = self
-            .client
-            .start_vm(&node, vmid)
-            .await
-            .map_err(self.pve(stage, "start"))?;
-        self.client
-            .wait_task(&upid, self.timeouts.task)
-            .await
-            .map_err(self.pve(stage, "start"))?;
+        let what = TaskCall {
+            node: &node,
+            vmid: Some(vmid),
+            task_type: "qmstart",
+            id: vmid.to_string(),
+        };
+        let (client, on) = (self.client, node.as_str());
+        run_task(client, &what, self.timeouts.task, move || async move {
+            client.start_vm(on, vmid).await.map(Some)
+        })
+        .await
+        .map_err(self.pve(stage, "start"))?;
         let mut channel = match &key {
             Some(key) => {
                 let host = self.ssh_host(&node, vmid, deadline).await?;
@@ -743,22 +823,31 @@ impl Run<'_> {
         }
         self.progress.message("shutting down");
         let secs = self.timeouts.shutdown.as_secs().max(1);
-        let graceful = async {
-            let upid = self
-                .client
-                .shutdown_vm(
-                    node,
-                    vmid,
-                    Shutdown {
-                        timeout: Some(secs as u32),
-                        force_stop: false,
-                    },
-                )
-                .await?;
-            self.client
-                .wait_task(&upid, self.timeouts.shutdown + Duration::from_secs(30))
-                .await
-        }
+        let what = TaskCall {
+            node,
+            vmid: Some(vmid),
+            task_type: "qmshutdown",
+            id: vmid.to_string(),
+        };
+        let client = self.client;
+        let graceful = run_task(
+            client,
+            &what,
+            self.timeouts.shutdown + Duration::from_secs(30),
+            move || async move {
+                client
+                    .shutdown_vm(
+                        node,
+                        vmid,
+                        Shutdown {
+                            timeout: Some(secs as u32),
+                            force_stop: false,
+                        },
+                    )
+                    .await
+                    .map(Some)
+            },
+        )
         .await;
         if let Err(e) = graceful {
             self.progress
@@ -781,9 +870,7 @@ impl Run<'_> {
     }
 
     async fn stop(&self, node: &str, vmid: u32) -> proxmox::Result<()> {
-        let upid = self.client.stop_vm(node, vmid).await?;
-        self.client.wait_task(&upid, self.timeouts.task).await?;
-        Ok(())
+        stop_vm(self.client, node, vmid, self.timeouts).await
     }
 
     /// Role `template`, final tags, the seed's metadata; the build network's settings removed.
@@ -808,11 +895,10 @@ impl Run<'_> {
                 .tags(&tags_of(&marker)?)
                 .description(&description),
         );
-        // Consumers set their own network and keys at clone time.
-        for key in ["ipconfig0", "sshkeys"] {
-            if config.value(key).is_some() {
-                update = update.delete(key);
-            }
+        // Consumers set their own user, network and keys at clone time (a template converted
+        // by an older version may still have them).
+        for key in without_build_settings(&config).delete {
+            update = update.delete(&key);
         }
         self.client
             .update_vm_config(&state.node, state.vmid, &update)
@@ -897,10 +983,7 @@ pub(crate) async fn destroy_vm(
 ) -> proxmox::Result<()> {
     if maybe_running {
         match client.vm_status(node, vmid).await {
-            Ok(s) if s.is_running() => {
-                let upid = client.stop_vm(node, vmid).await?;
-                client.wait_task(&upid, timeouts.task).await?;
-            }
+            Ok(s) if s.is_running() => stop_vm(client, node, vmid, timeouts).await?,
             Ok(_) => {}
             Err(e) if e.is_not_found() => return Ok(()),
             Err(e) => return Err(e),
@@ -910,15 +993,57 @@ pub(crate) async fn destroy_vm(
         purge: true,
         destroy_unreferenced_disks: true,
     };
-    match client.delete_vm(node, vmid, opts).await {
-        Ok(upid) => {
-            client.wait_task(&upid, timeouts.task).await?;
-            Ok(())
-        }
+    let what = TaskCall {
+        node,
+        vmid: Some(vmid),
+        task_type: "qmdestroy",
+        id: vmid.to_string(),
+    };
+    match run_task(client, &what, timeouts.task, move || async move {
+        client.delete_vm(node, vmid, opts).await.map(Some)
+    })
+    .await
+    {
+        Ok(_) => Ok(()),
         Err(e) if e.is_not_found() => Ok(()),
         Err(e) => Err(e),
     }
 }
+
+/// Hard stop, its task waited for (found again after a lost answer).
+async fn stop_vm(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    timeouts: &Timeouts,
+) -> proxmox::Result<()> {
+    let what = TaskCall {
+        node,
+        vmid: Some(vmid),
+        task_type: "qmstop",
+        id: vmid.to_string(),
+    };
+    run_task(client, &what, timeouts.task, move || async move {
+        client.stop_vm(node, vmid).await.map(Some)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Settings only the build needs, present in `config`, as a config change removing them:
+/// the cloud-init user and password, the throwaway key, the build address.
+fn without_build_settings(config: &VmConfig) -> ConfigUpdate {
+    let mut update = ConfigUpdate::new(QemuConfig::new());
+    for key in BUILD_ONLY_SETTINGS {
+        if config.value(key).is_some() {
+            update = update.delete(key);
+        }
+    }
+    update
+}
+
+/// What [`without_build_settings`] removes before the conversion.
+const BUILD_ONLY_SETTINGS: [&str; 4] = ["ciuser", "cipassword", "sshkeys", "ipconfig0"];
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::error::BuildError;
 use super::plan::{normalize_file_name, parse_checksum, parse_checksum_list};
+use super::readback::{self, TaskCall};
 use super::{Progress, Stage, Timeouts};
 use crate::api::GoldenImageSpec;
 use crate::image::marker::SourceInfo;
@@ -106,12 +107,31 @@ pub async fn prepare(
     progress.message(&format!("download {} -> {storage}:import/{file}", ci.url));
     progress.percent(0.0);
     let request = DownloadUrl::import(&ci.url, &file).with_checksum(alg, hex);
+    let since = readback::call_time();
     // With a checksum PVE answers "got correct file already" for a good existing file: that is
     // the reuse, verified by Proxmox itself.
-    let upid = client
-        .download_url(node, storage, &request)
-        .await
-        .map_err(|e| at(BuildError::proxmox("download-url", &e)))?;
+    let upid = match client.download_url(node, storage, &request).await {
+        Ok(u) => u,
+        // The answer was lost: the download may be running. Wait for that task rather than
+        // start a second download of the same file; none found, it did not run.
+        Err(e) if e.outcome_unknown() => {
+            let what = TaskCall {
+                node,
+                vmid: None,
+                task_type: "download",
+                id: file.clone(),
+            };
+            match readback::find_task(client, &what, since, timeouts.task).await {
+                Ok(Some(u)) => u,
+                Ok(None) => client
+                    .download_url(node, storage, &request)
+                    .await
+                    .map_err(|e| at(BuildError::proxmox("download-url", &e)))?,
+                Err(e) => return Err(at(BuildError::proxmox("download-url", &e))),
+            }
+        }
+        Err(e) => return Err(at(BuildError::proxmox("download-url", &e))),
+    };
     // The task log carries wget's progress lines: report the highest percentage as it rises.
     let mut shown = 0u8;
     client

@@ -13,7 +13,7 @@ use url::Url;
 use super::cluster::PveVersion;
 use super::config::Config;
 use super::error::{Error, Result};
-use super::retry::{Idempotency, RetryPolicy};
+use super::retry::{Attempt, Idempotency, RetryPolicy, may_repeat};
 use super::tls;
 
 /// Request parameters, sent as the query string (GET, DELETE) or as a form body (POST, PUT).
@@ -113,6 +113,8 @@ struct Inner {
     base: Url,
     retry: RetryPolicy,
     timeout: Duration,
+    /// `user@realm!tokenid`: the user PVE writes into the UPIDs of the tasks we start.
+    token_id: String,
     version: tokio::sync::OnceCell<PveVersion>,
 }
 
@@ -168,6 +170,7 @@ impl Client {
                 base: config.url,
                 retry: config.retry,
                 timeout: config.timeout,
+                token_id: config.token_id.clone(),
                 version: tokio::sync::OnceCell::new(),
             }),
         })
@@ -176,6 +179,11 @@ impl Client {
     /// The API address without `/api2/json`.
     pub fn base_url(&self) -> &Url {
         &self.inner.base
+    }
+
+    /// The API token id (`user@realm!tokenid`), the user of the tasks this client starts.
+    pub fn token_id(&self) -> &str {
+        &self.inner.token_id
     }
 
     /// The per-call timeout.
@@ -231,8 +239,10 @@ impl Client {
         self.call(Method::DELETE, path, query, idem).await
     }
 
-    /// One API call with retries: GET and other safe calls on any transient failure, unsafe
-    /// calls (creates, starts, deletes) only when the failure proves nothing ran.
+    /// One API call with retries: GET and other safe calls on any transient failure (a lost
+    /// answer too), unsafe calls (creates, starts, deletes) only when the failure proves nothing
+    /// ran ([`may_repeat`]). A lost answer to an unsafe call is the caller's to find out about
+    /// ([`Error::outcome_unknown`]).
     pub async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -252,14 +262,16 @@ impl Client {
                     return Ok(v);
                 }
                 Err(f) => {
-                    let may = match idem {
-                        // A "VM is locked (clone)" lasts as long as the clone: leave it to the caller.
-                        Idempotency::Safe => {
-                            (f.error.is_retryable() && !matches!(f.error, Error::Locked { .. }))
-                                || f.not_executed
-                        }
-                        Idempotency::Unsafe => f.not_executed,
+                    let attempt = if f.not_executed {
+                        Attempt::NotExecuted
+                    } else if matches!(f.error, Error::Locked { .. }) {
+                        Attempt::Locked
+                    } else if f.error.is_retryable() {
+                        Attempt::AnswerLost
+                    } else {
+                        Attempt::Refused
                     };
+                    let may = may_repeat(idem, attempt);
                     if !may || retry + 1 >= policy.max_attempts.max(1) {
                         tracing::debug!(request = %request, category = f.error.category(), error = %f.error, "proxmox call failed");
                         return Err(f.error);

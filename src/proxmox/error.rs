@@ -88,6 +88,13 @@ impl Error {
         )
     }
 
+    /// The call may have been carried out although it failed: the answer was lost (connection
+    /// reset or timeout after sending, a proxy's 502-504). A write failing so must be followed by
+    /// a read of what happened, not taken as "not done".
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Error::Transient { .. } | Error::Timeout { .. })
+    }
+
     /// A short, stable label for metrics and logs.
     pub fn category(&self) -> &'static str {
         match self {

@@ -2,12 +2,17 @@
 //!
 //! - [`Config`] / [`Config::from_env`]: where and how to connect; [`Secret`] hides the token.
 //! - [`Client`]: every call has a timeout; reads are retried with exponential backoff and
-//!   jitter, writes only when PVE provably did not run them (no connection, HTTP 595, a lock
-//!   that could not be taken), so a create is never sent twice.
+//!   jitter, writes when PVE provably did not run them (no connection, HTTP 595, a lock that
+//!   could not be taken) or, after a lost answer, when running them twice has the same effect
+//!   (absolute config values, deletes, an absolute resize: [`retry::config_write`],
+//!   [`retry::resize`]), so a create is never sent twice. A lost answer to any other write is
+//!   the caller's to read back ([`Error::outcome_unknown`], [`Client::find_my_task`]).
 //! - [`Error`]: classified from the HTTP status and PVE's message (PVE says "not found" and
 //!   "locked" with a 500), with [`Error::is_retryable`] and [`Error::category`] for metrics.
 //! - [`Upid`] and [`Client::wait_task`]: async calls return a task id at once; the outcome is
-//!   the task's exit status (`OK` / `WARNINGS: n` succeed), polled on the node the UPID names.
+//!   the task's exit status (`OK` / `WARNINGS: n` succeed), polled on the node the UPID names;
+//!   transient errors while polling (a reset, 5xx, the node briefly unreachable) are waited
+//!   out until the wait's own deadline.
 //!
 //! # Supported Proxmox VE versions
 //!
@@ -41,7 +46,7 @@
 //! | agent ping, network, osinfo | PVE 9: `VM.GuestAgent.Audit`; PVE 8: `VM.Monitor` |
 //! | agent exec, exec-status | PVE 9: `VM.GuestAgent.Unrestricted` (root-equivalent in the guest); PVE 8: `VM.Monitor` |
 //! | vzdump | `VM.Backup` (`/vms/{vmid}`), `Datastore.AllocateSpace` on the backup storage |
-//! | task status and log | none for the token's own tasks; `Sys.Audit` (`/nodes/{node}`) for others |
+//! | task status and log, the node's task list | none for the token's own tasks; `Sys.Audit` (`/nodes/{node}`) for others |
 //!
 //! Example (`pveum`): `pveum role add Sombrero -privs "VM.Allocate VM.Clone VM.Audit
 //! VM.Config.Disk VM.Config.CDROM VM.Config.CPU VM.Config.Memory VM.Config.Network
@@ -76,5 +81,5 @@ pub use qemu::{
 pub use retry::{Idempotency, RetryPolicy};
 pub use secret::Secret;
 pub use storage::{ChecksumAlgorithm, DownloadUrl, StorageInfo, StorageStatus, StorageVolume};
-pub use task::{PollSchedule, TaskLogLine, TaskOutcome, TaskStatus, Upid};
+pub use task::{PollSchedule, TaskListEntry, TaskLogLine, TaskOutcome, TaskStatus, Upid};
 pub use tls::TlsMode;

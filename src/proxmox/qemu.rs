@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::client::{Client, Params};
 use super::error::{Error, Result};
 use super::lenient;
-use super::retry::Idempotency;
+use super::retry::{self, Idempotency};
 use super::task::Upid;
 
 /// Percent-encode SSH public keys for the `sshkeys` option.
@@ -322,6 +322,19 @@ impl ConfigUpdate {
         self
     }
 
+    /// Whether writing this twice leaves the same config as writing it once
+    /// ([`retry::config_write`]): then a lost answer is simply repeated.
+    pub fn idempotency(&self) -> Idempotency {
+        retry::config_write(
+            self.set
+                .values()
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+            self.delete.iter().map(String::as_str),
+            self.digest.is_some(),
+        )
+    }
+
     fn params(&self) -> Result<Params> {
         self.set.check()?;
         let p = self.set.add_to(Params::new());
@@ -467,13 +480,13 @@ impl Client {
         update: &ConfigUpdate,
     ) -> Result<()> {
         let p = update.params()?;
-        // Setting the same values twice is harmless, but a delete or digest is not: only
-        // repeat when PVE proves nothing ran.
+        // Absolute values and deletes are repeated after a lost answer; a digest or a new disk
+        // only when PVE proves nothing ran.
         let _: Value = self
             .put(
                 &["nodes", node, "qemu", &vmid.to_string(), "config"],
                 &p,
-                Idempotency::Unsafe,
+                update.idempotency(),
             )
             .await?;
         Ok(())
@@ -491,7 +504,7 @@ impl Client {
             self.post(
                 &["nodes", node, "qemu", &vmid.to_string(), "config"],
                 &p,
-                Idempotency::Unsafe,
+                update.idempotency(),
             )
             .await?,
         )
@@ -507,11 +520,12 @@ impl Client {
         size: &str,
     ) -> Result<Option<Upid>> {
         let p = Params::new().set("disk", disk).set("size", size);
+        // An absolute size is repeated after a lost answer, a relative one never.
         opt_upid(
             self.put(
                 &["nodes", node, "qemu", &vmid.to_string(), "resize"],
                 &p,
-                Idempotency::Unsafe,
+                retry::resize(size),
             )
             .await?,
         )

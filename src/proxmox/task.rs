@@ -299,7 +299,27 @@ impl Client {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let status = match tokio::time::timeout(remaining, self.task_status(upid)).await {
-                Ok(status) => status?,
+                Ok(Ok(status)) => status,
+                // The task runs on the node whatever happens to our connection: a reset, a 5xx
+                // or the node briefly unreachable ends the wait only at its own deadline.
+                Ok(Err(e)) if e.is_retryable() => {
+                    tracing::warn!(upid = %upid, error = %e, "task status unavailable; still waiting");
+                    let d = schedule.next(delay);
+                    delay = Some(d);
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if remaining.is_zero() {
+                        return Err(Error::Timeout {
+                            request: format!("wait for task {upid}"),
+                            message: format!(
+                                "no status for {:.1}s: {e}",
+                                started.elapsed().as_secs_f64()
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(d.min(remaining)).await;
+                    continue;
+                }
+                Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(wait_timeout(upid, started)),
             };
             if let Some(observe) = observe.as_mut() {
@@ -348,6 +368,76 @@ impl Client {
             }
             tokio::time::sleep(d.min(remaining)).await;
         }
+    }
+}
+
+/// One entry of `GET /nodes/{node}/tasks`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TaskListEntry {
+    pub upid: String,
+    #[serde(default, rename = "type")]
+    pub task_type: String,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub user: String,
+    #[serde(default, deserialize_with = "lenient::int")]
+    pub starttime: i64,
+}
+
+/// The task a lost answer would have named: of `task_type` on `id`, started by `user` at
+/// `since` (Unix seconds) or later, the newest. Pure; the list is what the node reports.
+pub fn find_started_task<'a>(
+    tasks: &'a [TaskListEntry],
+    task_type: &str,
+    id: &str,
+    user: &str,
+    since: i64,
+) -> Option<&'a TaskListEntry> {
+    // The UPID always names `user@realm!tokenid`; the list's `user` may be split from the
+    // token id (`user` + `tokenid`), depending on the version.
+    let started_by = |t: &TaskListEntry| {
+        t.upid
+            .parse::<Upid>()
+            .map(|u| u.user == user)
+            .unwrap_or(t.user == user)
+    };
+    tasks
+        .iter()
+        .filter(|t| {
+            t.task_type == task_type
+                && t.id.as_deref() == Some(id)
+                && t.starttime >= since
+                && started_by(t)
+        })
+        .max_by_key(|t| t.starttime)
+}
+
+impl Client {
+    /// The node's recent tasks touching `vmid` (running and finished).
+    pub async fn node_tasks(&self, node: &str, vmid: Option<u32>) -> Result<Vec<TaskListEntry>> {
+        let q = Params::new()
+            .opt("vmid", vmid)
+            .set("source", "all")
+            .set("limit", 100);
+        self.get(&["nodes", node, "tasks"], &q).await
+    }
+
+    /// After a lost answer to a task-starting call: the task this client started on `node`
+    /// (`task_type` on `id`, at `since` Unix seconds or later), if it ran. `since` should allow
+    /// for clock skew between this host and the node.
+    pub async fn find_my_task(
+        &self,
+        node: &str,
+        vmid: Option<u32>,
+        task_type: &str,
+        id: &str,
+        since: i64,
+    ) -> Result<Option<Upid>> {
+        let tasks = self.node_tasks(node, vmid).await?;
+        find_started_task(&tasks, task_type, id, self.token_id(), since)
+            .map(|t| t.upid.parse())
+            .transpose()
     }
 }
 
@@ -450,6 +540,39 @@ mod tests {
         assert!(seen_after(Duration::from_secs(1)) < Duration::from_millis(1600));
         assert!(seen_after(Duration::from_millis(100)) <= Duration::from_millis(150));
         assert!(seen_after(Duration::from_secs(10)) <= Duration::from_secs(12));
+    }
+
+    #[test]
+    fn the_task_of_a_lost_answer() {
+        let e = |upid: &str, t: &str, id: &str, user: &str, at: i64| TaskListEntry {
+            upid: upid.into(),
+            task_type: t.into(),
+            id: Some(id.into()),
+            user: user.into(),
+            starttime: at,
+        };
+        let me = "root@pam!sombrero";
+        let upid = |user: &str| format!("UPID:pve1:00001234:00005678:AABBCCDD:qmstart:100:{user}:");
+        let tasks = vec![
+            e("a", "qmstart", "100", me, 900),          // before the call
+            e("b", "qmstart", "100", "root@pam", 1000), // someone else
+            e("c", "qmstop", "100", me, 1000),          // another type
+            e("d", "qmstart", "101", me, 1000),         // another VM
+            e("f", "qmstart", "100", me, 1001),
+            e("g", "qmstart", "100", me, 1003),
+            // The list splits the token off `user`; the UPID names it: ours.
+            e(&upid(me), "qmstart", "100", "root@pam", 1002),
+            // The list says ours, the UPID another token's: not ours.
+            e(&upid("root@pam!other"), "qmstart", "100", me, 1004),
+        ];
+        let found = find_started_task(&tasks, "qmstart", "100", me, 1000);
+        assert_eq!(found.map(|t| t.upid.as_str()), Some("g"));
+        let found = find_started_task(&tasks[..6], "qmstart", "100", me, 1002);
+        assert_eq!(found.map(|t| t.upid.as_str()), Some("g"));
+        let split = find_started_task(&tasks[6..], "qmstart", "100", me, 0);
+        assert_eq!(split.map(|t| t.upid.clone()), Some(upid(me)));
+        assert!(find_started_task(&tasks, "qmstart", "100", me, 1004).is_none());
+        assert!(find_started_task(&tasks, "qmcreate", "100", me, 0).is_none());
     }
 
     #[test]

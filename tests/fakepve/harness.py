@@ -41,6 +41,14 @@ tests/support/fakepve.rs, which wraps every call. A 400 {"error": ...} answers a
     POST /images        {filename, file}   a real image file (qcow2) instead of a modelled one
     GET  /real-guest    {accel, repo_requests, stats, boots: [{vmid, name, kernel, ...}], disks}
     GET  /real-guest/console/{vmid}        the serial console log of the VM's last boot
+    POST /trap          {action: kill|drop|node-offline, after?: k, method?, path?: regex, writes_only?, pid?,
+                         secs?, node?}   one shot, on the k-th (default 1st) API request matching (method,
+                         path regex searched in the path, non-GET only): `kill` SIGKILLs pid right after the
+                         answer is sent, `drop` executes the request and closes the connection unanswered,
+                         `node-offline` answers, then takes the node offline for secs real seconds
+    GET  /trap          {armed, seen, fired}; POST /trap {} disarms
+    POST /task-secs     {type, secs}   tasks of this type (qmcreate, ...) first wait secs PVE seconds holding
+                         their lock (a create: the VM shows lock=create and no tags or description meanwhile)
 """
 
 import argparse
@@ -324,6 +332,13 @@ class GuestPve(FakePve):
     # ------------------------------------------------------------ clone carries the contents
 
     async def task(self, node, ttype, tid, user, body, vm=None, lock=True, log=()):
+        secs = self.h.task_secs.get(ttype)
+        if secs:
+            slow_inner = body
+
+            async def body():
+                await self.pause(secs)
+                return await slow_inner()
         if ttype == 'qmclone' and vm is not None:
             src = self.vm(int(tid))
             new = vm
@@ -618,6 +633,8 @@ class Harness(object):
         self.requests = []
         self.request_seq = 0
         self.agent_log = []
+        self.trap = None
+        self.task_secs = {}
         self.ssh = None
         self.pve = None
         self.backend = None  # qemu_backend.QemuBackend with --real-guest
@@ -671,6 +688,8 @@ class Harness(object):
         self.runtime.clear()
         self.requests.clear()
         self.agent_log.clear()
+        self.trap = None
+        self.task_secs.clear()
         self.pve = self.build_pve(port)
         await self.pve.start(self.paths['server.pem'], self.paths['server.key'])
 
@@ -696,15 +715,56 @@ class Harness(object):
     @web.middleware
     async def log_middleware(self, request, handler):
         status = None
+        trap = self.sprung_trap(request)
         try:
             response = await handler(request)
             status = response.status
+            if trap is not None:
+                await self.fire_trap(trap, request, response)
             return response
         except web.HTTPException as e:
             status = e.status
             raise
         finally:
             self.record_request(request, status)
+
+    def sprung_trap(self, request):
+        """The armed trap if this request is the one it waits for (counted on arrival)."""
+        t = self.trap
+        if t is None or t['fired']:
+            return None
+        if t['writes_only'] and request.method == 'GET':
+            return None
+        if t['method'] and request.method != t['method'].upper():
+            return None
+        if t['path'] and not t['path'].search(request.path):
+            return None
+        t['seen'] += 1
+        if t['seen'] < t['after']:
+            return None
+        t['fired'] = True
+        return t
+
+    async def fire_trap(self, t, request, response):
+        if t['action'] == 'drop':
+            # Executed, but the client never hears of it: what a reset after the work looks like.
+            request.transport.close()
+            raise ConnectionResetError('fakepve harness: answer dropped')
+        # Send the answer first, so "killed right after the k-th answer" holds exactly.
+        await response.prepare(request)
+        await response.write_eof()
+        if t['action'] == 'kill':
+            try:
+                os.kill(int(t['pid']), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif t['action'] == 'node-offline':
+            self.pve.set_node_offline(t['node'], True)
+
+            async def back():
+                await asyncio.sleep(t['secs'])
+                self.pve.set_node_offline(t['node'], False)
+            asyncio.ensure_future(back())
 
     def record_request(self, request, status):
         params = {}
@@ -845,6 +905,9 @@ class Harness(object):
         r.add_post('/reset', self.c_reset)
         if self.backend:
             self.backend.routes(r)
+        r.add_post('/trap', self.c_trap_set)
+        r.add_get('/trap', self.c_trap_get)
+        r.add_post('/task-secs', self.c_task_secs)
         return app
 
     @web.middleware
@@ -1055,6 +1118,31 @@ class Harness(object):
 
     async def c_reset(self, request):
         await self.reset()
+        return web.json_response({'ok': True})
+
+    async def c_trap_set(self, request):
+        b = await self.body(request)
+        if not b.get('action'):
+            self.trap = None
+            return web.json_response({'ok': True})
+        if b['action'] not in ('kill', 'drop', 'node-offline'):
+            raise ValueError('action must be kill, drop or node-offline')
+        if b['action'] == 'kill' and not b.get('pid'):
+            raise ValueError('kill needs a pid')
+        self.trap = {'action': b['action'], 'after': int(b.get('after') or 1), 'method': b.get('method'),
+                     'path': re.compile(b['path']) if b.get('path') else None,
+                     'writes_only': bool(b.get('writes_only')), 'pid': b.get('pid'),
+                     'secs': float(b.get('secs') or 0), 'node': b.get('node') or 'pve1', 'seen': 0, 'fired': False}
+        return web.json_response({'ok': True})
+
+    async def c_trap_get(self, request):
+        t = self.trap
+        return web.json_response({'armed': bool(t and not t['fired']), 'seen': t['seen'] if t else 0,
+                                  'fired': bool(t and t['fired'])})
+
+    async def c_task_secs(self, request):
+        b = await self.body(request)
+        self.task_secs[b['type']] = float(b.get('secs') or 0)
         return web.json_response({'ok': True})
 
 

@@ -377,6 +377,75 @@ pub struct Backup {
     pub ctime: Option<i64>,
 }
 
+/// What a [`FakePve::arm_trap`] trap does to the request it waits for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrapAction {
+    /// SIGKILL this process right after the answer was sent.
+    Kill { pid: u32 },
+    /// Execute the request, then close the connection without an answer (a lost answer).
+    Drop,
+    /// Answer, then take the node offline (595 for its requests) for `secs` real seconds.
+    NodeOffline { secs: f64 },
+}
+
+/// A one-shot trap: fires on the `after`-th API request (1-based) matching `method`, the
+/// `path` regex and `writes_only` (non-GET).
+#[derive(Debug, Clone)]
+pub struct Trap {
+    pub action: TrapAction,
+    pub after: u64,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub writes_only: bool,
+}
+
+impl Trap {
+    pub fn new(action: TrapAction, after: u64) -> Self {
+        Trap {
+            action,
+            after,
+            method: None,
+            path: None,
+            writes_only: false,
+        }
+    }
+    pub fn writes_only(mut self) -> Self {
+        self.writes_only = true;
+        self
+    }
+    pub fn on(mut self, method: &str, path_regex: &str) -> Self {
+        self.method = Some(method.into());
+        self.path = Some(path_regex.into());
+        self
+    }
+    fn to_json(&self) -> Value {
+        let mut v = json!({
+            "after": self.after, "method": self.method, "path": self.path,
+            "writes_only": self.writes_only,
+        });
+        match self.action {
+            TrapAction::Kill { pid } => {
+                v["action"] = json!("kill");
+                v["pid"] = json!(pid);
+            }
+            TrapAction::Drop => v["action"] = json!("drop"),
+            TrapAction::NodeOffline { secs } => {
+                v["action"] = json!("node-offline");
+                v["secs"] = json!(secs);
+            }
+        }
+        v
+    }
+}
+
+/// What [`FakePve::trap_state`] answers.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrapState {
+    pub armed: bool,
+    pub seen: u64,
+    pub fired: bool,
+}
+
 /// An SSH key pair made by [`FakePve::ssh_keygen`].
 #[derive(Debug, Clone)]
 pub struct SshKey {
@@ -814,6 +883,25 @@ impl FakePve {
     /// Back to a fresh fake (same URL, tokens and CA): VMs, images, settings and logs go.
     pub async fn reset(&self) {
         self.control("/reset", Some(json!({}))).await;
+    }
+
+    // ------------------------------------------------------------ crash traps
+
+    /// Arms the one-shot trap on the `trap.after`-th API request matching it (see [`Trap`]).
+    pub async fn arm_trap(&self, trap: Trap) {
+        self.control("/trap", Some(trap.to_json())).await;
+    }
+
+    /// Whether the armed trap fired, and how many matching requests it saw.
+    pub async fn trap_state(&self) -> TrapState {
+        serde_json::from_value(self.control("/trap", None).await).unwrap()
+    }
+
+    /// Tasks of this type (`qmcreate`, ...) first wait `secs` PVE seconds holding their lock:
+    /// a create shows `lock: create` and no tags or description meanwhile, as PVE's do.
+    pub async fn set_task_secs(&self, task_type: &str, secs: f64) {
+        self.control("/task-secs", Some(json!({"type": task_type, "secs": secs})))
+            .await;
     }
 
     // ------------------------------------------------------------ SSH

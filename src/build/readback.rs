@@ -1,0 +1,142 @@
+//! After a lost answer: find out what Proxmox did before deciding.
+//!
+//! A task-starting call (`create`, `start`, `stop`, `template`, `delete`, `download-url`) whose
+//! answer was lost may have started its task. It is never simply repeated: the node's task list
+//! is asked for a task of that type on that object started by our token since just before the
+//! call. Found, it is waited for like the answer's UPID would have been; not found, the call did
+//! not run and is made again (once). Config writes whose repetition is harmless are repeated by
+//! the client itself (`proxmox::retry::config_write`).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::proxmox::{self, Client, PollSchedule, TaskOutcome, Upid, VmConfig};
+
+/// Seconds before the call that a task found in the node's list may have started at: the
+/// node's clock and ours differ a little.
+const CLOCK_SLACK_SECS: i64 = 30;
+
+/// What a task-starting call is about, to find its task after a lost answer.
+pub struct TaskCall<'a> {
+    pub node: &'a str,
+    /// The VMID to list the node's tasks by (`None`: storage tasks such as `download`).
+    pub vmid: Option<u32>,
+    /// The task type: `qmcreate`, `qmstart`, `qmstop`, `qmshutdown`, `qmtemplate`, `qmdestroy`,
+    /// `download`, ...
+    pub task_type: &'a str,
+    /// The UPID's id field: the VMID, the file name of a download.
+    pub id: String,
+}
+
+/// Makes `call` (which starts a task, or answers `None` when PVE finished synchronously) and
+/// waits for its task, at most `timeout`. A lost answer is followed by a look at the node's
+/// tasks: the task found is waited for; none found, `call` is made once more.
+pub async fn run_task<F, Fut>(
+    client: &Client,
+    what: &TaskCall<'_>,
+    timeout: Duration,
+    mut call: F,
+) -> proxmox::Result<Option<TaskOutcome>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = proxmox::Result<Option<Upid>>>,
+{
+    let since = call_time();
+    let upid = match call().await {
+        Ok(u) => u,
+        Err(e) if e.outcome_unknown() => {
+            tracing::warn!(task = what.task_type, id = %what.id, error = %e, "answer lost; looking for the task");
+            match find_task(client, what, since, timeout).await? {
+                Some(u) => Some(u),
+                None => call().await?,
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    match upid {
+        Some(u) => client.wait_task(&u, timeout).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The earliest start time (Unix seconds, node clock) of a task started by a call made now.
+pub fn call_time() -> i64 {
+    chrono::Utc::now().timestamp() - CLOCK_SLACK_SECS
+}
+
+/// The task this client started as `what` at `since` or later, from the node's task list,
+/// read until it answers (the node may be briefly unreachable).
+pub async fn find_task(
+    client: &Client,
+    what: &TaskCall<'_>,
+    since: i64,
+    timeout: Duration,
+) -> proxmox::Result<Option<Upid>> {
+    let deadline = Instant::now() + timeout;
+    let schedule = PollSchedule::default();
+    let mut delay = None;
+    loop {
+        match client
+            .find_my_task(what.node, what.vmid, what.task_type, &what.id, since)
+            .await
+        {
+            Ok(found) => return Ok(found),
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                let d = schedule.next(delay);
+                delay = Some(d);
+                tokio::time::sleep(d).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Locks held while a VM is being created: its tags and description are written only when
+/// the task ends.
+pub fn is_creation_lock(lock: Option<&str>) -> bool {
+    matches!(lock, Some("create" | "clone"))
+}
+
+/// The VM's config once it is no longer being created (`None`: it does not exist), read
+/// until then at most `timeout`; a node briefly unreachable is waited out too.
+pub async fn settled_config(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    timeout: Duration,
+) -> proxmox::Result<Option<VmConfig>> {
+    let deadline = Instant::now() + timeout;
+    let schedule = PollSchedule::default();
+    let mut delay = None;
+    loop {
+        let retry = match client.vm_config(node, vmid).await {
+            Ok(c) if !is_creation_lock(c.lock.as_deref()) => return Ok(Some(c)),
+            Ok(_) => None,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) if e.is_retryable() => Some(e),
+            Err(e) => return Err(e),
+        };
+        if Instant::now() >= deadline {
+            return Err(retry.unwrap_or_else(|| proxmox::Error::Timeout {
+                request: format!("wait for VM {vmid} to be created"),
+                message: format!("still locked after {}s", timeout.as_secs()),
+            }));
+        }
+        let d = schedule.next(delay);
+        delay = Some(d);
+        tokio::time::sleep(d).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creation_locks() {
+        assert!(is_creation_lock(Some("create")));
+        assert!(is_creation_lock(Some("clone")));
+        assert!(!is_creation_lock(Some("backup")));
+        assert!(!is_creation_lock(None));
+    }
+}
