@@ -19,7 +19,7 @@ use support::controller::{
     change_spec, condition, controller_client, create_image_with, events, is_ready, observed,
     options, put_secret, pve_client, start, wait_for,
 };
-use support::fakepve::{Failure, FakePve, GuestSettings, Options as PveOptions};
+use support::fakepve::{Failure, FakePve, GuestSettings, Image, Options as PveOptions};
 use support::kube::control_plane;
 
 async fn create_image(
@@ -660,6 +660,107 @@ async fn a_controller_killed_mid_build_resumes_without_leaks() {
     rbac.assert_nothing_denied();
 }
 
+/// An HTTP server answering every request with the current `body` (a checksum list that a
+/// test changes, as a mirror publishing a new image does).
+async fn serve_list(body: std::sync::Arc<std::sync::Mutex<String>>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let text = body.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let rsp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+                let _ = s.write_all(rsp.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/Fedora-Cloud-41-1.4-x86_64-CHECKSUM")
+}
+
+/// A Fedora-style `CHECKSUM` list (PGP clear-signed, `#` size comments, BSD `SHA256 (file) =`
+/// lines) for `file` with `hex`, next to another file's line.
+fn fedora_list(file: &str, hex: &str) -> String {
+    format!(
+        "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n# Fedora-Cloud-Base-AmazonEC2.raw.xz: 398315764 bytes\nSHA256 (Fedora-Cloud-Base-AmazonEC2.raw.xz) = {}\n# {file}: 491716608 bytes\nSHA256 ({file}) = {hex}\n-----BEGIN PGP SIGNATURE-----\n\niQIzBAEBCAAdFiEEliQCCdEgFHiAGdjvBjJvQz2nPuMFAmcXbSAACgkQBjJvQz2n\n=abcd\n-----END PGP SIGNATURE-----\n",
+        "0".repeat(64)
+    )
+}
+
+/// The upstream-change check reads the list with the build's parser: a Fedora-style list is
+/// understood (the status shows its checksum, no `SourceCheckFailed`), and a new checksum in
+/// it starts a `SourceChanged` rebuild.
+#[tokio::test]
+async fn a_fedora_style_checksum_list_drives_the_source_check() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-source").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let img = pve
+        .add_image(Image::new("Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2").agent())
+        .await;
+    let hex = img.checksums["sha256"].clone();
+    let list = std::sync::Arc::new(std::sync::Mutex::new(fedora_list(&img.filename, &hex)));
+    let list_url = serve_list(list.clone()).await;
+    create_image_with(
+        &client,
+        &ns,
+        "img",
+        &pve,
+        "pve",
+        json!({
+            "source": {"cloudImage": {"url": img.url, "checksum": null, "checksumUrl": list_url}},
+            "rebuild": {"onSourceChange": true, "sourceCheckInterval": "1s"},
+        }),
+    )
+    .await;
+    let ctl = start(&sa, options(&rbac, "a", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready=True",
+        Duration::from_secs(300),
+        is_ready,
+    )
+    .await;
+    let st = gi.status.clone().unwrap();
+    let want = format!("sha256:{hex}");
+    assert_eq!(
+        st.source_checksum.as_deref(),
+        Some(want.as_str()),
+        "{st:#?}"
+    );
+    assert_eq!(
+        st.latest
+            .as_ref()
+            .and_then(|l| l.source_checksum.as_deref()),
+        Some(want.as_str())
+    );
+    // Same checksum upstream: no rebuild, no failed check.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let evs = events(&client, &ns, "img").await;
+    assert!(!evs.iter().any(|e| e.1 == "SourceCheckFailed"), "{evs:#?}");
+    assert_eq!(
+        evs.iter().filter(|e| e.1 == "BuildStarted").count(),
+        1,
+        "{evs:#?}"
+    );
+    // The mirror publishes a new image: the next check sees it and rebuilds.
+    *list.lock().unwrap() = fedora_list(&img.filename, &"a".repeat(64));
+    wait_event(&client, &ns, "img", "BuildStarted", "SourceChanged").await;
+    ctl.abort();
+    rbac.assert_nothing_denied();
+}
+
 #[tokio::test]
 async fn deleting_with_retain_leaves_the_templates() {
     let cp = control_plane();
@@ -758,7 +859,60 @@ async fn deleting_with_delete_removes_unused_templates_and_keeps_a_cloned_one() 
         .unwrap();
     c.wait_task(&upid, Duration::from_secs(60)).await.unwrap();
 
-    delete_and_wait(&client, &ns, "img").await;
+    let mut both = vec![first, second];
+    both.sort_unstable();
+    // A token that may not delete VMs (403 on the delete): the deletion is Stalled with the
+    // privilege hint, not retried as transient; the object and its templates stay.
+    pve.fail(Failure::status(
+        "DELETE",
+        "/nodes/{node}/qemu/{vmid}",
+        403,
+        "Permission check failed (/vms/0, VM.Allocate)",
+    ))
+    .await;
+    let api: Api<GoldenImage> = Api::namespaced(client.clone(), &ns);
+    api.delete("img", &DeleteParams::default())
+        .await
+        .expect("delete GoldenImage");
+    let stalled_with = |reason: &'static str, hint: &'static str| {
+        move |gi: &GoldenImage| {
+            condition(gi, "Stalled")
+                .is_some_and(|(s, r, m)| s == "True" && r == reason && m.contains(hint))
+        }
+    };
+    wait_for(
+        &client,
+        &ns,
+        "img",
+        "Stalled on the refused delete",
+        Duration::from_secs(60),
+        stalled_with("ProxmoxForbidden", "grant the token the privileges"),
+    )
+    .await;
+    assert_eq!(templates(&tagged_vms(&c).await, &uid), both);
+    // A revoked token (401) while deleting: Stalled with the credential hint too.
+    pve.clear_failures().await;
+    put_secret(&client, &ns, "pve", &pve, "wrong-secret").await;
+    wait_for(
+        &client,
+        &ns,
+        "img",
+        "Stalled on the refused token",
+        Duration::from_secs(60),
+        stalled_with("ProxmoxAuthFailed", "tokenId/tokenSecret"),
+    )
+    .await;
+    assert_eq!(templates(&tagged_vms(&c).await, &uid), both);
+    // The fixed Secret lets the deletion finish.
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let start = Instant::now();
+    while api.get_opt("img").await.expect("get").is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "not released after the Secret was fixed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let vms = tagged_vms(&c).await;
     assert_eq!(templates(&vms, &uid), vec![first], "{vms:#?}");
     assert!(
@@ -776,7 +930,7 @@ async fn deleting_with_delete_removes_unused_templates_and_keeps_a_cloned_one() 
     )
     .await;
     assert!(
-        ev.2.contains(&format!("{first} (in use by [{clone}])")),
+        ev.2.contains(&format!("{first} (in use by linked clones {clone})")),
         "{ev:?}"
     );
     ctl.abort();

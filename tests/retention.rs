@@ -14,7 +14,7 @@ use sombrero::image::marker::{
 };
 use sombrero::proxmox::{Client, CloneRequest, Config, RetryPolicy};
 use sombrero::retention::{
-    self, Action, ArchiveMode, Decision, Plan, Reason, RetentionRules, Target,
+    self, Action, ArchiveMode, Decision, Plan, Purpose, Reason, RetentionRules, Scope, Target,
 };
 
 const NS: &str = "platform";
@@ -42,19 +42,29 @@ fn target() -> Target {
     }
 }
 
+/// The owner of "our" templates: `platform/ubuntu` with the uid `sombrero build -f` writes,
+/// so `sombrero prune -f` of a file naming that image acts on them without `--owner-uid`.
+fn ours() -> Owner {
+    Owner {
+        namespace: NS.into(),
+        name: IMAGE.into(),
+        uid: sombrero::build::cli_owner_uid(NS, IMAGE),
+    }
+}
+
+fn scope() -> Scope {
+    target().scope(&ours().uid)
+}
+
 fn build_date(days_ago: i64) -> NaiveDate {
     (Utc::now() - chrono::Duration::days(days_ago)).date_naive()
 }
 
-fn marker(vmid: u32, days_ago: i64, validation: ValidationRecord) -> Marker {
+fn marker(vmid: u32, days_ago: i64, validation: ValidationRecord, owner: Owner) -> Marker {
     let date = build_date(days_ago);
     Marker {
         schema: MARKER_SCHEMA_VERSION,
-        owner: Owner {
-            namespace: NS.into(),
-            name: IMAGE.into(),
-            uid: "00000000-0000-4000-8000-000000000001".into(),
-        },
+        owner,
         build_id: format!("b-{vmid}"),
         role: Role::Template,
         vmid,
@@ -97,6 +107,10 @@ struct T {
     /// Write the marker for another VMID (a consumer's copy).
     marker_for: Option<u32>,
     no_marker: bool,
+    /// The marker's owner; default [`ours`].
+    owner: Option<Owner>,
+    /// The VM name; default [`name`] of the VMID and age.
+    name: Option<String>,
     storage: Option<&'static str>,
     node: Option<&'static str>,
 }
@@ -121,14 +135,20 @@ async fn add_template(pve: &FakePve, vmid: u32, days_ago: i64, t: T) {
     };
     let mut config = json!({"tags": tags.join(";")});
     if !t.no_marker {
-        let m = marker(t.marker_for.unwrap_or(vmid), days_ago, validation);
+        let m = marker(
+            t.marker_for.unwrap_or(vmid),
+            days_ago,
+            validation,
+            t.owner.clone().unwrap_or_else(ours),
+        );
         config["description"] = json!(render_description("", &m).unwrap());
     }
     if t.protected {
         config["protection"] = json!(1);
     }
+    let vm_name = t.name.clone().unwrap_or_else(|| name(vmid, days_ago));
     let mut spec = json!({
-        "vmid": vmid, "name": name(vmid, days_ago), "template": true, "config": config,
+        "vmid": vmid, "name": vm_name, "template": true, "config": config,
     });
     if let Some(s) = t.storage {
         spec["storage"] = json!(s);
@@ -165,8 +185,10 @@ async fn run(
     backup_storage: Option<&str>,
 ) -> (Plan, Vec<sombrero::api::template_retention::ExecutedAction>) {
     let c = client(pve);
-    let inv = retention::gather(&c, &target()).await.unwrap();
-    let plan = retention::plan(&inv.versions, &rules, mode, Utc::now());
+    let inv = retention::gather(&c, &target(), &scope(), Purpose::Rotation)
+        .await
+        .unwrap();
+    let plan = retention::plan(&inv.versions, &scope(), &rules, mode, Utc::now());
     let results = retention::execute(&c, &plan, backup_storage, false, &quiet).await;
     (plan, results)
 }
@@ -363,6 +385,8 @@ async fn retain_at_least_wins_over_both_rules() {
 fn forced_delete(vmid: u32) -> Plan {
     Plan {
         mode: ArchiveMode::Delete,
+        scope: scope(),
+        purpose: Purpose::Rotation,
         decisions: vec![Decision {
             vmid,
             name: format!("t{vmid}"),
@@ -517,7 +541,7 @@ async fn validation_clone_protects_its_template() {
     )
     .await;
     // Our running validation clone of 801 (marker role validation, written for its own VMID).
-    let m = marker(801, 200, passed()).retarget(Role::Validation, 820);
+    let m = marker(801, 200, passed(), ours()).retarget(Role::Validation, 820);
     pve.add_vm(json!({
         "vmid": 820, "name": "validate-801", "status": "running",
         "config": {"tags": "sombrero", "description": render_description("", &m).unwrap()},
@@ -620,10 +644,19 @@ async fn unowned_lookalikes_are_untouched() {
         retain_at_least: 0,
     };
     let (plan, results) = run(&pve, rules, ArchiveMode::Delete, None).await;
-    assert!(plan.get(1001).is_none(), "no marker, no version: {plan:#?}");
+    assert_eq!(
+        action(&plan, 1001),
+        (
+            Action::Ignore,
+            "ignored: not ours: it has no sombrero marker".into()
+        )
+    );
     assert_eq!(
         action(&plan, 1002),
-        (Action::Ignore, "ignored: not owned by sombrero".into())
+        (
+            Action::Ignore,
+            "ignored: not ours: its marker was not written for this template (a copy in a clone, or an unfinished build)".into()
+        )
     );
     assert!(results.is_empty());
     let c = client(&pve);
@@ -857,7 +890,9 @@ async fn gather_request_count() {
     .await;
     let c = client(&pve);
     let seq = last_seq(&pve).await;
-    let inv = retention::gather(&c, &target()).await.unwrap();
+    let inv = retention::gather(&c, &target(), &scope(), Purpose::Rotation)
+        .await
+        .unwrap();
     let made = pve.requests_since(seq).await.len() as u32;
     assert_eq!(inv.versions.len(), 4);
     // 1 list + 4 configs + (3 candidates on one node) 1 storage list + 1 content listing
@@ -875,7 +910,7 @@ async fn gather_request_count() {
     }
     let refs = configs.iter().map(|(k, v)| (*k, v)).collect();
     let seq = last_seq(&pve).await;
-    let shared = retention::gather_from(&c, &target(), &vms, &refs)
+    let shared = retention::gather_from(&c, &target(), &scope(), Purpose::Rotation, &vms, &refs)
         .await
         .unwrap();
     assert_eq!(shared.requests, 2);
@@ -894,7 +929,9 @@ async fn gather_request_count() {
         },
     )
     .await;
-    let inv = retention::gather(&client(&pve2), &target()).await.unwrap();
+    let inv = retention::gather(&client(&pve2), &target(), &scope(), Purpose::Rotation)
+        .await
+        .unwrap();
     assert_eq!(inv.requests, 2);
 }
 
@@ -1087,6 +1124,157 @@ async fn prune_cli_exit_codes() {
     );
 }
 
+/// Look-alikes of our image's templates, all old enough to go and carrying its tags: another
+/// uid (a second cluster's controller, same namespace and name), another namespace, a copied
+/// marker (a consumer's clone turned into a template), the same name without a marker, and a
+/// protected one of ours. `sombrero prune` deletes only our unguarded template and says why
+/// for each other; `--owner-uid` acts on the other uid's templates instead, and only on those.
+#[tokio::test]
+async fn prune_cli_touches_only_the_exact_owner() {
+    let pve = FakePve::start().await;
+    let other_uid = Owner {
+        uid: "7d1c0c6e-0000-4000-8000-0000000000aa".into(),
+        ..ours()
+    };
+    let other = |owner: &Owner| T {
+        owner: Some(owner.clone()),
+        ..T::default()
+    };
+    add_template(&pve, 2101, 200, T::default()).await;
+    add_template(&pve, 2102, 200, other(&other_uid)).await;
+    add_template(&pve, 2108, 10, other(&other_uid)).await;
+    let team_b = Owner {
+        namespace: "team-b".into(),
+        ..ours()
+    };
+    add_template(&pve, 2103, 200, other(&team_b)).await;
+    let copied = T {
+        marker_for: Some(2106),
+        ..T::default()
+    };
+    add_template(&pve, 2104, 200, copied).await;
+    let unmarked = T {
+        no_marker: true,
+        name: Some(name(2101, 200)),
+        ..T::default()
+    };
+    add_template(&pve, 2105, 200, unmarked).await;
+    let protected = T {
+        protected: true,
+        ..T::default()
+    };
+    add_template(&pve, 2107, 200, protected).await;
+    let latest = T {
+        latest: true,
+        ..T::default()
+    };
+    add_template(&pve, 2106, 5, latest).await;
+    let all = [2101, 2102, 2103, 2104, 2105, 2106, 2107, 2108];
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(
+        dir.path(),
+        "  retainAtLeast: 0\n  archive: {mode: delete}\n",
+    );
+    let policy = policy.to_str().unwrap();
+    let line_of = |out: &str, vmid: u32| -> String {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{vmid} ")))
+            .unwrap_or_else(|| panic!("no line for {vmid}:\n{out}"))
+            .to_string()
+    };
+
+    let seq = last_seq(&pve).await;
+    let out = prune(&pve, &["-f", policy, "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for (vmid, action, reason) in [
+        (2101, "delete", "older than 30d and not among the last 1"),
+        (
+            2102,
+            "ignore",
+            "not ours: owned by another GoldenImage platform/ubuntu (uid 7d1c0c6e-0000-4000-8000-0000000000aa)",
+        ),
+        (
+            2108,
+            "ignore",
+            "not ours: owned by another GoldenImage platform/ubuntu",
+        ),
+        (
+            2103,
+            "ignore",
+            "not ours: owned by team-b/ubuntu in another namespace",
+        ),
+        (
+            2104,
+            "ignore",
+            "not ours: its marker was not written for this template",
+        ),
+        (2105, "ignore", "not ours: it has no sombrero marker"),
+        (2107, "keep", "protected (protection=1)"),
+        (2106, "keep", "current latest"),
+    ] {
+        let line = line_of(&stdout, vmid);
+        assert!(
+            line.contains(&format!("  {action}  ")) && line.contains(reason),
+            "{vmid}: {line}"
+        );
+    }
+    assert!(writes_since(&pve, seq).await.is_empty());
+
+    // For real: one DELETE, of 2101.
+    let seq = last_seq(&pve).await;
+    let out = prune(&pve, &["-f", policy]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("2101 delete ok"), "{stdout}");
+    let writes = writes_since(&pve, seq).await;
+    assert!(
+        !writes.is_empty()
+            && writes
+                .iter()
+                .all(|w| w.starts_with("DELETE") && w.contains("/2101")),
+        "{writes:?}"
+    );
+    let c = client(&pve);
+    for vmid in all {
+        assert_eq!(exists(&c, &pve, vmid).await, vmid != 2101, "{vmid}");
+    }
+
+    // `--owner-uid`: the other cluster's image, whose older template goes; nothing else.
+    let seq = last_seq(&pve).await;
+    let out = prune(&pve, &["-f", policy, "--owner-uid", &other_uid.uid]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("2102 delete ok"), "{stdout}");
+    assert!(
+        line_of(&stdout, 2106).contains("not ours: owned by another GoldenImage"),
+        "{stdout}"
+    );
+    let writes = writes_since(&pve, seq).await;
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.starts_with("DELETE") && w.contains("/2102")),
+        "{writes:?}"
+    );
+    for vmid in all {
+        assert_eq!(
+            exists(&c, &pve, vmid).await,
+            ![2101, 2102].contains(&vmid),
+            "{vmid}"
+        );
+    }
+    // A forced delete of a look-alike is refused by the re-check, whatever the plan says.
+    for vmid in [2103, 2108] {
+        let r = retention::execute(&c, &forced_delete(vmid), None, false, &quiet).await;
+        assert!(
+            !r[0].succeeded && r[0].message.contains("not ours: owned by"),
+            "{r:?}"
+        );
+        assert!(exists(&c, &pve, vmid).await);
+    }
+}
+
 // ------------------------------------------------------------------ the controller
 
 mod controller_e2e {
@@ -1119,6 +1307,17 @@ mod controller_e2e {
         }
     }
 
+    /// A template of the image `ubuntu` of namespace `ns` (the tags stay `sombrero.platform.ubuntu`).
+    fn in_ns(ns: &str) -> T {
+        T {
+            owner: Some(Owner {
+                namespace: ns.into(),
+                ..ours()
+            }),
+            ..T::default()
+        }
+    }
+
     fn ready_reason(tr: &TemplateRetention) -> Option<(String, String)> {
         let st = tr.status.as_ref()?;
         let c = find_condition(&st.conditions, "Ready")?;
@@ -1135,7 +1334,7 @@ mod controller_e2e {
         let (rbac, sa) = controller_client(cp, &ns).await;
         let pve = FakePve::start().await;
         for (vmid, days) in [(1801, 200), (1802, 150), (1803, 100), (1804, 50)] {
-            add_template(&pve, vmid, days, T::default()).await;
+            add_template(&pve, vmid, days, in_ns(&ns)).await;
         }
         add_template(
             &pve,
@@ -1143,7 +1342,7 @@ mod controller_e2e {
             10,
             T {
                 latest: true,
-                ..T::default()
+                ..in_ns(&ns)
             },
         )
         .await;
@@ -1308,14 +1507,14 @@ mod controller_e2e {
         // The controller runs with the chart's ServiceAccount permissions, not cluster-admin.
         let (rbac, sa) = controller_client(cp, &ns).await;
         let pve = FakePve::start().await;
-        add_template(&pve, 1901, 200, T::default()).await;
+        add_template(&pve, 1901, 200, in_ns(&ns)).await;
         add_template(
             &pve,
             1902,
             5,
             T {
                 latest: true,
-                ..T::default()
+                ..in_ns(&ns)
             },
         )
         .await;
@@ -1395,6 +1594,114 @@ mod controller_e2e {
         assert!(!all.contains(&pve.token_secret));
         handle.abort();
         rbac.assert_nothing_denied();
+    }
+
+    /// Two namespaces' images carry the same tags; a `tagSelector` policy in each (each
+    /// namespace with its own controller, as two teams' namespaced installs run) acts on its own
+    /// namespace's templates only and lists the other's as not ours.
+    #[tokio::test]
+    async fn tag_selectors_act_on_their_own_namespace_only() {
+        let cp = control_plane();
+        cp.install_crds();
+        let client = cp.client().await;
+        let pve = FakePve::start().await;
+        let mut namespaces = Vec::new();
+        for (prefix, old, latest) in [("ret-a", 2201, 2202), ("ret-b", 2211, 2212)] {
+            let ns = cp.namespace(&client, prefix).await;
+            add_template(&pve, old, 200, in_ns(&ns)).await;
+            let t = T {
+                latest: true,
+                ..in_ns(&ns)
+            };
+            add_template(&pve, latest, 5, t).await;
+            put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+            let api: Api<TemplateRetention> = Api::namespaced(client.clone(), &ns);
+            let tr: TemplateRetention = serde_json::from_value(json!({
+                "apiVersion": "images.sombrero.dev/v1alpha1",
+                "kind": "TemplateRetention",
+                "metadata": {"name": "all-ubuntu"},
+                "spec": {
+                    "target": {"tagSelector": ["os.ubuntu-24.04"]},
+                    "proxmox": {"secretRef": {"name": "pve"}},
+                    "keepLast": 1,
+                    "retainAtLeast": 0,
+                    "archiveAfter": "30d",
+                    "archive": {"mode": "delete"},
+                }
+            }))
+            .unwrap();
+            api.create(&PostParams::default(), &tr)
+                .await
+                .expect("create");
+            namespaces.push((ns, api, old, latest));
+        }
+        let c = client_for(&pve);
+        let (ns_a, api_a, old_a, latest_a) = &namespaces[0];
+        let (ns_b, api_b, old_b, latest_b) = &namespaces[1];
+
+        // Namespace a's controller: a's old template goes; b's are listed, not touched.
+        let (rbac_a, sa_a) = controller_client(cp, ns_a).await;
+        let ctl_a = start(&sa_a, options(&rbac_a, "a", false));
+        let tr = wait_for(api_a, "all-ubuntu", "a executed", |tr| {
+            ready_reason(tr).is_some_and(|(s, r)| s == "True" && r == "Executed")
+        })
+        .await;
+        let plan: Vec<(u32, String, String)> = tr
+            .status
+            .unwrap()
+            .plan
+            .into_iter()
+            .map(|p| (p.vmid, p.action, p.reason))
+            .collect();
+        let foreign = format!("not ours: owned by {ns_b}/ubuntu in another namespace");
+        assert_eq!(
+            plan,
+            [
+                (*latest_b, "ignore".into(), foreign.clone()),
+                (*latest_a, "keep".into(), "current latest".into()),
+                (*old_b, "ignore".into(), foreign.clone()),
+                (
+                    *old_a,
+                    "delete".into(),
+                    "older than 30d and not among the last 1".into()
+                ),
+            ]
+        );
+        assert!(!exists(&c, &pve, *old_a).await);
+        for vmid in [latest_a, old_b, latest_b] {
+            assert!(exists(&c, &pve, *vmid).await, "{vmid}");
+        }
+
+        // Namespace b's: the same for b.
+        let (rbac_b, sa_b) = controller_client(cp, ns_b).await;
+        let ctl_b = start(&sa_b, options(&rbac_b, "b", false));
+        let tr = wait_for(api_b, "all-ubuntu", "b executed", |tr| {
+            ready_reason(tr).is_some_and(|(s, r)| s == "True" && r == "Executed")
+        })
+        .await;
+        let st = tr.status.unwrap();
+        assert_eq!(
+            st.executed
+                .iter()
+                .map(|e| (e.vmid, e.succeeded))
+                .collect::<Vec<_>>(),
+            [(*old_b, true)]
+        );
+        assert!(
+            st.plan.iter().any(|p| p.vmid == *latest_a
+                && p.action == "ignore"
+                && p.reason.contains(ns_a.as_str())),
+            "{:?}",
+            st.plan
+        );
+        assert!(!exists(&c, &pve, *old_b).await);
+        for vmid in [latest_a, latest_b] {
+            assert!(exists(&c, &pve, *vmid).await, "{vmid}");
+        }
+        ctl_a.abort();
+        ctl_b.abort();
+        rbac_a.assert_nothing_denied();
+        rbac_b.assert_nothing_denied();
     }
 
     fn client_for(pve: &FakePve) -> Client {

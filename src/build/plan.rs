@@ -51,40 +51,6 @@ pub fn parse_checksum(text: &str) -> Option<(ChecksumAlgorithm, String)> {
         .then(|| (alg, hex.to_ascii_lowercase()))
 }
 
-/// Finds `file` in a checksum list (`SHA256SUMS`, `SHA512SUMS`) and answers `sha256:<hex>` or
-/// `sha512:<hex>`. Understands GNU lines (`<hex> *file`, `<hex>  file`, also with a `./` path)
-/// and BSD lines (`SHA256 (file) = <hex>`); the algorithm follows from the digest length.
-pub fn parse_checksum_list(text: &str, file: &str) -> Option<String> {
-    let matches_file = |f: &str| {
-        let f = f.trim().trim_start_matches('*').trim_start_matches("./");
-        f == file
-    };
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let digest = if let Some((head, hex)) = line.split_once(") = ") {
-            // BSD: SHA256 (file) = hex
-            let (_, f) = head.split_once(" (")?;
-            matches_file(f).then_some(hex.trim())
-        } else {
-            let (hex, f) = line.split_once(char::is_whitespace)?;
-            matches_file(f).then_some(hex)
-        };
-        let Some(hex) = digest else { continue };
-        let alg = match hex.len() {
-            64 => "sha256",
-            128 => "sha512",
-            _ => continue,
-        };
-        if hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Some(format!("{alg}:{}", hex.to_ascii_lowercase()));
-        }
-    }
-    None
-}
-
 /// The owner uid of a CLI run (no Kubernetes object, so no real uid): a UUID-shaped SHA-256 of
 /// `sombrero-cli/<namespace>/<name>`. Stable, so a second `sombrero build` of the same file
 /// resumes the first one's build VM and numbers builds in the same sequence; different from any
@@ -192,26 +158,6 @@ mod tests {
         assert_eq!(parse_checksum(&format!("sha256:{hex}")).unwrap().1, hex);
         assert!(parse_checksum("sha256:abc").is_none());
         assert!(parse_checksum("md5:abc").is_none());
-        let list = format!(
-            "# comment\n{} *noble-server-cloudimg-amd64.img\n{hex}  other.img\n{} ./x.qcow2\nSHA256 (bsd.img) = {}\n",
-            "b".repeat(64),
-            "c".repeat(128),
-            "d".repeat(64)
-        );
-        assert_eq!(
-            parse_checksum_list(&list, "noble-server-cloudimg-amd64.img"),
-            Some(format!("sha256:{}", "b".repeat(64)))
-        );
-        assert_eq!(
-            parse_checksum_list(&list, "x.qcow2"),
-            Some(format!("sha512:{}", "c".repeat(128)))
-        );
-        assert_eq!(
-            parse_checksum_list(&list, "bsd.img"),
-            Some(format!("sha256:{}", "d".repeat(64)))
-        );
-        assert_eq!(parse_checksum_list(&list, "missing.img"), None);
-        assert_eq!(parse_checksum_list("garbage", "x"), None);
     }
 
     #[test]

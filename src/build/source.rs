@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use super::error::BuildError;
-use super::plan::{normalize_file_name, parse_checksum, parse_checksum_list};
+use super::plan::{normalize_file_name, parse_checksum};
 use super::readback::{self, TaskCall};
 use super::{Progress, Stage, Timeouts};
 use crate::api::GoldenImageSpec;
+use crate::image::checksum;
 use crate::image::marker::SourceInfo;
 use crate::proxmox::{Client, DownloadUrl};
 
@@ -222,14 +223,7 @@ async fn find_base_template(
 
 /// Fetches a checksum list and finds the image's file in it.
 async fn resolve_checksum_url(list_url: &str, image_url: &str) -> Result<String, BuildError> {
-    let file = image_url
-        .split(['?', '#'])
-        .next()
-        .unwrap_or(image_url)
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let file = checksum::file_of_url(image_url);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -261,8 +255,7 @@ async fn resolve_checksum_url(list_url: &str, image_url: &str) -> Result<String,
         .text()
         .await
         .map_err(|e| fail(format!("cannot read {list_url}: {e}")))?;
-    parse_checksum_list(&text, &file)
-        .ok_or_else(|| fail(format!("{list_url} has no sha256/sha512 line for {file:?}")))
+    checksum::find_in_list(&text, file).map_err(|e| fail(format!("{list_url}: {e}")))
 }
 
 #[cfg(test)]

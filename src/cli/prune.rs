@@ -5,6 +5,14 @@
 //! as the CRD checks it; the plan is printed as a table on stdout, then executed unless
 //! `--dry-run` (or `spec.dryRun: true`), one result line per action. Progress goes to stderr.
 //! Exit codes: see [`super::exit`] (`WORK_FAILED` when any action failed).
+//!
+//! Whose templates: the file names a namespace (`metadata.namespace`, default `default`) and,
+//! for a `goldenImageRef`, an image name, but no uid (a TemplateRetention's own uid is not the
+//! image's). The CLI acts only on templates whose marker names that namespace and name and the
+//! uid `sombrero build -f` writes for them ([`crate::build::cli_owner_uid`]), or with
+//! `--owner-uid` the uid given (a controller-built image's: `kubectl get goldenimage <name> -n
+//! <namespace> -o jsonpath='{.metadata.uid}'`). A `tagSelector` acts on the images of the file's
+//! namespace. Everything else is listed as "not ours" and never touched.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,9 +22,10 @@ use std::process::ExitCode;
 use super::exit;
 use crate::api::admission::admit;
 use crate::api::template_retention::{ExecutedAction, TemplateRetention};
+use crate::build::cli_owner_uid;
 use crate::image::version::TemplateVersion;
 use crate::proxmox::{Client, Config};
-use crate::retention::{self, Plan, Policy};
+use crate::retention::{self, Plan, Policy, Purpose, Scope, Target};
 
 /// Arguments of `sombrero prune`.
 #[derive(clap::Args, Debug)]
@@ -27,6 +36,10 @@ pub struct PruneArgs {
     /// Print the plan, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// For a `goldenImageRef` target: the GoldenImage's `metadata.uid` (templates a controller
+    /// built). Default: the uid `sombrero build -f` writes for the file's namespace and name.
+    #[arg(long, value_name = "UID")]
+    pub owner_uid: Option<String>,
 }
 
 pub async fn run(args: &PruneArgs) -> ExitCode {
@@ -47,6 +60,13 @@ pub async fn run(args: &PruneArgs) -> ExitCode {
             return ExitCode::from(exit::INVALID_INPUT);
         }
     };
+    let scope = match scope(&policy.target, args.owner_uid.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::INVALID_INPUT);
+        }
+    };
     let client = match Config::from_env().and_then(Client::new) {
         Ok(c) => c,
         Err(e) => {
@@ -54,21 +74,23 @@ pub async fn run(args: &PruneArgs) -> ExitCode {
             return ExitCode::from(exit::INVALID_INPUT);
         }
     };
-    let inventory = match retention::gather(&client, &policy.target).await {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("error: reading templates from Proxmox: {e}");
-            return ExitCode::from(exit::PROXMOX);
-        }
-    };
+    let inventory =
+        match retention::gather(&client, &policy.target, &scope, Purpose::Rotation).await {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("error: reading templates from Proxmox: {e}");
+                return ExitCode::from(exit::PROXMOX);
+            }
+        };
     eprintln!(
-        "{}: {} templates ({} Proxmox requests)",
+        "{}: {} templates, acting on those of {scope} ({} Proxmox requests)",
         policy.target,
         inventory.versions.len(),
         inventory.requests
     );
     let plan = retention::plan(
         &inventory.versions,
+        &scope,
         &policy.rules,
         policy.mode,
         chrono::Utc::now(),
@@ -117,10 +139,28 @@ pub fn parse(text: &str) -> Result<Policy, Vec<String>> {
     Policy::from_spec(&namespace, &admitted.object.spec)
 }
 
+/// Whose templates the run may change (see the module docs).
+pub fn scope(target: &Target, owner_uid: Option<&str>) -> Result<Scope, String> {
+    match (target, owner_uid) {
+        (Target::Image { .. }, Some(uid)) if uid.trim().is_empty() => {
+            Err("--owner-uid: must not be empty; give the GoldenImage's metadata.uid".into())
+        }
+        (Target::Image { .. }, Some(uid)) => Ok(target.scope(uid.trim())),
+        (Target::Image { namespace, name }, None) => Ok(target.scope(&cli_owner_uid(namespace, name))),
+        (Target::Tags { .. }, Some(_)) => Err(
+            "--owner-uid: only for a spec.target.goldenImageRef; a tagSelector acts on the images of the file's namespace"
+                .into(),
+        ),
+        (Target::Tags { .. }, None) => Ok(target.scope("")),
+    }
+}
+
 /// The plan as a table: VMID, NAME, BUILD DATE, ACTION, REASON.
 pub fn table(plan: &Plan, versions: &[TemplateVersion]) -> String {
+    // A template without a marker has no build date to show.
     let dates: BTreeMap<u32, String> = versions
         .iter()
+        .filter(|v| v.owner.is_some())
         .map(|v| (v.vmid, v.build_date.to_string()))
         .collect();
     let rows: Vec<[String; 5]> = plan
@@ -199,6 +239,46 @@ mod tests {
     }
 
     #[test]
+    fn scope_from_the_file_and_the_flag() {
+        let image = parse(GOOD).unwrap().target;
+        let default = scope(&image, None).unwrap();
+        assert_eq!(
+            default,
+            Scope::Image(crate::image::marker::Owner {
+                namespace: "platform".into(),
+                name: "ubuntu".into(),
+                uid: cli_owner_uid("platform", "ubuntu"),
+            })
+        );
+        let given = scope(&image, Some("7d1c0c6e-0000-4000-8000-000000000001")).unwrap();
+        assert!(
+            given
+                .to_string()
+                .contains("uid 7d1c0c6e-0000-4000-8000-000000000001")
+        );
+        assert!(
+            scope(&image, Some(" "))
+                .unwrap_err()
+                .contains("--owner-uid")
+        );
+        let tags = parse(&GOOD.replace(
+            "{goldenImageRef: {name: ubuntu}}",
+            "{tagSelector: [ubuntu]}",
+        ))
+        .unwrap()
+        .target;
+        assert_eq!(
+            scope(&tags, None).unwrap(),
+            Scope::Namespace("platform".into())
+        );
+        assert!(
+            scope(&tags, Some("x"))
+                .unwrap_err()
+                .contains("goldenImageRef")
+        );
+    }
+
+    #[test]
     fn refuses_unknown_fields_kind_and_types() {
         let e = parse(&GOOD.replace("archive:", "keeplast: 5\n  archive:")).unwrap_err();
         assert!(
@@ -268,6 +348,8 @@ mod tests {
     fn table_lines_up() {
         let plan = Plan {
             mode: ArchiveMode::Tag,
+            scope: Scope::Namespace("x".into()),
+            purpose: Purpose::Rotation,
             decisions: vec![
                 Decision {
                     vmid: 101,
@@ -297,6 +379,8 @@ mod tests {
             table(
                 &Plan {
                     mode: ArchiveMode::Tag,
+                    scope: Scope::Namespace("x".into()),
+                    purpose: Purpose::Rotation,
                     decisions: vec![]
                 },
                 &[]

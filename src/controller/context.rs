@@ -34,11 +34,13 @@ pub struct JobRequest {
 pub trait Pipeline: Send + Sync + 'static {
     fn run(&self, request: JobRequest, progress: ProgressHandle) -> BoxFuture<'static, JobOutcome>;
     /// Destroys the owner's abandoned build VMs and stale validation clones; returns their VMIDs.
+    /// A refused token is a stalled error (`Error::ProxmoxAuth`, `Error::Proxmox`), anything
+    /// else transient.
     fn cleanup(
         &self,
         client: proxmox::Client,
         owner: Owner,
-    ) -> BoxFuture<'static, Result<Vec<u32>, String>>;
+    ) -> BoxFuture<'static, Result<Vec<u32>, super::error::Error>>;
 }
 
 /// Settings from the command line.

@@ -7,6 +7,7 @@ use futures::future::BoxFuture;
 
 use super::builds::{JobOutcome, ProgressHandle};
 use super::context::{JobRequest, Pipeline};
+use super::error::Error;
 use crate::build::{self, BuildRequest};
 use crate::image::marker::{Owner, ValidationRecord};
 use crate::proxmox;
@@ -179,15 +180,27 @@ impl Pipeline for Engine {
         &self,
         client: proxmox::Client,
         owner: Owner,
-    ) -> BoxFuture<'static, Result<Vec<u32>, String>> {
+    ) -> BoxFuture<'static, Result<Vec<u32>, Error>> {
         async move {
+            // A revoked token or a missing privilege must stall the deletion with the hint, not
+            // be retried as if Proxmox were busy.
             let mut removed = build::cleanup_abandoned_builds(&client, &owner)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| match e.category {
+                    build::ErrorCategory::ProxmoxAuth => Error::ProxmoxAuth(e.to_string()),
+                    _ => Error::Transient(e.to_string()),
+                })?;
             removed.extend(
                 validate::cleanup_stale_validation_vms(&client, &owner)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| match e {
+                        validate::ValidateError::Proxmox { source, .. }
+                            if Error::Proxmox(source.clone()).is_stalled() =>
+                        {
+                            Error::Proxmox(source)
+                        }
+                        e => Error::Transient(e.to_string()),
+                    })?,
             );
             Ok(removed)
         }

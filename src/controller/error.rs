@@ -14,6 +14,9 @@ pub enum Error {
     Connection(String),
     #[error("Proxmox: {0}")]
     Proxmox(#[from] proxmox::Error),
+    /// A build-side step (the cleanup of build VMs) was refused 401/403; its own text.
+    #[error("{0}")]
+    ProxmoxAuth(String),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     /// A build or validation step failed for a reason that retrying may fix.
@@ -34,6 +37,7 @@ impl Error {
         match self {
             Error::InvalidSpec { .. } => "invalid_spec",
             Error::Connection(_) => "connection_config",
+            Error::ProxmoxAuth(_) => "proxmox_auth",
             Error::Proxmox(e) => match e {
                 proxmox::Error::Unauthenticated { .. } => "proxmox_unauthenticated",
                 proxmox::Error::Forbidden { .. } => "proxmox_forbidden",
@@ -49,7 +53,7 @@ impl Error {
     /// Whether retrying without a change cannot help (kstatus `Stalled=True`).
     pub fn is_stalled(&self) -> bool {
         match self {
-            Error::InvalidSpec { .. } | Error::Connection(_) => true,
+            Error::InvalidSpec { .. } | Error::Connection(_) | Error::ProxmoxAuth(_) => true,
             Error::Proxmox(e) => matches!(
                 e,
                 proxmox::Error::Unauthenticated { .. }
@@ -68,6 +72,7 @@ impl Error {
         match self {
             Error::InvalidSpec { .. } => "InvalidSpec",
             Error::Connection(_) => "ProxmoxConnectionInvalid",
+            Error::ProxmoxAuth(_) => "ProxmoxAuthFailed",
             Error::Proxmox(e) => match e {
                 proxmox::Error::Unauthenticated { .. } => "ProxmoxAuthFailed",
                 proxmox::Error::Forbidden { .. } => "ProxmoxForbidden",
@@ -92,6 +97,9 @@ impl Error {
             }
             Error::Proxmox(proxmox::Error::Forbidden { .. }) => {
                 "grant the token the privileges listed in the sombrero docs"
+            }
+            Error::ProxmoxAuth(_) => {
+                "check tokenId/tokenSecret in the Secret and grant the token the privileges listed in the sombrero docs"
             }
             Error::Proxmox(proxmox::Error::Tls { .. }) => {
                 "set caCert or fingerprint in the Secret to trust the Proxmox certificate"

@@ -34,7 +34,7 @@ use crate::image::marker::{
 };
 use crate::image::version::{TemplateVersion, VmFacts};
 use crate::proxmox;
-use crate::retention::inventory::{Candidate, Counted, find_users};
+use crate::retention::{self, Purpose, Scope, Target};
 
 pub const FINALIZER: &str = "images.sombrero.dev/cleanup";
 const KIND: &str = "GoldenImage";
@@ -873,7 +873,12 @@ async fn write_config_map(
 }
 
 /// Deletion: stop the job, remove leftover build and validation VMs, and with
-/// `deletionPolicy: Delete` the image's templates that are not in use.
+/// `deletionPolicy: Delete` the image's templates, through retention's delete path
+/// ([`retention::plan_image_deletion`], [`retention::execute_detailed`]): only templates whose
+/// marker names this very object (namespace, name, uid), each re-checked right before its
+/// delete (ours, a template, not protected, not locked, not in use). A refused token (401/403)
+/// stalls the deletion with the credential hint; other Proxmox errors are retried; templates
+/// that are protected, locked or in use stay, and the Event names them.
 async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     let key = key_of(gi);
     let owner = owner_of(gi);
@@ -905,84 +910,9 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     };
     let inv = ctx.inventories.get(&conn).await?;
     let client = inv.client().await;
-    let removed = ctx
-        .pipeline
-        .cleanup(client.clone(), owner.clone())
-        .await
-        .map_err(Error::Transient)?;
+    let removed = ctx.pipeline.cleanup(client.clone(), owner.clone()).await?;
     inv.invalidate(&removed).await;
-    if gi.spec.deletion_policy == DeletionPolicy::Delete {
-        let snap = inv.snapshot(Duration::ZERO).await?;
-        let mut deleted = Vec::new();
-        let mut kept = Vec::new();
-        let mut candidates = Vec::new();
-        for (v, _) in versions(&snap, &owner.uid) {
-            let Some(ours) = snap.ours.iter().find(|o| o.vm.vmid == v.vmid) else {
-                continue;
-            };
-            if v.protected {
-                kept.push(format!("{} (protected)", v.vmid));
-            } else if let Some(lock) = ours.vm.lock.as_deref().filter(|l| !l.is_empty()) {
-                kept.push(format!("{} (locked: {lock})", v.vmid));
-            } else {
-                candidates.push(Candidate::from_config(v.vmid, &v.node, &ours.config));
-            }
-        }
-        // Linked clones as the retention code finds them: volume ids and `parent` where the
-        // storage records them, and on LVM-thin (which records nothing) the marker a clone
-        // copied from its template; our validation clones of the same build count too.
-        let known: BTreeMap<u32, &proxmox::VmConfig> = snap
-            .ours
-            .iter()
-            .map(|o| (o.vm.vmid, o.config.as_ref()))
-            .collect();
-        let usage = if candidates.is_empty() {
-            Default::default()
-        } else {
-            find_users(&Counted::new(&client), &snap.vms, &candidates, &known).await?
-        };
-        for c in &candidates {
-            let users = usage.users(c.vmid);
-            if !users.is_empty() {
-                kept.push(format!("{} (in use by {users:?})", c.vmid));
-                continue;
-            }
-            let upid = match client
-                .delete_vm(
-                    &c.node,
-                    c.vmid,
-                    proxmox::DeleteVm {
-                        purge: true,
-                        destroy_unreferenced_disks: true,
-                    },
-                )
-                .await
-            {
-                Ok(u) => u,
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e.into()),
-            };
-            client.wait_task(&upid, Duration::from_secs(600)).await?;
-            deleted.push(c.vmid);
-        }
-        inv.invalidate(&deleted).await;
-        event(
-            ctx,
-            gi,
-            EventType::Normal,
-            "TemplatesDeleted",
-            "Delete",
-            format!(
-                "deletionPolicy Delete: deleted templates {deleted:?}{}",
-                if kept.is_empty() {
-                    String::new()
-                } else {
-                    format!("; kept {}", kept.join(", "))
-                }
-            ),
-        )
-        .await;
-    } else {
+    if gi.spec.deletion_policy != DeletionPolicy::Delete {
         event(
             ctx,
             gi,
@@ -992,6 +922,75 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
             "deletionPolicy Retain: the templates stay on Proxmox".to_string(),
         )
         .await;
+        return Ok(Action::await_change());
     }
+    let snap = inv.snapshot(Duration::ZERO).await?;
+    let configs: BTreeMap<u32, &proxmox::VmConfig> = snap
+        .ours
+        .iter()
+        .map(|o| (o.vm.vmid, o.config.as_ref()))
+        .collect();
+    let target = Target::Image {
+        namespace: owner.namespace.clone(),
+        name: owner.name.clone(),
+    };
+    let scope = Scope::Image(owner.clone());
+    let found = retention::gather_from(
+        &client,
+        &target,
+        &scope,
+        Purpose::ImageDeleted,
+        &snap.vms,
+        &configs,
+    )
+    .await?;
+    let plan = retention::plan_image_deletion(&found.versions, &scope);
+    let progress = |line: &str| info!("{line}");
+    let executed = retention::execute_detailed(&client, &plan, None, false, &progress).await;
+    inv.invalidate(&executed.iter().map(|e| e.record.vmid).collect::<Vec<_>>())
+        .await;
+    // A Proxmox error fails the finalizer: the object stays until its templates are dealt with.
+    // A refused token first, as no retry fixes it.
+    let errors: Vec<&proxmox::Error> = executed.iter().filter_map(|e| e.error.as_ref()).collect();
+    if let Some(e) = errors
+        .iter()
+        .find(|e| Error::Proxmox((**e).clone()).is_stalled())
+        .or(errors.first())
+    {
+        return Err(Error::Proxmox((*e).clone()));
+    }
+    let deleted: Vec<u32> = executed
+        .iter()
+        .filter(|e| e.record.succeeded)
+        .map(|e| e.record.vmid)
+        .collect();
+    let kept: Vec<String> = plan
+        .decisions
+        .iter()
+        .filter(|d| d.action == retention::Action::Keep)
+        .map(|d| format!("{} ({})", d.vmid, d.reason.describe()))
+        .chain(
+            executed
+                .iter()
+                .filter(|e| !e.record.succeeded)
+                .map(|e| format!("{} ({})", e.record.vmid, e.record.message)),
+        )
+        .collect();
+    event(
+        ctx,
+        gi,
+        EventType::Normal,
+        "TemplatesDeleted",
+        "Delete",
+        format!(
+            "deletionPolicy Delete: deleted templates {deleted:?}{}",
+            if kept.is_empty() {
+                String::new()
+            } else {
+                format!("; kept {}", kept.join(", "))
+            }
+        ),
+    )
+    .await;
     Ok(Action::await_change())
 }

@@ -121,4 +121,50 @@ mod tests {
         let t = Error::Transient("x".into());
         assert_eq!(error_verdict(&[], &t).ready.status, ConditionStatus::False);
     }
+
+    /// The finalizer's deletion refused by Proxmox (a revoked token, a missing privilege, or the
+    /// build-VM cleanup refused): Stalled with the hint for the Secret or the token's
+    /// privileges, never "retrying" as if Proxmox were busy.
+    #[test]
+    fn a_refused_token_while_deleting_stalls_with_the_credential_hint() {
+        use crate::proxmox;
+        let cases = [
+            (
+                Error::Proxmox(proxmox::Error::Unauthenticated {
+                    request: "DELETE /nodes/pve1/qemu/8024".into(),
+                    message: "invalid token value".into(),
+                }),
+                "ProxmoxAuthFailed",
+                "update tokenId/tokenSecret in the Secret",
+            ),
+            (
+                Error::Proxmox(proxmox::Error::Forbidden {
+                    request: "DELETE /nodes/pve1/qemu/8024".into(),
+                    message: "Permission check failed (/vms/8024, VM.Allocate)".into(),
+                }),
+                "ProxmoxForbidden",
+                "grant the token the privileges",
+            ),
+            (
+                Error::ProxmoxAuth("list VMs: authentication failed".into()),
+                "ProxmoxAuthFailed",
+                "tokenId/tokenSecret",
+            ),
+        ];
+        for (e, reason, hint) in cases {
+            let v = error_verdict(&ready(ConditionStatus::True), &e);
+            assert_eq!(v.ready.status, ConditionStatus::False, "{e}");
+            let (r, m) = v.stalled.clone().expect("stalled");
+            assert_eq!(r, reason);
+            assert!(m.contains(hint), "{m}");
+            assert!(!m.contains("retrying"), "{m}");
+            assert!(v.reconciling.is_none());
+        }
+        // A busy Proxmox during the deletion is retried, not stalled.
+        let busy = Error::Proxmox(proxmox::Error::Transient {
+            request: "DELETE /nodes/pve1/qemu/8024".into(),
+            message: "503".into(),
+        });
+        assert!(error_verdict(&[], &busy).stalled.is_none());
+    }
 }

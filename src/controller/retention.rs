@@ -1,6 +1,8 @@
 //! The TemplateRetention reconciler: check the spec (the CRD's rules, `Stalled` when broken) ->
-//! resolve the target and the Proxmox connection (a `goldenImageRef` uses the image's
-//! connection; a `tagSelector` its own `spec.proxmox` or the controller's default) -> gather the
+//! resolve the target, its scope and the Proxmox connection (a `goldenImageRef` uses the image's
+//! connection and acts on templates whose marker names that image's uid; a `tagSelector` its own
+//! `spec.proxmox` or the controller's default, and acts on the images of its namespace only;
+//! everything else is planned "not ours") -> gather the
 //! templates and what protects them (`crate::retention::gather_from`, on the shared inventory)
 //! -> plan -> write the plan into
 //! status -> execute unless `dryRun` (an Event per archive and delete) -> status -> requeue after
@@ -36,7 +38,7 @@ use crate::api::template_retention::{
     ExecutedAction, PlannedAction, TemplateRetention, TemplateRetentionStatus,
 };
 use crate::proxmox;
-use crate::retention::{self, Plan, Policy, Target};
+use crate::retention::{self, Plan, Policy, Purpose, Scope, Target};
 
 const KIND: &str = "TemplateRetention";
 /// Retry delay after failed actions (capped by `spec.interval`).
@@ -133,7 +135,7 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     if let Some(wait) = not_due(tr, &policy, Utc::now()) {
         return Ok(Action::requeue(wait));
     }
-    let conn = resolve_connection(ctx, tr, &policy.target).await?;
+    let (conn, scope) = resolve_connection(ctx, tr, &policy.target).await?;
     // The cluster's shared inventory (one list per resync for every object of that cluster, and
     // the configs of our VMs): only what it lacks is read here.
     let shared = ctx.inventories.get(&conn).await?;
@@ -144,9 +146,22 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
         .iter()
         .map(|v| (v.vm.vmid, &*v.config))
         .collect();
-    let inventory =
-        retention::gather_from(&client, &policy.target, &snapshot.vms, &configs).await?;
-    let plan = retention::plan(&inventory.versions, &policy.rules, policy.mode, Utc::now());
+    let inventory = retention::gather_from(
+        &client,
+        &policy.target,
+        &scope,
+        Purpose::Rotation,
+        &snapshot.vms,
+        &configs,
+    )
+    .await?;
+    let plan = retention::plan(
+        &inventory.versions,
+        &scope,
+        &policy.rules,
+        policy.mode,
+        Utc::now(),
+    );
 
     let mut st = tr.status.clone().unwrap_or_default();
     st.observed_generation = tr.metadata.generation;
@@ -304,13 +319,15 @@ fn planned(plan: &Plan) -> Vec<PlannedAction> {
         .collect()
 }
 
-/// The connection for the target: the GoldenImage's for `goldenImageRef`, else `spec.proxmox`
-/// or the controller's default.
+/// The connection and the scope for the target: for `goldenImageRef` the GoldenImage's
+/// connection and its exact owner (namespace, name and uid: templates of a same-named image of
+/// another cluster, or of a deleted one, are not this policy's); else `spec.proxmox` or the
+/// controller's default, and the images of the policy's namespace.
 async fn resolve_connection(
     ctx: &Context,
     tr: &TemplateRetention,
     target: &Target,
-) -> Result<Connection> {
+) -> Result<(Connection, Scope)> {
     let ns = tr.namespace().unwrap_or_default();
     let default = &ctx.settings.default_connection;
     if let Target::Image { name, .. } = target {
@@ -321,9 +338,12 @@ async fn resolve_connection(
                 format!("GoldenImage {ns}/{name} does not exist; create it or fix the name"),
             ));
         };
-        return connection::resolve(&ctx.client, default, &gi).await;
+        let uid = gi.uid().unwrap_or_default();
+        let conn = connection::resolve(&ctx.client, default, &gi).await?;
+        return Ok((conn, target.scope(&uid)));
     }
-    connection::resolve_for(&ctx.client, default, &ns, tr.spec.proxmox.as_ref()).await
+    let conn = connection::resolve_for(&ctx.client, default, &ns, tr.spec.proxmox.as_ref()).await?;
+    Ok((conn, target.scope("")))
 }
 
 /// An Event for one archive or delete.
@@ -417,6 +437,8 @@ mod tests {
     fn plan_into_status() {
         let plan = Plan {
             mode: ArchiveMode::Tag,
+            scope: Scope::Namespace("x".into()),
+            purpose: Purpose::Rotation,
             decisions: vec![
                 Decision {
                     vmid: 1,
@@ -443,6 +465,8 @@ mod tests {
         assert_eq!(
             summary(&Plan {
                 mode: ArchiveMode::Tag,
+                scope: Scope::Namespace("x".into()),
+                purpose: Purpose::Rotation,
                 decisions: vec![]
             }),
             "0 templates: none"

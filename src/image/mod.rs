@@ -1,6 +1,7 @@
 //! Pure image logic: names and build numbers, tags, the description marker, the spec hash,
-//! the version view and the Terraform hand-off. No I/O here.
+//! checksum lists, the version view and the Terraform hand-off. No I/O here.
 
+pub mod checksum;
 pub mod marker;
 pub mod naming;
 pub mod output;

@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::marker::{Marker, Ownership, Role, ValidationRecord, ownership};
+use super::marker::{Marker, Owner, Ownership, Role, ValidationRecord, ownership};
 use super::tags::TagSet;
 
 /// Validation state of a template, without the details the marker keeps.
@@ -50,8 +50,12 @@ pub struct TemplateVersion {
     /// validation clones.
     #[serde(default)]
     pub in_use_by: Vec<u32>,
-    /// Carries our marker written for this VMID (see `marker::ownership`).
+    /// Carries our marker written for this VMID as a template's (see `marker::ownership`).
     pub owned: bool,
+    /// The owner its marker names (whether or not `owned`); `None`: no readable marker.
+    /// Whether that owner is a given policy's is the retention plan's call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
     /// When the template was made, if known; more precise than `build_date` for age rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<DateTime<Utc>>,
@@ -90,8 +94,29 @@ impl TemplateVersion {
             protected: facts.protected,
             in_use_by: facts.in_use_by.to_vec(),
             owned,
+            owner: Some(marker.owner.clone()),
             created: marker.metadata.created_at,
         })
+    }
+
+    /// A template without a readable marker, as retention lists it ("not ours"): it has no
+    /// build date, so it gets the earliest one and sorts after every marked template.
+    pub fn unmarked(vmid: u32, node: &str, name: &str, tags: &TagSet, protected: bool) -> Self {
+        Self {
+            vmid,
+            name: name.to_string(),
+            node: node.to_string(),
+            build_date: NaiveDate::MIN,
+            build_number: 0,
+            validation: ValidationStatus::Pending,
+            latest: tags.is_latest(),
+            archived: tags.is_archived(),
+            protected,
+            in_use_by: Vec::new(),
+            owned: false,
+            owner: None,
+            created: None,
+        }
     }
 
     pub fn validated(&self) -> bool {
@@ -137,6 +162,7 @@ mod tests {
             protected: false,
             in_use_by: vec![],
             owned: true,
+            owner: None,
             created: None,
         }
     }

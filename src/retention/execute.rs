@@ -1,11 +1,17 @@
 //! Executing a retention plan against Proxmox: archive (backup then delete, or re-tag) and
 //! delete, each with a result and a message.
 //!
+//! It is the one delete path: retention runs (`sombrero prune`, the TemplateRetention
+//! controller) and a GoldenImage's `deletionPolicy: Delete` finalizer execute their plans here.
+//!
 //! Safety, in order:
 //! - Only the plan's removals run; everything else is never touched.
 //! - Immediately before every destructive call the template is re-read ([`recheck`]): still a
-//!   template with our marker for its VMID, not protected, not locked, not the latest, not in use
-//!   (LVM-thin lets PVE delete a base volume under linked clones: this check is what stops it).
+//!   template with our marker for its VMID naming an owner in the plan's scope, not protected,
+//!   not locked, not the latest (unless the image itself is deleted), not in use (LVM-thin lets
+//!   PVE delete a base volume under linked clones: this check is what stops it).
+//! - Deletion purges the VM (backup jobs, HA, replication entries) and its referenced disks;
+//!   unreferenced volumes named after the VMID are left alone: nothing proves they are ours.
 //! - `backup`: vzdump runs on the node that hosts the template (elsewhere PVE "skips external
 //!   VMs" and reports OK without a backup); the template is deleted only when a new backup volume
 //!   of it shows in the storage's content. Any failure leaves the template in place.
@@ -20,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::template_retention::ExecutedAction;
 use crate::image::tags::TagSet;
-use crate::proxmox::{ConfigUpdate, DeleteVm, QemuConfig, Vzdump, client::Client};
+use crate::proxmox::{self, ConfigUpdate, DeleteVm, QemuConfig, Vzdump, client::Client};
 
 use super::inventory::{Checked, Refusal, recheck};
 use super::plan::{Action, ArchiveMode, Decision, Plan};
@@ -35,6 +41,37 @@ pub const BACKUP_NOTES_PREFIX: &str = "sombrero archive: ";
 /// Where progress lines go (the CLI prints them on stderr; the controller logs them).
 pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
 
+/// One executed removal: the status record, and the Proxmox error that failed it, if one did
+/// (a refusal by the re-check has none), so a caller can tell a revoked token from a busy VM.
+#[derive(Debug, Clone)]
+pub struct Executed {
+    pub record: ExecutedAction,
+    pub error: Option<proxmox::Error>,
+}
+
+/// A failed step: the message, and the Proxmox error behind it.
+struct Failure {
+    message: String,
+    error: Option<proxmox::Error>,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            error: None,
+        }
+    }
+}
+
+/// `context: <error><suffix>`, keeping the error.
+fn failed(context: &str, e: proxmox::Error, suffix: &str) -> Failure {
+    Failure {
+        message: format!("{context}: {e}{suffix}"),
+        error: Some(e),
+    }
+}
+
 /// Runs the plan's removals (oldest first). `dry_run` makes no call at all and returns nothing.
 /// `backup_storage` is required in `backup` mode (an archive without it fails, deleting nothing).
 pub async fn execute(
@@ -44,6 +81,21 @@ pub async fn execute(
     dry_run: bool,
     progress: Progress<'_>,
 ) -> Vec<ExecutedAction> {
+    execute_detailed(client, plan, backup_storage, dry_run, progress)
+        .await
+        .into_iter()
+        .map(|e| e.record)
+        .collect()
+}
+
+/// [`execute`], with the Proxmox error of each failed action.
+pub async fn execute_detailed(
+    client: &Client,
+    plan: &Plan,
+    backup_storage: Option<&str>,
+    dry_run: bool,
+    progress: Progress<'_>,
+) -> Vec<Executed> {
     let mut results = Vec::new();
     for d in plan.removals().collect::<Vec<_>>().into_iter().rev() {
         if dry_run {
@@ -55,19 +107,23 @@ pub async fn execute(
             continue;
         }
         let outcome = match (d.action, plan.mode) {
-            (Action::Delete, _) | (Action::Archive, ArchiveMode::Delete) => delete(client, d).await,
-            (Action::Archive, ArchiveMode::Tag) => tag(client, d).await,
+            (Action::Delete, _) | (Action::Archive, ArchiveMode::Delete) => {
+                delete(client, plan, d).await
+            }
+            (Action::Archive, ArchiveMode::Tag) => tag(client, plan, d).await,
             (Action::Archive, ArchiveMode::Backup) => match backup_storage {
-                Some(storage) => backup(client, d, storage, progress).await,
+                Some(storage) => backup(client, plan, d, storage, progress).await,
                 None => Err(
-                    "archive mode backup needs archive.backupStorage; nothing was deleted".into(),
+                    "archive mode backup needs archive.backupStorage; nothing was deleted"
+                        .to_string()
+                        .into(),
                 ),
             },
             (Action::Keep | Action::Ignore, _) => continue,
         };
-        let (succeeded, message) = match outcome {
-            Ok(m) => (true, m),
-            Err(m) => (false, m),
+        let (succeeded, message, error) = match outcome {
+            Ok(m) => (true, m, None),
+            Err(f) => (false, f.message, f.error),
         };
         progress(&format!(
             "{} {}: {}",
@@ -75,12 +131,15 @@ pub async fn execute(
             if succeeded { "done" } else { "FAILED" },
             message
         ));
-        results.push(ExecutedAction {
-            vmid: d.vmid,
-            action: d.action.to_string(),
-            succeeded,
-            message,
-            at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+        results.push(Executed {
+            record: ExecutedAction {
+                vmid: d.vmid,
+                action: d.action.to_string(),
+                succeeded,
+                message,
+                at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+            },
+            error,
         });
     }
     results
@@ -98,34 +157,40 @@ fn verb(mode: ArchiveMode, d: &Decision) -> &'static str {
     }
 }
 
-/// The re-check before a destructive call, as a message on refusal.
-async fn checked(client: &Client, d: &Decision) -> Result<Result<Checked, Refusal>, String> {
-    recheck(client, d.vmid)
+/// The re-check before a destructive call, against the plan's scope and purpose.
+async fn checked(
+    client: &Client,
+    plan: &Plan,
+    d: &Decision,
+) -> Result<Result<Checked, Refusal>, Failure> {
+    recheck(client, d.vmid, &plan.scope, plan.purpose)
         .await
-        .map_err(|e| format!("could not re-check the template before changing it: {e}"))
+        .map_err(|e| failed("could not re-check the template before changing it", e, ""))
 }
 
-async fn delete(client: &Client, d: &Decision) -> Result<String, String> {
-    match checked(client, d).await? {
+async fn delete(client: &Client, plan: &Plan, d: &Decision) -> Result<String, Failure> {
+    match checked(client, plan, d).await? {
         Ok(c) => destroy(client, d.vmid, &c.node).await,
         Err(Refusal::Gone) => Ok("already gone".into()),
-        Err(r) => Err(format!("not deleted: {r}")),
+        Err(r) => Err(format!("not deleted: {r}").into()),
     }
 }
 
-async fn destroy(client: &Client, vmid: u32, node: &str) -> Result<String, String> {
+async fn destroy(client: &Client, vmid: u32, node: &str) -> Result<String, Failure> {
     let opts = DeleteVm {
         purge: true,
         destroy_unreferenced_disks: false,
     };
-    let upid = client
-        .delete_vm(node, vmid, opts)
-        .await
-        .map_err(|e| format!("delete failed: {e}"))?;
+    let upid = match client.delete_vm(node, vmid, opts).await {
+        Ok(u) => u,
+        // Gone between the re-check and the call: what we wanted.
+        Err(e) if e.is_not_found() => return Ok("already gone".into()),
+        Err(e) => return Err(failed("delete failed", e, "")),
+    };
     let outcome = client
         .wait_task(&upid, DELETE_TIMEOUT)
         .await
-        .map_err(|e| format!("delete failed: {e}"))?;
+        .map_err(|e| failed("delete failed", e, ""))?;
     Ok(if outcome.warnings > 0 {
         format!("deleted from {node} ({} warnings)", outcome.warnings)
     } else {
@@ -133,11 +198,11 @@ async fn destroy(client: &Client, vmid: u32, node: &str) -> Result<String, Strin
     })
 }
 
-async fn tag(client: &Client, d: &Decision) -> Result<String, String> {
-    let c = match checked(client, d).await? {
+async fn tag(client: &Client, plan: &Plan, d: &Decision) -> Result<String, Failure> {
+    let c = match checked(client, plan, d).await? {
         Ok(c) => c,
         Err(Refusal::Gone) => return Ok("already gone".into()),
-        Err(r) => return Err(format!("not archived: {r}")),
+        Err(r) => return Err(format!("not archived: {r}").into()),
     };
     let mut tags = TagSet::parse(c.config.tags.as_deref().unwrap_or(""));
     tags.mark_archived();
@@ -149,29 +214,35 @@ async fn tag(client: &Client, d: &Decision) -> Result<String, String> {
     client
         .update_vm_config(&c.node, d.vmid, &update)
         .await
-        .map_err(|e| format!("tagging failed: {e}"))?;
+        .map_err(|e| failed("tagging failed", e, ""))?;
     Ok(format!("tagged archived (tags: {tags})"))
 }
 
 async fn backup(
     client: &Client,
+    plan: &Plan,
     d: &Decision,
     storage: &str,
     progress: Progress<'_>,
-) -> Result<String, String> {
-    let c = match checked(client, d).await? {
+) -> Result<String, Failure> {
+    let c = match checked(client, plan, d).await? {
         Ok(c) => c,
         Err(Refusal::Gone) => return Ok("already gone".into()),
-        Err(r) => return Err(format!("not archived: {r}")),
+        Err(r) => return Err(format!("not archived: {r}").into()),
     };
     let name = c.config.name.clone().unwrap_or_else(|| d.name.clone());
     let notes = format!("{BACKUP_NOTES_PREFIX}{name}");
     // `<notes> (VMID ..., node ...)`: the name must match whole, not as a prefix of another.
     let ours = |n: &str| n == notes || n.starts_with(&format!("{notes} ("));
+    let nothing = "; nothing was deleted";
     let before = backups_of(client, &c.node, storage, d.vmid)
         .await
         .map_err(|e| {
-            format!("backup storage {storage:?} cannot be listed: {e}; nothing was deleted")
+            failed(
+                &format!("backup storage {storage:?} cannot be listed"),
+                e,
+                nothing,
+            )
         })?;
     let volid = match before.iter().find(|(_, n)| ours(n)).map(|(v, _)| v.clone()) {
         // An earlier run backed it up and was interrupted before deleting.
@@ -188,35 +259,42 @@ async fn backup(
             let upid = client
                 .vzdump(&c.node, &request)
                 .await
-                .map_err(|e| format!("backup failed: {e}; nothing was deleted"))?;
+                .map_err(|e| failed("backup failed", e, nothing))?;
             client
                 .wait_task(&upid, BACKUP_TIMEOUT)
                 .await
-                .map_err(|e| format!("backup failed: {e}; nothing was deleted"))?;
+                .map_err(|e| failed("backup failed", e, nothing))?;
             let known: BTreeSet<&String> = before.iter().map(|(v, _)| v).collect();
             let after = backups_of(client, &c.node, storage, d.vmid)
                 .await
-                .map_err(|e| format!("backup could not be checked: {e}; nothing was deleted"))?;
+                .map_err(|e| failed("backup could not be checked", e, nothing))?;
             after
                 .into_iter()
                 .find(|(v, n)| !known.contains(v) && ours(n))
                 .map(|(v, _)| v)
                 .ok_or_else(|| {
-                    format!(
+                    Failure::from(format!(
                         "vzdump reported success but no new backup of {} is in {storage}'s content; nothing was deleted",
                         d.vmid
-                    )
+                    ))
                 })?
         }
     };
     // The backup may have taken long: check again right before deleting.
-    match checked(client, d).await? {
+    let recheck = checked(client, plan, d).await.map_err(|f| Failure {
+        message: format!("backed up to {volid}, but {}", f.message),
+        error: f.error,
+    })?;
+    match recheck {
         Ok(c) => destroy(client, d.vmid, &c.node)
             .await
             .map(|m| format!("backed up to {volid}, {m}"))
-            .map_err(|e| format!("backed up to {volid}, but {e}")),
+            .map_err(|f| Failure {
+                message: format!("backed up to {volid}, but {}", f.message),
+                error: f.error,
+            }),
         Err(Refusal::Gone) => Ok(format!("backed up to {volid}; already gone")),
-        Err(r) => Err(format!("backed up to {volid}, not deleted: {r}")),
+        Err(r) => Err(format!("backed up to {volid}, not deleted: {r}").into()),
     }
 }
 

@@ -5,8 +5,8 @@
 //! - 1 `GET /cluster/resources?type=vm` (every guest of the cluster, with tags);
 //! - 1 `GET .../qemu/{vmid}/config` per template carrying the target's tags (the marker, the
 //!   `protection` flag and the disks are only in the config);
-//! - only when some owned template could be removed (not latest, not protected), the in-use
-//!   check ([`find_users`]):
+//! - only when some template in the policy's scope could be removed (not protected; not the
+//!   latest either, unless its image is being deleted), the in-use check ([`find_users`]):
 //!   - 1 `GET /nodes/{node}/storage` per node holding such a template (storage types);
 //!   - 1 `GET .../storage/{storage}/content?content=images` per storage holding their disks
 //!     (once for a shared storage): volume ids and `parent` fields show linked clones on every
@@ -28,7 +28,8 @@ use crate::image::tags::{OWNER_TAG, TagSet};
 use crate::image::version::{TemplateVersion, VmFacts};
 use crate::proxmox::{ClusterVm, Result, StorageInfo, StorageVolume, VmConfig, client::Client};
 
-use super::target::Target;
+use super::plan::{Purpose, not_ours};
+use super::target::{NotOurs, Scope, Target};
 use super::usage::{Usage, bases_in_config, clones_in_content, disk_volumes, storage_of};
 
 /// A client that counts its requests, so the cost of a gathering can be reported and tested.
@@ -88,7 +89,8 @@ pub struct TemplateInfo {
 /// What a gathering found.
 #[derive(Debug, Clone)]
 pub struct Inventory {
-    /// Templates with a readable marker, owned or not (not owned ones are planned as `ignore`).
+    /// Every template carrying the target's tags, ours or not (the plan lists the others as
+    /// "not ours"; one without a readable marker is a [`TemplateVersion::unmarked`]).
     pub versions: Vec<TemplateVersion>,
     /// Every template that carried the target's tags, by VMID.
     pub templates: BTreeMap<u32, TemplateInfo>,
@@ -126,11 +128,17 @@ fn marker_of(config: &VmConfig) -> Option<Marker> {
 }
 
 /// Reads the target's templates and what protects them. A VM that disappears between the list
-/// and its config read is skipped (it is gone; nothing to plan).
-pub async fn gather(client: &Client, target: &Target) -> Result<Inventory> {
+/// and its config read is skipped (it is gone; nothing to plan). Users (linked clones) are
+/// looked for only for the templates in `scope` that `purpose` may remove.
+pub async fn gather(
+    client: &Client,
+    target: &Target,
+    scope: &Scope,
+    purpose: Purpose,
+) -> Result<Inventory> {
     let api = Counted::new(client);
     let vms = api.cluster_vms().await?;
-    gather_counted(&api, target, &vms, &BTreeMap::new()).await
+    gather_counted(&api, target, scope, purpose, &vms, &BTreeMap::new()).await
 }
 
 /// [`gather`] on a cluster list and configs already at hand (the controller's shared inventory:
@@ -139,15 +147,19 @@ pub async fn gather(client: &Client, target: &Target) -> Result<Inventory> {
 pub async fn gather_from(
     client: &Client,
     target: &Target,
+    scope: &Scope,
+    purpose: Purpose,
     vms: &[ClusterVm],
     configs: &BTreeMap<u32, &VmConfig>,
 ) -> Result<Inventory> {
-    gather_counted(&Counted::new(client), target, vms, configs).await
+    gather_counted(&Counted::new(client), target, scope, purpose, vms, configs).await
 }
 
 async fn gather_counted(
     api: &Counted<'_>,
     target: &Target,
+    scope: &Scope,
+    purpose: Purpose,
     vms: &[ClusterVm],
     configs: &BTreeMap<u32, &VmConfig>,
 ) -> Result<Inventory> {
@@ -180,13 +192,14 @@ async fn gather_counted(
         );
     }
 
-    let mut versions: Vec<TemplateVersion> = templates
-        .values()
-        .filter_map(|t| version_of(t, target, &[]))
-        .collect();
+    let mut versions: Vec<TemplateVersion> = templates.values().map(version_of).collect();
+    let removable = |v: &TemplateVersion| match purpose {
+        Purpose::Rotation => !v.latest && !v.protected,
+        Purpose::ImageDeleted => !v.protected,
+    };
     let candidates: Vec<Candidate> = versions
         .iter()
-        .filter(|v| v.owned && !v.latest && !v.protected)
+        .filter(|v| not_ours(v, scope).is_none() && removable(v))
         .filter_map(|v| templates.get(&v.vmid))
         .map(|t| Candidate::from_config(t.vmid, &t.node, &t.config))
         .collect();
@@ -205,20 +218,21 @@ async fn gather_counted(
     })
 }
 
-fn version_of(t: &TemplateInfo, target: &Target, in_use_by: &[u32]) -> Option<TemplateVersion> {
+fn version_of(t: &TemplateInfo) -> TemplateVersion {
     let tags = TagSet::parse(t.config.tags.as_deref().unwrap_or(""));
     let name = t.config.name.clone().unwrap_or_default();
-    let mut v = TemplateVersion::from_vm(VmFacts {
+    TemplateVersion::from_vm(VmFacts {
         vmid: t.vmid,
         node: &t.node,
         name: &name,
         tags: &tags,
         marker: t.marker.as_ref(),
         protected: t.config.protection,
-        in_use_by,
-    })?;
-    v.owned = v.owned && t.marker.as_ref().is_some_and(|m| target.accepts_owner(m));
-    Some(v)
+        in_use_by: &[],
+    })
+    .unwrap_or_else(|| {
+        TemplateVersion::unmarked(t.vmid, &t.node, &name, &tags, t.config.protection)
+    })
 }
 
 /// The VMs using each candidate: linked clones (from volume ids and `parent` in the content of
@@ -357,6 +371,8 @@ pub enum Refusal {
     /// No longer in the cluster.
     Gone,
     NotOwned,
+    /// Our marker, but not the plan's owner (the marker changed since the plan).
+    NotInScope(NotOurs),
     NotATemplate,
     Protected,
     Locked(String),
@@ -369,6 +385,7 @@ impl std::fmt::Display for Refusal {
         match self {
             Self::Gone => f.write_str("it no longer exists"),
             Self::NotOwned => f.write_str("it no longer carries our marker for its VMID"),
+            Self::NotInScope(why) => write!(f, "it is not ours: {why}"),
             Self::NotATemplate => f.write_str("it is no longer a template"),
             Self::Protected => f.write_str("it is protected (protection=1)"),
             Self::Locked(l) => write!(f, "it is locked ({l})"),
@@ -388,9 +405,15 @@ pub struct Checked {
     pub config: VmConfig,
 }
 
-/// Re-reads one template and its users just before a destructive call: still ours, still a
-/// template, not protected, not locked, not the latest, not in use.
-pub async fn recheck(client: &Client, vmid: u32) -> Result<std::result::Result<Checked, Refusal>> {
+/// Re-reads one template and its users just before a destructive call: still ours (a template
+/// marker for its VMID, naming an owner in `scope`), still a template, not protected, not
+/// locked, not the latest (unless the image itself is being deleted), not in use.
+pub async fn recheck(
+    client: &Client,
+    vmid: u32,
+    scope: &Scope,
+    purpose: Purpose,
+) -> Result<std::result::Result<Checked, Refusal>> {
     let api = Counted::new(client);
     let vms = api.cluster_vms().await?;
     let Some(vm) = vms.iter().find(|v| v.vmid == vmid && v.is_qemu()) else {
@@ -402,16 +425,20 @@ pub async fn recheck(client: &Client, vmid: u32) -> Result<std::result::Result<C
         Err(e) if e.is_not_found() => return Ok(Err(Refusal::Gone)),
         Err(e) => return Err(e),
     };
-    let refusal = if ownership(marker_of(&config).as_ref(), vmid) != Ownership::Ours(Role::Template)
-    {
+    let marker = marker_of(&config);
+    let refusal = if ownership(marker.as_ref(), vmid) != Ownership::Ours(Role::Template) {
         Some(Refusal::NotOwned)
+    } else if let Some(Err(why)) = marker.as_ref().map(|m| scope.check(&m.owner)) {
+        Some(Refusal::NotInScope(why))
     } else if !config.template {
         Some(Refusal::NotATemplate)
     } else if config.protection {
         Some(Refusal::Protected)
     } else if let Some(lock) = config.lock.clone().filter(|l| !l.is_empty()) {
         Some(Refusal::Locked(lock))
-    } else if TagSet::parse(config.tags.as_deref().unwrap_or("")).is_latest() {
+    } else if purpose == Purpose::Rotation
+        && TagSet::parse(config.tags.as_deref().unwrap_or("")).is_latest()
+    {
         Some(Refusal::Latest)
     } else {
         None

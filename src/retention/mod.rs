@@ -4,7 +4,8 @@
 //!   checked and turned into target, rules and mode; `target` (pure): which templates;
 //!   `usage` (pure): linked-clone relations from configs and storage content.
 //! - `inventory` (I/O): the target's templates as `TemplateVersion`s, with what protects them,
-//!   and the re-check before a destructive call; `execute` (I/O): archive and delete.
+//!   and the re-check before a destructive call; `execute` (I/O): archive and delete, the one
+//!   delete path (also of a GoldenImage's `deletionPolicy: Delete`).
 
 pub mod duration;
 pub mod execute;
@@ -17,8 +18,10 @@ pub mod target;
 pub mod usage;
 
 pub use duration::{DURATION_PATTERN, format_duration, parse_duration};
-pub use execute::execute;
+pub use execute::{Executed, execute, execute_detailed};
 pub use inventory::{Inventory, gather, gather_from};
-pub use plan::{Action, ArchiveMode, Decision, Plan, Reason, RetentionRules, plan};
+pub use plan::{
+    Action, ArchiveMode, Decision, Plan, Purpose, Reason, RetentionRules, plan, plan_image_deletion,
+};
 pub use policy::Policy;
-pub use target::Target;
+pub use target::{NotOurs, Scope, Target};

@@ -2,7 +2,9 @@
 //! the reason. Pure; executing it is someone else's job.
 //!
 //! Rules, in order of strength:
-//! 1. Not owned by us (no marker written for that VMID): ignored, never touched.
+//! 1. Not ours: no marker written for that VMID as a template's, or a marker whose owner is not
+//!    the policy's exactly ([`Scope`]: namespace always, uid too for a GoldenImage target):
+//!    ignored, listed with why, never touched.
 //! 2. The current latest, protected (`protection=1`) and in-use (linked clones) templates are
 //!    kept, whatever the other rules say.
 //! 3. `retainAtLeast`: if removals would leave fewer validated templates than that, the newest
@@ -23,6 +25,10 @@
 //! "Removed" means [`Action::Archive`] in `backup` and `tag` mode and [`Action::Delete`] in
 //! `delete` mode. The plan is deterministic: entries come newest first, whatever the input order
 //! (VMIDs are expected to be unique).
+//!
+//! [`plan_image_deletion`] is the plan of a GoldenImage deleted with `deletionPolicy: Delete`:
+//! every template of it goes, the latest too, except the protected and the in-use ones; it is
+//! executed by the same code, with the same re-checks.
 
 use std::fmt;
 
@@ -30,6 +36,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::duration::format_duration;
+use super::target::{NotOurs, Scope};
 use crate::image::version::{TemplateVersion, ValidationStatus};
 
 /// The seed's policy: keep the last 3, archive what is older than 90 days.
@@ -107,7 +114,9 @@ impl fmt::Display for Action {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
-    NotOwned,
+    NotOurs(NotOurs),
+    /// The GoldenImage was deleted with `deletionPolicy: Delete`.
+    ImageDeleted,
     CurrentLatest,
     Protected,
     InUse {
@@ -141,7 +150,8 @@ impl Reason {
     /// A stable CamelCase code for status fields and metrics.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::NotOwned => "NotOwned",
+            Self::NotOurs(_) => "NotOurs",
+            Self::ImageDeleted => "ImageDeleted",
             Self::CurrentLatest => "CurrentLatest",
             Self::Protected => "Protected",
             Self::InUse { .. } => "InUse",
@@ -159,7 +169,8 @@ impl Reason {
     /// The reason in words, e.g. "older than 90d and not among the last 3".
     pub fn describe(&self) -> String {
         match self {
-            Self::NotOwned => "not owned by sombrero".into(),
+            Self::NotOurs(why) => format!("not ours: {why}"),
+            Self::ImageDeleted => "the GoldenImage was deleted (deletionPolicy Delete)".into(),
             Self::CurrentLatest => "current latest".into(),
             Self::Protected => "protected (protection=1)".into(),
             Self::InUse { by } => {
@@ -231,9 +242,22 @@ impl fmt::Display for Decision {
     }
 }
 
+/// What a plan is for; the re-check before each destructive call follows from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Purpose {
+    /// A retention run: the current latest is never removed.
+    #[default]
+    Rotation,
+    /// The GoldenImage is gone (`deletionPolicy: Delete`): its latest goes too.
+    ImageDeleted,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub mode: ArchiveMode,
+    /// Whose templates it may change; execution re-checks every removal against it.
+    pub scope: Scope,
+    pub purpose: Purpose,
     /// Newest first.
     pub decisions: Vec<Decision>,
 }
@@ -249,9 +273,21 @@ impl Plan {
     }
 }
 
+/// Why `v` is not `scope`'s to change, if it is not.
+pub fn not_ours(v: &TemplateVersion, scope: &Scope) -> Option<NotOurs> {
+    let Some(owner) = &v.owner else {
+        return Some(NotOurs::NoMarker);
+    };
+    if !v.owned {
+        return Some(NotOurs::NotThisVm);
+    }
+    scope.check(owner).err()
+}
+
 /// Computes the plan. `now` is passed in so the result depends on the inputs only.
 pub fn plan(
     versions: &[TemplateVersion],
+    scope: &Scope,
     rules: &RetentionRules,
     mode: ArchiveMode,
     now: DateTime<Utc>,
@@ -262,14 +298,16 @@ pub fn plan(
     };
     let mut sorted: Vec<&TemplateVersion> = versions.iter().collect();
     sorted.sort_by(|a, b| a.cmp_newest_first(b));
+    let foreign: Vec<Option<NotOurs>> = sorted.iter().map(|v| not_ours(v, scope)).collect();
+    let ours = |i: usize| foreign[i].is_none();
 
-    let newest_build = sorted.iter().position(|v| v.owned && !v.archived);
+    let newest_build = (0..sorted.len()).find(|&i| ours(i) && !sorted[i].archived);
     let mut healthy_rank: u32 = 0;
     let mut decisions: Vec<Decision> = Vec::with_capacity(sorted.len());
     for (index, v) in sorted.iter().enumerate() {
         let expired = now.signed_duration_since(v.created_at()) > rules.archive_after;
-        let (action, reason) = if !v.owned {
-            (Action::Ignore, Reason::NotOwned)
+        let (action, reason) = if let Some(why) = &foreign[index] {
+            (Action::Ignore, Reason::NotOurs(why.clone()))
         } else if v.archived {
             if mode == ArchiveMode::Tag || !expired {
                 (Action::Keep, Reason::AlreadyArchived)
@@ -346,18 +384,16 @@ pub fn plan(
     }
 
     // retainAtLeast: put back the newest validated candidates until enough remain.
-    let counts = |v: &TemplateVersion| v.owned && !v.archived && v.validated();
-    let mut remaining = sorted
-        .iter()
-        .zip(&decisions)
-        .filter(|(v, d)| counts(v) && !d.action.is_removal())
+    let counts = |i: usize| ours(i) && !sorted[i].archived && sorted[i].validated();
+    let mut remaining = (0..sorted.len())
+        .filter(|&i| counts(i) && !decisions[i].action.is_removal())
         .count();
     let wanted = usize::try_from(rules.retain_at_least).unwrap_or(usize::MAX);
-    for (v, d) in sorted.iter().zip(decisions.iter_mut()) {
+    for (i, d) in decisions.iter_mut().enumerate() {
         if remaining >= wanted {
             break;
         }
-        if counts(v) && d.action.is_removal() {
+        if counts(i) && d.action.is_removal() {
             d.action = Action::Keep;
             d.reason = Reason::RetainAtLeast {
                 retain_at_least: rules.retain_at_least,
@@ -366,13 +402,78 @@ pub fn plan(
         }
     }
 
-    Plan { mode, decisions }
+    Plan {
+        mode,
+        scope: scope.clone(),
+        purpose: Purpose::Rotation,
+        decisions,
+    }
+}
+
+/// The plan for a GoldenImage deleted with `deletionPolicy: Delete`: every template in `scope`
+/// is deleted (the latest too) unless protected or in use; the rest is not ours and ignored.
+pub fn plan_image_deletion(versions: &[TemplateVersion], scope: &Scope) -> Plan {
+    let mut sorted: Vec<&TemplateVersion> = versions.iter().collect();
+    sorted.sort_by(|a, b| a.cmp_newest_first(b));
+    let decisions = sorted
+        .into_iter()
+        .map(|v| {
+            let (action, reason) = match not_ours(v, scope) {
+                Some(why) => (Action::Ignore, Reason::NotOurs(why)),
+                None if v.protected => (Action::Keep, Reason::Protected),
+                None if v.in_use() => {
+                    let mut by = v.in_use_by.clone();
+                    by.sort_unstable();
+                    by.dedup();
+                    (Action::Keep, Reason::InUse { by })
+                }
+                None => (Action::Delete, Reason::ImageDeleted),
+            };
+            Decision {
+                vmid: v.vmid,
+                name: v.name.clone(),
+                node: v.node.clone(),
+                action,
+                reason,
+            }
+        })
+        .collect();
+    Plan {
+        mode: ArchiveMode::Delete,
+        scope: scope.clone(),
+        purpose: Purpose::ImageDeleted,
+        decisions,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::NaiveDate;
+
+    use crate::image::marker::Owner;
+
+    fn owner() -> Owner {
+        Owner {
+            namespace: "platform".into(),
+            name: "ubuntu".into(),
+            uid: "u-1".into(),
+        }
+    }
+
+    fn scope() -> Scope {
+        Scope::Image(owner())
+    }
+
+    /// The plan for the image `platform/ubuntu` (uid `u-1`).
+    fn plan(
+        versions: &[TemplateVersion],
+        rules: &RetentionRules,
+        mode: ArchiveMode,
+        now: DateTime<Utc>,
+    ) -> Plan {
+        super::plan(versions, &scope(), rules, mode, now)
+    }
 
     pub(super) fn now() -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2025-06-01T12:00:00Z")
@@ -395,6 +496,7 @@ mod tests {
             protected: false,
             in_use_by: vec![],
             owned: true,
+            owner: Some(owner()),
             created: None,
         }
     }
@@ -544,7 +646,7 @@ mod tests {
         );
         assert_eq!(
             p.get(4).unwrap().message(),
-            "ignored: not owned by sombrero"
+            "ignored: not ours: its marker was not written for this template (a copy in a clone, or an unfinished build)"
         );
         assert_eq!(p.get(4).unwrap().action, Action::Ignore);
         assert_eq!(p.get(5).unwrap().action, Action::Delete);
@@ -623,10 +725,153 @@ mod tests {
         assert_eq!(actions(&p), [(10, Action::Keep), (20, Action::Delete)]);
     }
 
+    /// Look-alikes of `platform/ubuntu` (uid u-1), all old enough to go and not guarded: only
+    /// the exact owner's are removed; each other one is listed with why it is not ours.
+    #[test]
+    fn only_the_exact_owner_is_touched() {
+        let rules = RetentionRules {
+            keep_last: 0,
+            archive_after: Duration::days(1),
+            retain_at_least: 0,
+        };
+        let with_owner = |vmid: u32, ns: &str, name: &str, uid: &str| {
+            let mut v = t(vmid, 100);
+            v.owner = Some(Owner {
+                namespace: ns.into(),
+                name: name.into(),
+                uid: uid.into(),
+            });
+            v
+        };
+        let mut copied = t(5, 100);
+        copied.owned = false;
+        let tags = crate::image::tags::TagSet::parse("sombrero;sombrero.platform.ubuntu");
+        let versions = vec![
+            t(1, 100),
+            with_owner(2, "platform", "ubuntu", "u-2"),
+            with_owner(3, "team-b", "ubuntu", "u-1"),
+            with_owner(4, "platform", "debian", "u-3"),
+            copied,
+            TemplateVersion::unmarked(6, "pve1", "ubuntu-lookalike", &tags, false),
+        ];
+        let image = super::plan(&versions, &scope(), &rules, ArchiveMode::Delete, now());
+        let table: Vec<(u32, Action, String)> = image
+            .decisions
+            .iter()
+            .map(|d| (d.vmid, d.action, d.message()))
+            .collect();
+        let not_ours = |why: &str| format!("ignored: not ours: {why}");
+        let copy = "its marker was not written for this template (a copy in a clone, or an unfinished build)";
+        assert_eq!(
+            table,
+            [
+                (5, Action::Ignore, not_ours(copy)),
+                (
+                    4,
+                    Action::Ignore,
+                    not_ours("owned by GoldenImage platform/debian")
+                ),
+                (
+                    3,
+                    Action::Ignore,
+                    not_ours("owned by team-b/ubuntu in another namespace")
+                ),
+                (
+                    2,
+                    Action::Ignore,
+                    not_ours("owned by another GoldenImage platform/ubuntu (uid u-2)")
+                ),
+                (1, Action::Delete, "deleted: older than 1d".into()),
+                (6, Action::Ignore, not_ours("it has no sombrero marker")),
+            ]
+        );
+        assert_eq!(image.get(2).unwrap().reason.code(), "NotOurs");
+        // A tagSelector policy in `platform` takes every image of the namespace, nothing else.
+        let ns = super::plan(
+            &versions,
+            &Scope::Namespace("platform".into()),
+            &rules,
+            ArchiveMode::Delete,
+            now(),
+        );
+        let removed: Vec<u32> = ns.removals().map(|d| d.vmid).collect();
+        assert_eq!(removed, [4, 2, 1]);
+        // In team-b, only team-b's.
+        let other = super::plan(
+            &versions,
+            &Scope::Namespace("team-b".into()),
+            &rules,
+            ArchiveMode::Tag,
+            now(),
+        );
+        let removed: Vec<u32> = other.removals().map(|d| d.vmid).collect();
+        assert_eq!(removed, [3]);
+        // Not-ours templates do not count for keepLast, retainAtLeast or "newest build".
+        let rules = RetentionRules {
+            keep_last: 1,
+            archive_after: Duration::days(1),
+            retain_at_least: 1,
+        };
+        let p = super::plan(
+            &[
+                with_owner(7, "platform", "ubuntu", "u-2"),
+                t(8, 200),
+                t(9, 300),
+            ],
+            &scope(),
+            &rules,
+            ArchiveMode::Delete,
+            now(),
+        );
+        assert_eq!(p.get(8).unwrap().message(), "kept: among the last 1");
+        assert_eq!(p.get(9).unwrap().action, Action::Delete);
+    }
+
+    #[test]
+    fn image_deletion_takes_the_latest_but_not_guards_or_foreign() {
+        let mut latest = t(1, 1);
+        latest.latest = true;
+        let mut protected = t(2, 2);
+        protected.protected = true;
+        let mut in_use = t(3, 3);
+        in_use.in_use_by = vec![9, 8, 9];
+        let mut foreign = t(4, 4);
+        foreign.owner = Some(Owner {
+            uid: "u-2".into(),
+            ..owner()
+        });
+        let p = plan_image_deletion(&[t(5, 5), foreign, in_use, protected, latest], &scope());
+        assert_eq!(p.purpose, Purpose::ImageDeleted);
+        assert_eq!(p.mode, ArchiveMode::Delete);
+        let table: Vec<(u32, String)> = p.decisions.iter().map(|d| (d.vmid, d.message())).collect();
+        assert_eq!(
+            table,
+            [
+                (
+                    1,
+                    "deleted: the GoldenImage was deleted (deletionPolicy Delete)".into()
+                ),
+                (2, "kept: protected (protection=1)".into()),
+                (3, "kept: in use by linked clones 8, 9".into()),
+                (
+                    4,
+                    "ignored: not ours: owned by another GoldenImage platform/ubuntu (uid u-2)"
+                        .into()
+                ),
+                (
+                    5,
+                    "deleted: the GoldenImage was deleted (deletionPolicy Delete)".into()
+                ),
+            ]
+        );
+    }
+
     #[test]
     fn empty_input_and_codes() {
         let p = plan(&[], &RetentionRules::default(), ArchiveMode::Backup, now());
         assert!(p.decisions.is_empty());
+        assert_eq!(p.purpose, Purpose::Rotation);
+        assert_eq!(p.scope, scope());
         assert_eq!(Reason::InUse { by: vec![1] }.code(), "InUse");
         assert_eq!(Action::Archive.to_string(), "archive");
         let d = Decision {

@@ -3,8 +3,52 @@
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use proptest::prelude::*;
 
-use super::plan::{Action, ArchiveMode, Plan, RetentionRules, plan};
+use super::plan::{Action, ArchiveMode, Plan, RetentionRules, not_ours, plan_image_deletion};
+use super::target::Scope;
+use crate::image::marker::Owner;
 use crate::image::version::{TemplateVersion, ValidationStatus};
+
+fn owner(namespace: &str, name: &str, uid: &str) -> Owner {
+    Owner {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: uid.into(),
+    }
+}
+
+/// Mostly `platform/ubuntu` uid u-1; look-alikes: another uid, image, namespace; no marker.
+fn arb_owner() -> impl Strategy<Value = Option<Owner>> {
+    prop_oneof![
+        12 => Just(Some(owner("platform", "ubuntu", "u-1"))),
+        1 => Just(Some(owner("platform", "ubuntu", "u-2"))),
+        1 => Just(Some(owner("platform", "debian", "u-3"))),
+        1 => Just(Some(owner("team-b", "ubuntu", "u-1"))),
+        1 => Just(None),
+    ]
+}
+
+fn arb_scope() -> impl Strategy<Value = Scope> {
+    prop_oneof![
+        3 => Just(Scope::Image(owner("platform", "ubuntu", "u-1"))),
+        1 => Just(Scope::Namespace("platform".into())),
+        1 => Just(Scope::Namespace("team-b".into())),
+    ]
+}
+
+fn plan(
+    versions: &[TemplateVersion],
+    rules: &RetentionRules,
+    mode: ArchiveMode,
+    now: DateTime<Utc>,
+) -> Plan {
+    super::plan::plan(
+        versions,
+        &Scope::Image(owner("platform", "ubuntu", "u-1")),
+        rules,
+        mode,
+        now,
+    )
+}
 
 fn now() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2025-06-01T12:00:00Z")
@@ -32,10 +76,22 @@ fn arb_version(vmid: u32) -> impl Strategy<Value = TemplateVersion> {
             v
         }),
         prop::bool::weighted(0.85),
+        arb_owner(),
     )
         .prop_map(
-            move |(days_ago, build, validation, latest, archived, protected, in_use_by, owned)| {
+            move |(
+                days_ago,
+                build,
+                validation,
+                latest,
+                archived,
+                protected,
+                in_use_by,
+                owned,
+                owner,
+            )| {
                 let date: NaiveDate = (now() - Duration::days(days_ago)).date_naive();
+                let owned = owned && owner.is_some();
                 TemplateVersion {
                     vmid,
                     name: format!("img-{vmid}"),
@@ -48,6 +104,7 @@ fn arb_version(vmid: u32) -> impl Strategy<Value = TemplateVersion> {
                     protected,
                     in_use_by,
                     owned,
+                    owner,
                     created: None,
                 }
             },
@@ -121,7 +178,8 @@ proptest! {
     #[test]
     fn never_fewer_than_retain_at_least_validated(versions in arb_versions(), rules in arb_rules(), mode in arb_mode()) {
         let p = plan(&versions, &rules, mode, now());
-        let counts = |v: &&TemplateVersion| v.owned && !v.archived && v.validated();
+        let scope = Scope::Image(owner("platform", "ubuntu", "u-1"));
+        let counts = |v: &&TemplateVersion| not_ours(v, &scope).is_none() && !v.archived && v.validated();
         let available = versions.iter().filter(counts).count();
         let remaining = versions
             .iter()
@@ -137,7 +195,7 @@ proptest! {
         let p = plan(&versions, &rules, mode, now());
         let mut healthy: Vec<&TemplateVersion> = versions
             .iter()
-            .filter(|v| v.owned && !v.archived && v.validation != ValidationStatus::Failed)
+            .filter(|v| v.owned && v.owner.as_ref().is_some_and(|o| o.uid == "u-1" && o.namespace == "platform" && o.name == "ubuntu") && !v.archived && v.validation != ValidationStatus::Failed)
             .collect();
         healthy.sort_by(|a, b| a.cmp_newest_first(b));
         let newest: Vec<u32> = healthy.iter().take(rules.keep_last as usize).map(|v| v.vmid).collect();
@@ -179,5 +237,33 @@ proptest! {
         let mut sorted = versions.clone();
         sorted.sort_by(|a, b| a.cmp_newest_first(b));
         prop_assert_eq!(order, sorted.iter().map(|v| v.vmid).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn nothing_not_ours_is_ever_touched(
+        versions in arb_versions(),
+        scope in arb_scope(),
+        rules in arb_rules(),
+        mode in arb_mode(),
+    ) {
+        let rotation = super::plan::plan(&versions, &scope, &rules, mode, now());
+        let deletion = plan_image_deletion(&versions, &scope);
+        for p in [&rotation, &deletion] {
+            prop_assert_eq!(&p.scope, &scope);
+            for v in &versions {
+                let d = decision_of(p, v)?;
+                // Ignored exactly when not ours; ours by the exact owner only.
+                prop_assert_eq!(d.action == Action::Ignore, not_ours(v, &scope).is_some(), "{:?} -> {:?}", v, d);
+                if d.action.is_removal() {
+                    let o = v.owner.as_ref();
+                    prop_assert!(v.owned && o.is_some(), "{:?}", v);
+                    match &scope {
+                        Scope::Image(want) => prop_assert_eq!(o, Some(want)),
+                        Scope::Namespace(ns) => prop_assert_eq!(o.map(|o| &o.namespace), Some(ns)),
+                    }
+                    prop_assert!(!v.protected && !v.in_use(), "{:?}", v);
+                }
+            }
+        }
     }
 }
