@@ -1169,7 +1169,7 @@ async fn cli_losing_the_answer_to_every_write_reads_back_and_finishes() {
 /// retries) is waited out.
 #[tokio::test]
 async fn slow_create_survives_a_kill_and_a_node_blip_inside_it() {
-    let pve = FakePve::start_with(Options { time_scale: 0.02 }).await;
+    let pve = FakePve::start_with(Options { time_scale: 0.02, ..Options::default() }).await;
     let c = client(&pve);
     let img = pve.add_image(Image::new(IMAGE)).await;
     let m = consumer_marker(&pve, &c, &img).await;
