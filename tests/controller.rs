@@ -596,7 +596,11 @@ async fn a_controller_killed_mid_build_resumes_without_leaks() {
     let ns = cp.namespace(&client, "ctl-kill").await;
     let (rbac, sa) = controller_client(cp, &ns).await;
     // Slow enough (1 PVE second = 50 ms) that a build is caught in flight.
-    let pve = FakePve::start_with(PveOptions { time_scale: 0.05, ..Default::default() }).await;
+    let pve = FakePve::start_with(PveOptions {
+        time_scale: 0.05,
+        ..Default::default()
+    })
+    .await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     let uid = create_image(&client, &ns, "img", &pve, "pve")
         .await
@@ -890,8 +894,8 @@ async fn deleting_with_delete_removes_unused_templates_and_keeps_a_cloned_one() 
     )
     .await;
     assert_eq!(templates(&tagged_vms(&c).await, &uid), both);
-    // A revoked token (401) while deleting: Stalled with the credential hint too.
-    pve.clear_failures().await;
+    // A revoked token (401) while deleting: Stalled with the credential hint too. (The 403 stays
+    // injected until the token is wrong, so no reconcile in between can finish the deletion.)
     put_secret(&client, &ns, "pve", &pve, "wrong-secret").await;
     wait_for(
         &client,
@@ -903,6 +907,7 @@ async fn deleting_with_delete_removes_unused_templates_and_keeps_a_cloned_one() 
     )
     .await;
     assert_eq!(templates(&tagged_vms(&c).await, &uid), both);
+    pve.clear_failures().await;
     // The fixed Secret lets the deletion finish.
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     let start = Instant::now();
