@@ -196,7 +196,9 @@ mod tests {
 
     #[test]
     fn watch_namespaces_from_a_list_or_repeated_flags() {
-        let table: &[(&[&str], Result<Vec<&str>, &str>)] = &[
+        // (argv, the namespaces or a part of the error)
+        type Case<'a> = (&'a [&'a str], Result<Vec<&'a str>, &'a str>);
+        let table: &[Case] = &[
             (&[], Ok(vec![])),
             (&["--namespace=images"], Ok(vec!["images"])),
             (&["--namespace=a,b"], Ok(vec!["a", "b"])),
