@@ -7,12 +7,13 @@ CARGO ?= cargo
 # Extra arguments for `cargo test`, e.g. CARGO_TEST_FLAGS='--test build'.
 CARGO_TEST_FLAGS ?=
 
-.PHONY: test tools venv real-guest-image fmt-check clippy cargo-test crds demo bench-build bench-controller
+.PHONY: test tools venv real-guest-image fmt-check clippy cargo-test crds health-samples image demo bench-build bench-controller
 
 test: tools venv real-guest-image fmt-check clippy cargo-test
 
 tools:
 	scripts/test-tools.sh
+	scripts/image-tools.sh
 
 venv:
 	scripts/fakepve-venv.sh
@@ -35,6 +36,19 @@ cargo-test:
 crds:
 	$(CARGO) run --quiet -- crd --out-dir crds
 	$(CARGO) run --quiet -- crd --out-dir charts/sombrero/crds
+
+# tests/health/: GoldenImages and TemplateRetentions in each state, recorded from a real run of
+# the controller (tests/health.rs checks that the samples still match one).
+health-samples: tools venv
+	SOMBRERO_RECORD_HEALTH=1 $(CARGO) test --locked --test health the_samples_are_what_the_controller_writes
+
+# The release image without a container engine: a release build, then an OCI layout
+# (target/image/oci) and the same as one archive, for
+# `skopeo copy oci-archive:target/image/sombrero.oci.tar docker://REGISTRY/sombrero:TAG`.
+# The tests build the same image from their debug binary (tests/chart.rs).
+image:
+	$(CARGO) build --release --locked --bin sombrero
+	scripts/image.sh --gzip --archive target/image/sombrero.oci.tar
 
 # The fake Proxmox VE on loopback and `sombrero build -f examples/ubuntu-24.04-minimal.yaml`
 # against it, end to end (prints the seed's JSON).

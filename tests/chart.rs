@@ -8,6 +8,7 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
@@ -21,8 +22,12 @@ use kube::api::{Api, ListParams, PostParams};
 use serde::Deserialize;
 use serde_yaml::Value;
 use sombrero::api::GoldenImage;
+use support::controller::{create_image_with, is_ready, options, put_secret, start, wait_for};
+use support::fakepve::FakePve;
 use support::kube::{ControlPlane, control_plane, repo_root, tool};
-use support::rbac::{helm_template, install_chart_rbac, kubectl_apply};
+use support::rbac::{
+    ChartRbac, helm_template, install_chart_rbac, install_chart_rbac_with, kubectl_apply,
+};
 
 const CRD_NAMES: [&str; 2] = [
     "goldenimages.images.sombrero.dev",
@@ -257,6 +262,29 @@ fn values_schema_refuses_typos_and_wrong_types() {
             "/proxmox/defaultSecret",
         ),
         ("--set", "metrics.port=0", "/metrics/port"),
+        // EnvFilter would take `verbose` as a target name and log nothing at all.
+        (
+            "--set",
+            "controller.logLevel=verbose",
+            "/controller/logLevel",
+        ),
+        (
+            "--set",
+            "controller.logLevel=sombrero=verbose",
+            "/controller/logLevel",
+        ),
+        (
+            "--set",
+            "controller.logLevel=debug\\,",
+            "/controller/logLevel",
+        ),
+        ("--set", "controller.logLevel=", "/controller/logLevel"),
+        ("--set", "rbac.scope=global", "/rbac/scope"),
+        (
+            "--set-json",
+            "controller.watchNamespaces=[\"Images\"]",
+            "/controller/watchNamespaces/0",
+        ),
     ];
     let mut failures = Vec::new();
     for (flag, value, names) in cases {
@@ -271,6 +299,113 @@ fn values_schema_refuses_typos_and_wrong_types() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn log_levels_the_controller_honours_pass_the_schema() {
+    for level in [
+        "info",
+        "trace",
+        "off",
+        "sombrero=debug,kube=info",
+        "warn,sombrero::controller=trace",
+    ] {
+        let arg = format!("controller.logLevel={}", level.replace(',', "\\,"));
+        let args = deployment_args(&["--set", &arg]);
+        assert!(args.contains(&format!("--log-level={level}")), "{args:?}");
+    }
+}
+
+/// Every name the chart gives stays a 63-character DNS label, the suffixed ones included, with
+/// the longest `fullnameOverride` the schema lets through; the API server takes them.
+#[tokio::test]
+async fn a_long_fullname_override_is_cut_to_63_characters() {
+    let long = format!("platform-{}", "x".repeat(70));
+    let set = format!("fullnameOverride={long}");
+    let args = [
+        "--set",
+        set.as_str(),
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "proxmox.defaultSecret=pve",
+    ];
+    let rendered = docs(&helm_template("rel", "ops", &args));
+    let mut names = Vec::new();
+    for d in &rendered {
+        let name = d["metadata"]["name"].as_str().unwrap().to_string();
+        assert!(
+            name.len() <= 63 && !name.ends_with('-'),
+            "{} {name} ({} characters)",
+            d["kind"].as_str().unwrap(),
+            name.len()
+        );
+        names.push((d["kind"].as_str().unwrap().to_string(), name));
+    }
+    let service = names.iter().find(|(k, _)| k == "Service").unwrap();
+    assert!(service.1.ends_with("-metrics"), "{service:?}");
+    let deployment = names.iter().find(|(k, _)| k == "Deployment").unwrap();
+    assert_eq!(deployment.1, long[..63]);
+    // The release's names are still distinct per kind.
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "{names:?}");
+
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "chart-long").await;
+    let manifests = helm_template("rel", &ns, &args);
+    kubectl_apply(cp, &manifests, &["--dry-run=server"]);
+}
+
+#[test]
+fn notes_say_what_was_installed_and_what_to_do_next() {
+    // `helm template` does not render NOTES.txt; `helm install --dry-run` prints it (and asks
+    // the API server for its version).
+    let cp = control_plane();
+    let notes = |extra: &[&str]| {
+        let chart = chart_dir();
+        let mut args = vec![
+            "install",
+            "rel",
+            chart.to_str().unwrap(),
+            "--namespace",
+            "ops",
+        ];
+        args.push("--dry-run=client");
+        args.extend_from_slice(extra);
+        ok(&helm(Some(cp), &args), "helm install --dry-run=client")
+    };
+    let default = notes(&[]);
+    for want in [
+        "release \"rel\" in namespace \"ops\"",
+        "ClusterRole rel-sombrero-controller",
+        "kubectl -n ops rollout status deployment/rel-sombrero",
+        "kubectl get goldenimages,templateretentions -A",
+        "in every namespace",
+        "spec.proxmox.secretRef",
+    ] {
+        assert!(default.contains(want), "NOTES lack {want:?}:\n{default}");
+    }
+    let namespaced = notes(&[
+        "--set",
+        "rbac.scope=namespaced",
+        "--set-json",
+        "controller.watchNamespaces=[\"images\",\"apps\"]",
+        "--set",
+        "proxmox.defaultSecret=pve",
+    ]);
+    for want in [
+        "Roles in images, apps only",
+        "in: images, apps",
+        "the Secret \"pve\" in namespace ops",
+    ] {
+        assert!(
+            namespaced.contains(want),
+            "NOTES lack {want:?}:\n{namespaced}"
+        );
+    }
 }
 
 #[test]
@@ -389,8 +524,10 @@ fn the_sombrero_binary_accepts_the_charts_flags() {
             "replicaCount=2",
             "--set",
             "controller.logFormat=text",
+            "--set-json",
+            "controller.watchNamespaces=[\"images\",\"apps\"]",
             "--set",
-            "controller.watchNamespace=images",
+            "rbac.scope=namespaced",
             "--set",
             "proxmox.defaultSecret=pve",
         ][..],
@@ -505,26 +642,31 @@ async fn helm_install_creates_the_objects_and_uninstall_keeps_the_crds() {
     let client = cp.client().await;
     let ns = cp.namespace(&client, "chart-install").await;
     let chart = chart_dir();
-    ok(
-        &helm(
-            Some(cp),
-            &[
-                "install",
-                "inst",
-                chart.to_str().unwrap(),
-                "--namespace",
-                &ns,
-                "--set",
-                "replicaCount=2",
-                "--set",
-                "networkPolicy.enabled=true",
-                "--set",
-                "proxmox.defaultSecret=proxmox-credentials",
-                "--timeout",
-                "60s",
-            ],
-        ),
-        "helm install",
+    let installed = helm(
+        Some(cp),
+        &[
+            "install",
+            "inst",
+            chart.to_str().unwrap(),
+            "--namespace",
+            &ns,
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "proxmox.defaultSecret=proxmox-credentials",
+            "--timeout",
+            "60s",
+        ],
+    );
+    ok(&installed, "helm install");
+    // The API server warns about every unknown `format` in a CRD schema (schemars writes
+    // `uint32`); helm prints those warnings.
+    let warnings = String::from_utf8_lossy(&installed.stderr);
+    assert!(
+        !warnings.contains("unrecognized format") && !warnings.contains("Warning"),
+        "helm install printed warnings:\n{warnings}"
     );
     // The Deployment's pods never run here (no nodes): check the objects.
     let dep = Api::<Deployment>::namespaced(client.clone(), &ns)
@@ -897,4 +1039,694 @@ fn dockerfile_chart_and_crate_agree() {
         values["podSecurityContext"]["runAsUser"].as_u64(),
         Some(65532)
     );
+}
+
+/// `kubectl auth can-i VERB RESOURCE[/NAME]` as the chart's ServiceAccount, in `ns` ("" = across
+/// all namespaces): the API server's own answer. `resource:sub` asks about a subresource.
+fn can_i(cp: &ControlPlane, rbac: &ChartRbac, verb: &str, resource: &str, ns: &str) -> bool {
+    let mut cmd = rbac.kubectl(cp);
+    let (resource, sub) = resource.split_once(':').unwrap_or((resource, ""));
+    cmd.args(["auth", "can-i", verb, resource]);
+    if !sub.is_empty() {
+        cmd.arg(format!("--subresource={sub}"));
+    }
+    if ns.is_empty() {
+        cmd.arg("--all-namespaces");
+    } else {
+        cmd.args(["--namespace", ns]);
+    }
+    let out = cmd.output().expect("run kubectl auth can-i");
+    match (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+    ) {
+        (Some(0), "yes") => true,
+        (Some(1), "no") => false,
+        _ => panic!(
+            "kubectl auth can-i {verb} {resource} -n {ns:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Every (verb, resource, namespace) of `checks` answered as `want`; the mismatches.
+fn can_i_all(
+    cp: &ControlPlane,
+    rbac: &ChartRbac,
+    want: bool,
+    checks: &[(&str, &str, &str)],
+) -> Vec<String> {
+    checks
+        .iter()
+        .filter(|(verb, res, ns)| can_i(cp, rbac, verb, res, ns) != want)
+        .map(|c| {
+            format!(
+                "{} but expected {}: {c:?}",
+                if want { "DENIED" } else { "ALLOWED" },
+                if want { "allowed" } else { "denied" }
+            )
+        })
+        .collect()
+}
+
+const GI: &str = "goldenimages.images.sombrero.dev";
+const TR: &str = "templateretentions.images.sombrero.dev";
+const GI_STATUS: &str = "goldenimages.images.sombrero.dev:status";
+const EVENTS: &str = "events.events.k8s.io";
+
+#[tokio::test]
+async fn rbac_modes_grant_and_deny_per_kubectl_auth_can_i() {
+    let cp = control_plane();
+    cp.install_crds();
+    let admin = cp.client().await;
+
+    // Namespaced mode: Roles in the two watched namespaces, the default Proxmox Secret's
+    // namespace (the release's, not watched) readable for Secrets only, nothing cluster-wide.
+    let release_ns = cp.namespace(&admin, "rbac-ns").await;
+    let (a, b) = (format!("{release_ns}-a"), format!("{release_ns}-b"));
+    let other = cp.namespace(&admin, "rbac-other").await;
+    let values = [
+        "--set",
+        "rbac.scope=namespaced",
+        "--set",
+        "proxmox.defaultSecret=pve",
+    ];
+    let rendered = docs(&helm_template(
+        "nsd",
+        &release_ns,
+        &[
+            "--set-json",
+            &format!("controller.watchNamespaces=[\"{a}\",\"{b}\"]"),
+            values[0],
+            values[1],
+            values[2],
+            values[3],
+        ],
+    ));
+    for kind in ["ClusterRole", "ClusterRoleBinding"] {
+        assert!(
+            find(&rendered, kind).is_empty(),
+            "namespaced mode renders a {kind}"
+        );
+    }
+    let roles: Vec<(String, String)> = find(&rendered, "Role")
+        .iter()
+        .map(|r| {
+            (
+                r["metadata"]["namespace"].as_str().unwrap().to_string(),
+                r["metadata"]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            (a.clone(), "nsd-sombrero-controller".to_string()),
+            (b.clone(), "nsd-sombrero-controller".to_string()),
+            (
+                release_ns.clone(),
+                "nsd-sombrero-default-secret".to_string()
+            ),
+            (
+                release_ns.clone(),
+                "nsd-sombrero-leader-election".to_string()
+            ),
+        ]
+    );
+    let rbac = install_chart_rbac_with(cp, &release_ns, "nsd", &[&a, &b], &values);
+    rbac.client(cp).await; // waits until the bindings are in force
+    let mut wrong = Vec::new();
+    let mut must: Vec<(&str, &str, &str)> = Vec::new();
+    for ns in [a.as_str(), b.as_str()] {
+        must.extend([
+            ("list", GI, ns),
+            ("watch", GI, ns),
+            ("patch", GI, ns),
+            ("patch", GI_STATUS, ns),
+            ("update", "goldenimages.images.sombrero.dev:finalizers", ns),
+            ("list", TR, ns),
+            ("patch", "templateretentions.images.sombrero.dev:status", ns),
+            ("list", "configmaps", ns),
+            ("create", "configmaps", ns),
+            ("patch", "configmaps", ns),
+            ("get", "secrets", ns),
+            ("watch", "secrets", ns),
+            ("create", EVENTS, ns),
+        ]);
+    }
+    must.extend([
+        ("get", "secrets", release_ns.as_str()),
+        ("list", "secrets", release_ns.as_str()),
+        (
+            "get",
+            "leases.coordination.k8s.io/sombrero-controller",
+            release_ns.as_str(),
+        ),
+        ("create", "leases.coordination.k8s.io", release_ns.as_str()),
+    ]);
+    wrong.extend(can_i_all(cp, &rbac, true, &must));
+    let must_not = [
+        // Nothing outside the watched namespaces: not kube-system's ConfigMaps (coredns,
+        // aws-auth), not another namespace's Secrets, nothing across all namespaces.
+        ("patch", "configmaps", "kube-system"),
+        ("create", "configmaps", "kube-system"),
+        ("get", "secrets", "kube-system"),
+        ("list", "secrets", "kube-system"),
+        ("get", "secrets", other.as_str()),
+        ("list", "secrets", ""),
+        ("list", "configmaps", ""),
+        ("list", GI, ""),
+        ("list", TR, ""),
+        ("get", GI, other.as_str()),
+        ("patch", "configmaps", other.as_str()),
+        ("create", EVENTS, other.as_str()),
+        // The release namespace is not watched: only the default Secret may be read there.
+        ("patch", "configmaps", release_ns.as_str()),
+        ("list", GI, release_ns.as_str()),
+        ("create", EVENTS, release_ns.as_str()),
+        // Never written, anywhere.
+        ("create", "secrets", a.as_str()),
+        ("delete", "configmaps", a.as_str()),
+        ("delete", GI, a.as_str()),
+        (
+            "create",
+            "customresourcedefinitions.apiextensions.k8s.io",
+            "",
+        ),
+        ("list", "namespaces", ""),
+    ];
+    wrong.extend(can_i_all(cp, &rbac, false, &must_not));
+
+    // Without proxmox.defaultSecret, no Secret of the release namespace is readable.
+    let bare_ns = cp.namespace(&admin, "rbac-bare").await;
+    let c = format!("{bare_ns}-c");
+    let bare = install_chart_rbac_with(cp, &bare_ns, "bare", &[&c], &values[..2]);
+    bare.client(cp).await;
+    wrong.extend(can_i_all(
+        cp,
+        &bare,
+        true,
+        &[("get", "secrets", c.as_str())],
+    ));
+    wrong.extend(can_i_all(
+        cp,
+        &bare,
+        false,
+        &[
+            ("get", "secrets", bare_ns.as_str()),
+            ("get", "secrets", a.as_str()),
+        ],
+    ));
+
+    // Cluster mode (the default): the same rules in every namespace, kube-system included;
+    // still no Secret written, no CRD touched.
+    let cluster_ns = cp.namespace(&admin, "rbac-cluster").await;
+    let cluster = install_chart_rbac(cp, &cluster_ns, "clu");
+    cluster.client(cp).await;
+    wrong.extend(can_i_all(
+        cp,
+        &cluster,
+        true,
+        &[
+            ("list", GI, ""),
+            ("list", "secrets", ""),
+            ("patch", "configmaps", other.as_str()),
+            ("patch", "configmaps", "kube-system"),
+            ("get", "secrets", "kube-system"),
+        ],
+    ));
+    wrong.extend(can_i_all(
+        cp,
+        &cluster,
+        false,
+        &[
+            ("create", "secrets", other.as_str()),
+            ("delete", "configmaps", "kube-system"),
+            (
+                "create",
+                "customresourcedefinitions.apiextensions.k8s.io",
+                "",
+            ),
+        ],
+    ));
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+
+    // Namespaced mode needs the namespaces: refused with the value to set.
+    let out = helm(
+        None,
+        &[
+            "template",
+            "x",
+            chart_dir().to_str().unwrap(),
+            "--set",
+            "rbac.scope=namespaced",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("controller.watchNamespaces"),
+        "{err}"
+    );
+    // The old single-namespace value names its replacement.
+    let out = helm(
+        None,
+        &[
+            "template",
+            "x",
+            chart_dir().to_str().unwrap(),
+            "--set",
+            "controller.watchNamespace=images",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("controller.watchNamespaces"),
+        "{err}"
+    );
+}
+
+/// The controller as the chart's ServiceAccount with namespaced RBAC (Roles only): the images
+/// of both watched namespaces reach Ready against the fake Proxmox with no request refused, an
+/// image in a namespace outside the list is left alone; the same image then reaches Ready
+/// under cluster RBAC.
+#[tokio::test]
+async fn the_controller_keeps_images_with_namespaced_and_cluster_rbac() {
+    let cp = control_plane();
+    cp.install_crds();
+    let admin = cp.client().await;
+    let release_ns = cp.namespace(&admin, "mode-ns").await;
+    let (a, b) = (format!("{release_ns}-a"), format!("{release_ns}-b"));
+    let outside = cp.namespace(&admin, "mode-outside").await;
+    let rbac = install_chart_rbac_with(
+        cp,
+        &release_ns,
+        "mode-ns",
+        &[&a, &b],
+        &["--set", "rbac.scope=namespaced"],
+    );
+    let sa = rbac.client(cp).await;
+    let pve = FakePve::start().await;
+    for ns in [&a, &b, &outside] {
+        put_secret(&admin, ns, "pve", &pve, &pve.token_secret).await;
+        create_image_with(&admin, ns, "img", &pve, "pve", serde_json::json!({})).await;
+    }
+    let ctl = start(&sa, options(&rbac, "ns-mode", true));
+    for ns in [&a, &b] {
+        wait_for(
+            &admin,
+            ns,
+            "img",
+            "Ready=True",
+            Duration::from_secs(300),
+            is_ready,
+        )
+        .await;
+    }
+    let untouched = Api::<GoldenImage>::namespaced(admin.clone(), &outside)
+        .get("img")
+        .await
+        .unwrap();
+    assert!(
+        untouched.status.is_none() && untouched.metadata.finalizers.is_none(),
+        "the controller touched an image outside its namespaces: {:?}",
+        untouched.metadata
+    );
+    ctl.abort();
+    let _ = ctl.await;
+    rbac.assert_nothing_denied();
+
+    // Cluster mode, watching the namespace the first controller left alone.
+    let cluster_ns = cp.namespace(&admin, "mode-cluster").await;
+    let cluster = install_chart_rbac_with(cp, &cluster_ns, "mode-cluster", &[&outside], &[]);
+    let sa = cluster.client(cp).await;
+    let ctl = start(&sa, options(&cluster, "cluster-mode", true));
+    wait_for(
+        &admin,
+        &outside,
+        "img",
+        "Ready=True",
+        Duration::from_secs(300),
+        is_ready,
+    )
+    .await;
+    ctl.abort();
+    let _ = ctl.await;
+    cluster.assert_nothing_denied();
+}
+
+/// A tool the image test needs; panics with the command that installs it.
+fn image_tool(name: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{name}` not found on PATH: install it with `scripts/image-tools.sh` (Debian's runc and umoci; `make tools` runs it)")
+        })
+}
+
+/// The image's config from an OCI layout (index -> manifest -> config).
+fn image_config(layout: &Path) -> serde_json::Value {
+    let read = |digest: &str| -> serde_json::Value {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest = read(index["manifests"][0]["digest"].as_str().unwrap());
+    read(manifest["config"]["digest"].as_str().unwrap())
+}
+
+/// `runc` state of the container, and its removal when the test ends however it ends.
+struct Container {
+    runc: std::path::PathBuf,
+    root: std::path::PathBuf,
+    id: String,
+}
+
+impl Container {
+    fn runc(&self) -> Command {
+        let mut cmd = Command::new(&self.runc);
+        cmd.arg("--root").arg(&self.root);
+        cmd
+    }
+
+    /// The container's init process as the host sees it (once it runs).
+    fn pid(&self) -> Option<u32> {
+        let out = self.runc().args(["state", &self.id]).output().ok()?;
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        if state["status"] != "running" {
+            return None;
+        }
+        state["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.runc().args(["kill", &self.id, "KILL"]).output();
+        let _ = self.runc().args(["delete", "--force", &self.id]).output();
+    }
+}
+
+/// The image as scripts/image.sh builds it from the binary cargo built for these tests, run by
+/// runc the way the chart runs it: uid 65532, read-only root filesystem, no capabilities, a
+/// tmpfs on /tmp, the ServiceAccount token mounted where kube-rs finds it in a pod. Its
+/// `sombrero controller` reaches the test API server (as the chart's ServiceAccount) and the
+/// fake Proxmox, and brings a GoldenImage to Ready.
+#[tokio::test]
+async fn the_image_runs_the_controller_as_65532_on_a_read_only_root() {
+    let runc = image_tool("runc");
+    let umoci = image_tool("umoci");
+    assert!(
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
+        "runc needs root here (rootless runc cannot map uid 65532 without /etc/subuid ranges): run the tests as root, as CI does"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("oci");
+    let built = Command::new(repo_root().join("scripts/image.sh"))
+        .args([
+            "--binary",
+            env!("CARGO_BIN_EXE_sombrero"),
+            "--tag",
+            "test",
+            "--out",
+        ])
+        .arg(&layout)
+        .output()
+        .unwrap();
+    ok(&built, "scripts/image.sh");
+
+    // What the script builds is what the Dockerfile declares.
+    let config = image_config(&layout);
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    let c = &config["config"];
+    for (line, have) in [
+        (format!("USER {}", c["User"].as_str().unwrap()), "User"),
+        (format!("ENTRYPOINT {}", c["Entrypoint"]), "Entrypoint"),
+        (format!("CMD {}", c["Cmd"]), "Cmd"),
+        (
+            format!(
+                "EXPOSE {}",
+                c["ExposedPorts"]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .next()
+                    .unwrap()
+                    .trim_end_matches("/tcp")
+            ),
+            "ExposedPorts",
+        ),
+    ] {
+        assert!(
+            dockerfile.lines().any(|l| l.trim() == line),
+            "the image's {have} is `{line}`, the Dockerfile does not say so"
+        );
+    }
+
+    let bundle = tmp.path().join("bundle");
+    ok(
+        &Command::new(&umoci)
+            .args(["unpack", "--image"])
+            .arg(format!("{}:test", layout.display()))
+            .arg(&bundle)
+            .output()
+            .unwrap(),
+        "umoci unpack",
+    );
+
+    // The cluster side: CRDs, the chart's RBAC, a token of its ServiceAccount (TokenRequest).
+    let cp = control_plane();
+    cp.install_crds();
+    let admin = cp.client().await;
+    let ns = cp.namespace(&admin, "image").await;
+    let rbac = install_chart_rbac(cp, &ns, &ns);
+    rbac.client(cp).await;
+    let token = ok(
+        &cp.kubectl()
+            .args(["create", "token", &rbac.service_account, "--namespace", &ns])
+            .args(["--duration=1h"])
+            .output()
+            .unwrap(),
+        "kubectl create token",
+    );
+    let sa_dir = tmp.path().join("serviceaccount");
+    std::fs::create_dir_all(&sa_dir).unwrap();
+    std::fs::write(sa_dir.join("token"), token.trim()).unwrap();
+    std::fs::write(sa_dir.join("namespace"), &ns).unwrap();
+    std::fs::copy(cp.dir.join("pki/ca.crt"), sa_dir.join("ca.crt")).unwrap();
+    let kubeconfig = std::fs::read_to_string(&cp.kubeconfig).unwrap();
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .expect("the kubeconfig's server");
+    let (api_host, api_port) = server.rsplit_once(':').unwrap();
+
+    let pve = FakePve::start().await;
+    put_secret(&admin, &ns, "pve", &pve, &pve.token_secret).await;
+    create_image_with(&admin, &ns, "img", &pve, "pve", serde_json::json!({})).await;
+
+    // The runtime config umoci derived from the image, hardened as the chart's pod spec.
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec_path = bundle.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
+    let process = &mut spec["process"];
+    assert_eq!(process["user"]["uid"], 65532, "the image's USER");
+    assert_eq!(
+        process["args"],
+        serde_json::json!(["/usr/local/bin/sombrero", "controller"])
+    );
+    process["terminal"] = false.into();
+    let mut args: Vec<String> = serde_json::from_value(process["args"].clone()).unwrap();
+    args.extend([
+        format!("--metrics-addr=127.0.0.1:{metrics_port}"),
+        "--leader-election=true".into(),
+        format!("--lease-name={}", rbac.lease_name),
+        format!("--namespace={ns}"),
+        "--log-format=json".into(),
+        "--resync-seconds=2".into(),
+        "--requeue-seconds=5".into(),
+        "--poll-seconds=1".into(),
+    ]);
+    process["args"] = serde_json::json!(args);
+    for env in [
+        format!("KUBERNETES_SERVICE_HOST={api_host}"),
+        format!("KUBERNETES_SERVICE_PORT={api_port}"),
+        format!("POD_NAMESPACE={ns}"),
+        "POD_NAME=image-test".to_string(),
+    ] {
+        process["env"].as_array_mut().unwrap().push(env.into());
+    }
+    // capabilities.drop: [ALL], allowPrivilegeEscalation: false.
+    process["capabilities"] = serde_json::json!({});
+    process["noNewPrivileges"] = true.into();
+    spec["root"]["readonly"] = true.into();
+    // The host's network (the API server and the fake listen on loopback); pid, mount, ipc
+    // and uts namespaces of its own.
+    let namespaces = spec["linux"]["namespaces"].as_array_mut().unwrap();
+    namespaces.retain(|n| n["type"] != "network");
+    let mounts = spec["mounts"].as_array_mut().unwrap();
+    mounts.retain(|m| m["destination"] != "/sys/fs/cgroup");
+    mounts.push(serde_json::json!({
+        "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+        "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]
+    }));
+    mounts.push(serde_json::json!({
+        "destination": "/var/run/secrets/kubernetes.io/serviceaccount", "type": "bind",
+        "source": sa_dir, "options": ["rbind", "ro"]
+    }));
+    std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+
+    let container = Container {
+        runc,
+        root: tmp.path().join("runc"),
+        id: format!("sombrero-image-{}", std::process::id()),
+    };
+    let log = std::fs::File::create(tmp.path().join("controller.log")).unwrap();
+    let mut run = container.runc();
+    run.args(["run", "--bundle"])
+        .arg(&bundle)
+        .arg(&container.id)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut child = run.spawn().expect("run runc");
+    let logs = || std::fs::read_to_string(tmp.path().join("controller.log")).unwrap_or_default();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = container.pid() {
+            break pid;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the container exited ({status}):\n{}", logs());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container never ran:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // As the host sees the process: uid and gid 65532 (real, effective, saved, fs), no
+    // capabilities, and its root mounted read-only.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for key in ["Uid:", "Gid:"] {
+        let ids: Vec<&str> = status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .collect();
+        assert_eq!(ids, ["65532"; 4], "{key} of the controller process");
+    }
+    let cap_eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    assert!(cap_eff.ends_with("0000000000000000"), "{cap_eff}");
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .expect("the container's root mount");
+    let options = root.split_whitespace().nth(5).unwrap();
+    assert!(options.split(',').any(|o| o == "ro"), "root mount: {root}");
+    // The binary itself, inside the container: writing to / fails, /tmp is writable.
+    let exec = |dir: &str| {
+        container
+            .runc()
+            .args([
+                "exec",
+                &container.id,
+                "/usr/local/bin/sombrero",
+                "crd",
+                "--out-dir",
+                dir,
+            ])
+            .output()
+            .unwrap()
+    };
+    let refused = exec("/crds");
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("Read-only file system"),
+        "writing to the root filesystem: {refused:?}"
+    );
+    ok(
+        &exec("/tmp/crds"),
+        "sombrero crd --out-dir /tmp/crds in the container",
+    );
+
+    // The controller in the image reaches both ends.
+    let api = Api::<GoldenImage>::namespaced(admin.clone(), &ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let gi = api.get("img").await.unwrap();
+        if is_ready(&gi) {
+            assert!(gi.status.unwrap().latest.is_some());
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the container exited ({status}):\n{}", logs());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not Ready: {:#?}\ncontroller log:\n{}",
+            gi.status,
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .expect("GET /metrics of the container")
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("sombrero_"), "{metrics}");
+    let text = logs();
+    assert!(
+        !text.contains("403") && !text.to_lowercase().contains("forbidden"),
+        "the chart's RBAC refused the containerised controller:\n{text}"
+    );
+    drop(container);
+    let _ = child.wait();
+}
+
+/// The API server warns about each `format` it does not know in a CRD schema, and `helm install`
+/// prints those warnings (`unrecognized format "uint32"`): the CRDs must draw none.
+#[tokio::test]
+async fn the_crds_apply_without_warnings() {
+    let cp = control_plane();
+    for dir in [repo_root().join("crds"), chart_dir().join("crds")] {
+        let out = cp
+            .kubectl()
+            .args(["apply", "--server-side", "--dry-run=server"])
+            .args([
+                "--field-manager=sombrero-warnings",
+                "--force-conflicts",
+                "-f",
+            ])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        ok(&out, "kubectl apply --dry-run=server the CRDs");
+        let warnings = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !warnings.contains("Warning"),
+            "{}: the API server warns:\n{warnings}",
+            dir.display()
+        );
+    }
 }

@@ -8,9 +8,51 @@ use super::{GoldenImage, TemplateRetention};
 /// Both CRDs with the file each is checked in as.
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
-        ("goldenimage.yaml", GoldenImage::crd()),
-        ("templateretention.yaml", TemplateRetention::crd()),
+        ("goldenimage.yaml", kube_formats(GoldenImage::crd())),
+        (
+            "templateretention.yaml",
+            kube_formats(TemplateRetention::crd()),
+        ),
     ]
+}
+
+/// Integer formats schemars writes for Rust types that OpenAPI (and so the API server) does not
+/// know, with the OpenAPI format that holds every value and the type's largest value.
+const INTEGER_FORMATS: [(&str, &str, f64); 6] = [
+    ("uint8", "int32", u8::MAX as f64),
+    ("uint16", "int32", u16::MAX as f64),
+    ("uint32", "int64", u32::MAX as f64),
+    ("uint64", "int64", i64::MAX as f64),
+    ("int8", "int32", i8::MAX as f64),
+    ("int16", "int32", i16::MAX as f64),
+];
+
+/// Rewrites `format: uint32` and its kin as int32/int64: the API server warns about each
+/// unrecognized format on every CRD apply (`helm install` prints the warnings). The range the
+/// Rust type allows becomes a `maximum` where the field has none, so nothing that would fail
+/// to deserialize is admitted.
+fn kube_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let integer = map.get("type").and_then(|t| t.as_str()) == Some("integer");
+                let known = map
+                    .get("format")
+                    .and_then(|f| f.as_str())
+                    .and_then(|f| INTEGER_FORMATS.iter().find(|(rust, _, _)| *rust == f));
+                if let (true, Some((_, openapi, max))) = (integer, known) {
+                    map.insert("format".into(), (*openapi).into());
+                    map.entry("maximum").or_insert_with(|| (*max).into());
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&crd).expect("a CRD serializes to JSON");
+    walk(&mut value);
+    serde_json::from_value(value).expect("the rewritten CRD is still a CRD")
 }
 
 /// Renders one CRD as a YAML document (the exact bytes of its file under `crds/`).
@@ -45,6 +87,23 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    /// Every `format` is one the API server knows (it warns on others at each apply).
+    #[test]
+    fn only_openapi_formats() {
+        let known = ["int32", "int64", "double", "float", "date-time", "byte"];
+        let yaml = all_yaml().unwrap();
+        let formats: Vec<&str> = yaml
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("format: "))
+            .collect();
+        assert!(!formats.is_empty());
+        for f in formats {
+            assert!(known.contains(&f), "format {f} is not an OpenAPI format");
+        }
+        // u32 fields keep their range: `status.build.vmid` had only `minimum: 0`.
+        assert!(yaml.contains("maximum: 4294967295.0"), "{yaml}");
     }
 
     #[test]

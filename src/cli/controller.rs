@@ -24,9 +24,15 @@ pub struct ControllerArgs {
     /// Name of the leader Lease.
     #[arg(long, default_value = "sombrero-controller")]
     pub lease_name: String,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "SOMBRERO_WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces: repeat the flag or separate with commas (default: all
+    /// namespaces). With namespaces given, the controller needs Roles in exactly those.
+    #[arg(
+        long = "namespace",
+        env = "SOMBRERO_WATCH_NAMESPACE",
+        value_delimiter = ',',
+        value_name = "NAMESPACE"
+    )]
+    pub namespaces: Vec<String>,
     /// The controller's own namespace (Lease, default Secret). Default: POD_NAMESPACE, else the
     /// kubeconfig's namespace.
     #[arg(long, env = "POD_NAMESPACE")]
@@ -83,6 +89,7 @@ impl ControllerArgs {
             }
             None => DefaultConnection::None,
         };
+        let namespaces = watch_namespaces(&self.namespaces)?;
         if self.max_concurrent_builds == 0 || self.max_builds_per_node == 0 {
             return Err(
                 "--max-concurrent-builds and --max-builds-per-node must be at least 1".into(),
@@ -93,7 +100,7 @@ impl ControllerArgs {
         settings.requeue = Duration::from_secs(self.requeue_seconds.max(1));
         settings.poll = Duration::from_secs(self.poll_seconds.max(1));
         Ok(Options {
-            namespace: self.namespace.clone(),
+            namespaces,
             metrics_addr: self.metrics_addr,
             leader_election: self.leader_election,
             lease_name: self.lease_name.clone(),
@@ -107,6 +114,30 @@ impl ControllerArgs {
             concurrency: self.concurrency.max(1),
         })
     }
+}
+
+/// The `--namespace` values, trimmed and de-duplicated in order; each must be a namespace name
+/// (a DNS label), so a typo fails at start instead of watching nothing.
+fn watch_namespaces(given: &[String]) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for ns in given.iter().map(|s| s.trim()) {
+        let label = !ns.is_empty()
+            && ns.len() <= 63
+            && ns
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !ns.starts_with('-')
+            && !ns.ends_with('-');
+        if !label {
+            return Err(format!(
+                "--namespace {ns:?} is not a namespace name (lowercase letters, digits and '-', at most 63); list several as --namespace=a,b"
+            ));
+        }
+        if !out.iter().any(|o| o == ns) {
+            out.push(ns.to_string());
+        }
+    }
+    Ok(out)
 }
 
 fn hostname() -> String {
@@ -141,6 +172,54 @@ pub async fn run(args: &ControllerArgs) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "controller stopped");
             ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    fn namespaces(argv: &[&str]) -> Result<Vec<String>, String> {
+        let cli = Cli::try_parse_from(std::iter::once("sombrero").chain(argv.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.args.options("default").map(|o| o.namespaces)
+    }
+
+    #[test]
+    fn watch_namespaces_from_a_list_or_repeated_flags() {
+        // (argv, the namespaces or a part of the error)
+        type Case<'a> = (&'a [&'a str], Result<Vec<&'a str>, &'a str>);
+        let table: &[Case] = &[
+            (&[], Ok(vec![])),
+            (&["--namespace=images"], Ok(vec!["images"])),
+            (&["--namespace=a,b"], Ok(vec!["a", "b"])),
+            (
+                &["--namespace", "a", "--namespace", "b"],
+                Ok(vec!["a", "b"]),
+            ),
+            (&["--namespace=a,b,a"], Ok(vec!["a", "b"])),
+            (
+                &["--namespace=Images"],
+                Err("\"Images\" is not a namespace name"),
+            ),
+            (&["--namespace=a,"], Err("\"\" is not a namespace name")),
+            (&["--namespace=-a"], Err("\"-a\" is not a namespace name")),
+        ];
+        for (argv, want) in table {
+            match (namespaces(argv), want) {
+                (Ok(have), Ok(want)) => assert_eq!(&have, want, "{argv:?}"),
+                (Err(e), Err(want)) => assert!(e.contains(want), "{argv:?}: {e}"),
+                (have, want) => panic!("{argv:?}: got {have:?}, want {want:?}"),
+            }
         }
     }
 }

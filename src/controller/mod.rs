@@ -56,8 +56,9 @@ use context::{Context, Pipeline, Settings};
 /// Everything `run` needs.
 #[derive(Clone)]
 pub struct Options {
-    /// Watch only this namespace (`None`: all).
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (empty: all). Each gets its own watches, so the RBAC can be
+    /// Roles in exactly these namespaces (the chart's `rbac.scope: namespaced`).
+    pub namespaces: Vec<String>,
     pub metrics_addr: SocketAddr,
     pub leader_election: bool,
     pub lease_name: String,
@@ -81,13 +82,19 @@ pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> 
         .map_err(|e| format!("cannot listen on {} for /metrics: {e}", opts.metrics_addr))?;
     tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
 
-    let gis: Api<GoldenImage> = match &opts.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    // One scope (all namespaces) or one per watched namespace: nothing is listed or watched
+    // cluster-wide when namespaces are given.
+    let scopes: Vec<Option<String>> = if opts.namespaces.is_empty() {
+        vec![None]
+    } else {
+        opts.namespaces.iter().cloned().map(Some).collect()
     };
-    gis.list(&ListParams::default().limit(1)).await.map_err(|e| {
-        format!("cannot list GoldenImages ({e}); install the CRDs with `sombrero crd | kubectl apply -f -` and check the RBAC")
-    })?;
+    for scope in &scopes {
+        let gis: Api<GoldenImage> = scoped(&client, scope.as_deref());
+        gis.list(&ListParams::default().limit(1)).await.map_err(|e| {
+            format!("cannot list GoldenImages{} ({e}); install the CRDs with `sombrero crd | kubectl apply -f -` and check the RBAC", in_scope(scope.as_deref()))
+        })?;
+    }
 
     let mut lost = None;
     let mut lease_task = None;
@@ -117,17 +124,19 @@ pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> 
         failures: Mutex::new(HashMap::new()),
     });
 
-    retention::preflight(&client, opts.namespace.as_deref()).await?;
-    let retention = retention::controller(
-        client.clone(),
-        opts.namespace.as_deref(),
-        opts.concurrency,
-        ctx.clone(),
-    );
-    let golden = futures::future::join(
-        golden_image_controller(client.clone(), &opts, gis, ctx),
-        retention,
-    );
+    let mut controllers = Vec::new();
+    for scope in &scopes {
+        retention::preflight(&client, scope.as_deref()).await?;
+        let retention = retention::controller(
+            client.clone(),
+            scope.as_deref(),
+            opts.concurrency,
+            ctx.clone(),
+        );
+        let golden = golden_image_controller(client.clone(), &opts, scope.as_deref(), ctx.clone());
+        controllers.push(futures::future::join(golden, retention));
+    }
+    let golden = futures::future::join_all(controllers);
     let result = match lost {
         Some(lost) => {
             tokio::select! {
@@ -150,16 +159,12 @@ pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> 
 fn golden_image_controller(
     client: Client,
     opts: &Options,
-    gis: Api<GoldenImage>,
+    namespace: Option<&str>,
     ctx: Arc<Context>,
 ) -> impl std::future::Future<Output = ()> {
-    let (cms, secrets): (Api<ConfigMap>, Api<Secret>) = match &opts.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let gis: Api<GoldenImage> = scoped(&client, namespace);
+    let cms: Api<ConfigMap> = scoped(&client, namespace);
+    let secrets: Api<Secret> = scoped(&client, namespace);
     let controller = Controller::new(gis, watcher::Config::default().any_semantic());
     let store = controller.store();
     let default_secret = match &opts.settings.default_connection {
@@ -168,8 +173,7 @@ fn golden_image_controller(
     };
     // The default Secret may live outside the watched namespace; watch it there too.
     let default_watch = default_secret.as_ref().and_then(|(ns, _)| {
-        (opts.namespace.as_deref().is_some_and(|w| w != ns))
-            .then(|| Api::<Secret>::namespaced(client.clone(), ns))
+        (namespace.is_some_and(|w| w != ns)).then(|| Api::<Secret>::namespaced(client.clone(), ns))
     });
     let mapper = move |s: Secret| {
         let ns = s.namespace().unwrap_or_default();
@@ -206,6 +210,25 @@ fn golden_image_controller(
                 tracing::debug!(error = %e, "controller event");
             }
         })
+}
+
+/// `kind` in `namespace`, or in all namespaces.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// " in namespace X" for error messages ("" for all namespaces).
+fn in_scope(namespace: Option<&str>) -> String {
+    namespace
+        .map(|ns| format!(" in namespace {ns}"))
+        .unwrap_or_default()
 }
 
 /// Defaults for tests and the CLI.

@@ -31,8 +31,9 @@ pub async fn controller_client(cp: &ControlPlane, ns: &str) -> (ChartRbac, Clien
     (rbac, client)
 }
 
-/// The controller as the chart runs it: watching the test's namespace, its Lease the one the
-/// chart's Role names, in the release namespace; short resync and requeue for tests.
+/// The controller as the chart runs it: watching the chart's `controller.watchNamespaces` (by
+/// default the test's namespace only), its Lease the one the chart's Role names, in the release
+/// namespace; short resync and requeue for tests.
 pub fn options(rbac: &ChartRbac, identity: &str, leader_election: bool) -> Options {
     let ns = &rbac.namespace;
     let mut settings = Settings::new(DefaultConnection::None);
@@ -40,7 +41,11 @@ pub fn options(rbac: &ChartRbac, identity: &str, leader_election: bool) -> Optio
     settings.requeue = Duration::from_secs(5);
     settings.poll = Duration::from_secs(1);
     Options {
-        namespace: Some(ns.to_string()),
+        namespaces: if rbac.watch_namespaces.is_empty() {
+            vec![ns.to_string()]
+        } else {
+            rbac.watch_namespaces.clone()
+        },
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         leader_election,
         lease_name: rbac.lease_name.clone(),

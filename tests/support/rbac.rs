@@ -49,6 +49,9 @@ pub struct ChartRbac {
     pub service_account: String,
     /// The one Lease the chart's Role lets the controller touch (`--lease-name`).
     pub lease_name: String,
+    /// `controller.watchNamespaces` as rendered (empty: the default, cluster mode watching all;
+    /// the tests then watch only [`Self::namespace`]).
+    pub watch_namespaces: Vec<String>,
     /// `METHOD path` of every request of [`ChartRbac::client`]s the API server refused (403).
     denied: Arc<Mutex<Vec<String>>>,
 }
@@ -88,11 +91,13 @@ impl ChartRbac {
         config
     }
 
-    /// Until the ServiceAccount may list GoldenImages everywhere (ClusterRoleBinding) and get
-    /// its Lease (RoleBinding), as the API server itself answers.
+    /// Until the ServiceAccount may list GoldenImages (everywhere, or in the first watched
+    /// namespace in namespaced mode) and get its Lease (RoleBinding), as the API server itself
+    /// answers.
     async fn wait_effective(&self, client: &Client) {
+        let images_ns = self.watch_namespaces.first().map_or("", String::as_str);
         let checks = [
-            ("list", "images.sombrero.dev", "goldenimages", "", ""),
+            ("list", "images.sombrero.dev", "goldenimages", "", images_ns),
             (
                 "get",
                 "coordination.k8s.io",
@@ -236,21 +241,37 @@ pub fn kubectl_apply(cp: &ControlPlane, manifests: &str, extra: &[&str]) {
 /// Creates `namespace` if needed, renders the chart's ServiceAccount, ClusterRole(Binding) and
 /// leader-election Role(Binding) for `release` and applies them to the test API server.
 pub fn install_chart_rbac(cp: &ControlPlane, namespace: &str, release: &str) -> ChartRbac {
-    kubectl_apply(
-        cp,
-        &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n"),
-        &[],
-    );
-    let manifests = helm_template(
-        release,
-        namespace,
-        &[
-            "--show-only",
-            "templates/serviceaccount.yaml",
-            "--show-only",
-            "templates/rbac.yaml",
-        ],
-    );
+    install_chart_rbac_with(cp, namespace, release, &[], &[])
+}
+
+/// [`install_chart_rbac`] with chart values (`--set rbac.scope=namespaced`, ...) and the
+/// namespaces the controller watches (`controller.watchNamespaces`, created here first).
+pub fn install_chart_rbac_with(
+    cp: &ControlPlane,
+    namespace: &str,
+    release: &str,
+    watch_namespaces: &[&str],
+    values: &[&str],
+) -> ChartRbac {
+    for ns in std::iter::once(namespace).chain(watch_namespaces.iter().copied()) {
+        kubectl_apply(
+            cp,
+            &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
+            &[],
+        );
+    }
+    let watch = serde_json::to_string(watch_namespaces).expect("namespaces as JSON");
+    let watch = format!("controller.watchNamespaces={watch}");
+    let mut args = vec![
+        "--show-only",
+        "templates/serviceaccount.yaml",
+        "--show-only",
+        "templates/rbac.yaml",
+        "--set-json",
+        watch.as_str(),
+    ];
+    args.extend_from_slice(values);
+    let manifests = helm_template(release, namespace, &args);
     kubectl_apply(cp, &manifests, &[]);
     let service_account = serde_yaml::Deserializer::from_str(&manifests)
         .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
@@ -273,6 +294,7 @@ pub fn install_chart_rbac(cp: &ControlPlane, namespace: &str, release: &str) -> 
         release: release.to_string(),
         service_account,
         lease_name,
+        watch_namespaces: watch_namespaces.iter().map(|s| s.to_string()).collect(),
         denied: Arc::default(),
     }
 }
