@@ -162,10 +162,13 @@ mod tests {
         }
     }
 
+    /// (settings, deletes, digest given, expected)
+    type ConfigWriteCase<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], bool, Idempotency);
+
     #[test]
     fn config_writes_that_may_be_repeated() {
         use Idempotency::*;
-        let table: &[(&[(&str, &str)], &[&str], bool, Idempotency)] = &[
+        let table: &[ConfigWriteCase] = &[
             (
                 &[("description", "x"), ("tags", "a;b"), ("name", "n")],
                 &[],
