@@ -680,7 +680,11 @@ async fn writes_are_retried_only_when_pve_did_not_run_them() {
 #[tokio::test]
 async fn task_waits_honour_their_deadline() {
     // 0.05 real seconds per PVE second: a start of 20 PVE seconds takes about 1 s.
-    let pve = FakePve::start_with(Options { time_scale: 0.05, ..Default::default() }).await;
+    let pve = FakePve::start_with(Options {
+        time_scale: 0.05,
+        ..Default::default()
+    })
+    .await;
     let c = client(&pve);
     add_vm(&pve, 4701, "stopped").await;
     pve.set_vm_attr(4701, json!({"start_secs": 20})).await;
