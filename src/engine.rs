@@ -124,7 +124,8 @@ fn privilege_failure(e: PrivilegeError) -> Failure {
         PrivilegeError::Proxmox(p) if matches!(p.category(), "unauthenticated" | "forbidden") => {
             "ProxmoxAuthFailed"
         }
-        PrivilegeError::Proxmox(_) => "ProxmoxUnreachable",
+        PrivilegeError::Proxmox(p) if p.is_retryable() => "ProxmoxUnreachable",
+        PrivilegeError::Proxmox(_) => "ProxmoxError",
     };
     Failure {
         stage: Some("Privileges".into()),
