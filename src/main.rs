@@ -19,8 +19,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build one golden image from a GoldenImage file against the Proxmox VE in the environment.
+    /// Build one golden image from a GoldenImage file against the Proxmox VE in the environment
+    /// (with --validate / --promote: the controller's production run).
     Build(cli::build::BuildArgs),
+    /// Check that the API token in the environment holds every privilege a run of a GoldenImage
+    /// or TemplateRetention file needs; changes nothing.
+    Check(cli::check::CheckArgs),
     /// Run the Kubernetes controller.
     Controller(Box<cli::controller::ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML (pipe into `kubectl apply -f -`).
@@ -36,6 +40,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Build(args) => cli::build::run(&args).await,
+        Command::Check(args) => cli::check::run(&args).await,
         Command::Controller(args) => cli::controller::run(&args).await,
         Command::Crd(args) => cli::crd::run(&args),
         Command::Prune(args) => cli::prune::run(&args).await,

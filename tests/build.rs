@@ -1233,3 +1233,295 @@ async fn slow_create_survives_a_kill_and_a_node_blip_inside_it() {
         "the node was unreachable during the run"
     );
 }
+
+/// The GoldenImage file of `spec` as a CI pipeline keeps it.
+fn image_file(dir: &std::path::Path, spec: &GoldenImageSpec) -> std::path::PathBuf {
+    let doc = json!({
+        "apiVersion": "images.sombrero.dev/v1alpha1", "kind": "GoldenImage",
+        "metadata": {"name": "ubuntu-24.04-minimal", "namespace": "ci"},
+        "spec": spec,
+    });
+    let file = dir.join("image.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    file
+}
+
+/// `sombrero <args>` against the fake with the given token.
+async fn cli(
+    pve: &FakePve,
+    token: (&str, &str),
+    args: &[&std::ffi::OsStr],
+) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
+        .args(args)
+        .env("PROXMOX_URL", &pve.url)
+        .env("PROXMOX_TOKEN_ID", token.0)
+        .env("PROXMOX_TOKEN_SECRET", token.1)
+        .env("PROXMOX_CA_CERT", pve.ca_path())
+        .output()
+        .await
+        .unwrap()
+}
+
+/// The privileges of the README's `pveum role add Sombrero -privs "..."` line.
+fn documented_role() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let start = readme
+        .find("pveum role add Sombrero -privs \"")
+        .expect("the README documents the role");
+    let rest = &readme[start + "pveum role add Sombrero -privs \"".len()..];
+    let list = &rest[..rest.find('"').unwrap()];
+    list.split_whitespace()
+        .filter(|w| *w != "\\")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Tags of the VM.
+async fn tags_of(c: &Client, pve: &FakePve, vmid: u32) -> Vec<String> {
+    config(c, pve, vmid).await.tag_list()
+}
+
+#[tokio::test]
+async fn cli_production_build_validates_promotes_and_writes_a_packer_manifest() {
+    let pve = FakePve::start().await;
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let c = client(&pve);
+    let dir = tempfile::tempdir().unwrap();
+    let file = image_file(dir.path(), &example_spec(&pve, &img, 13));
+    let manifest = dir.path().join("packer-manifest.json");
+    // A token with exactly the README's role: the documented privileges are enough.
+    let role = documented_role();
+    let role: Vec<&str> = role.iter().map(String::as_str).collect();
+    let (id, secret) = pve.add_token(&role).await;
+    let args = [
+        "build".as_ref(),
+        "-f".as_ref(),
+        file.as_os_str(),
+        "--validate".as_ref(),
+        "--promote".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+    ];
+
+    let mut vmids = Vec::new();
+    for run in 1..=2 {
+        let out = cli(&pve, (&id, &secret), &args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "run {run}: {stderr}");
+        assert!(
+            stderr.contains("Validate") && stderr.contains("Promote"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("promoted"), "{stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let vmid: u32 = v["template_id"].as_str().unwrap().parse().unwrap();
+        vmids.push((vmid, v["template_name"].as_str().unwrap().to_string()));
+        // The channel tag Terraform selects by, on the new template only.
+        let tags = tags_of(&c, &pve, vmid).await;
+        assert!(
+            tags.iter().any(|t| t == "sombrero-latest") && tags.iter().any(|t| t == "validated"),
+            "{tags:?}"
+        );
+        let m = marker_of(&config(&c, &pve, vmid).await);
+        assert!(m.metadata.validation.validated_at().is_some());
+    }
+    assert_ne!(vmids[0].0, vmids[1].0);
+    assert!(
+        !tags_of(&c, &pve, vmids[0].0)
+            .await
+            .iter()
+            .any(|t| t == "sombrero-latest"),
+        "the channel tag moved to the new template"
+    );
+
+    // Packer's layout, one entry per run, appended as Packer's post-processor does.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(
+        text.starts_with("{\n  \"builds\": [\n    {\n      \"name\": "),
+        "{text}"
+    );
+    assert!(!text.ends_with('\n'));
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let builds = m["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 2);
+    for (b, (vmid, name)) in builds.iter().zip(&vmids) {
+        let keys: Vec<&str> = b.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = [
+            "name",
+            "builder_type",
+            "build_time",
+            "files",
+            "artifact_id",
+            "packer_run_uuid",
+            "custom_data",
+        ];
+        want.sort();
+        let mut keys = keys;
+        keys.sort();
+        assert_eq!(keys, want);
+        assert_eq!(b["name"], "ubuntu-24.04-minimal");
+        assert_eq!(b["builder_type"], "sombrero");
+        assert_eq!(b["artifact_id"], json!(vmid.to_string()));
+        assert!(b["files"].is_null());
+        assert!(b["build_time"].as_i64().unwrap() > 1_700_000_000);
+        assert_eq!(b["custom_data"]["template_name"], json!(name));
+        assert_eq!(b["custom_data"]["node"], json!(pve.node));
+        assert!(b["custom_data"]["validated_at"].is_string());
+    }
+    assert_eq!(m["last_run_uuid"], builds[1]["packer_run_uuid"]);
+    assert_ne!(builds[0]["packer_run_uuid"], builds[1]["packer_run_uuid"]);
+    assert!(!dir.path().join("packer-manifest.json.lock").exists());
+}
+
+#[tokio::test]
+async fn cli_failed_validation_exits_5_and_promotes_nothing() {
+    let pve = FakePve::start().await;
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let c = client(&pve);
+    // cloud-init ends `degraded`: the build accepts it, the validation's cloudInit check not.
+    pve.set_guest(
+        None,
+        GuestSettings {
+            cloud_init: Some("degraded".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = image_file(dir.path(), &example_spec(&pve, &img, 14));
+    let manifest = dir.path().join("m.json");
+    let out = cli(
+        &pve,
+        (&pve.token_id, &pve.token_secret),
+        &[
+            "build".as_ref(),
+            "-f".as_ref(),
+            file.as_os_str(),
+            "--promote".as_ref(),
+            "--manifest".as_ref(),
+            manifest.as_os_str(),
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("failed validation check cloudInit"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no hand-off for a failed template");
+    assert!(!manifest.exists(), "no manifest for a failed run");
+    let o = Owner {
+        namespace: "ci".into(),
+        name: "ubuntu-24.04-minimal".into(),
+        uid: sombrero::build::cli_owner_uid("ci", "ubuntu-24.04-minimal"),
+    };
+    let vms = image_vms(&c, &o).await;
+    let templates: Vec<_> = vms.iter().filter(|v| v.1).collect();
+    assert_eq!(templates.len(), 1, "{vms:?}");
+    let tags = tags_of(&c, &pve, templates[0].0).await;
+    assert!(tags.iter().any(|t| t == "failed-validation"), "{tags:?}");
+    assert!(
+        !tags
+            .iter()
+            .any(|t| t == "sombrero-latest" || t == "validated"),
+        "{tags:?}"
+    );
+    // The validation clone is gone; nothing but the template is left.
+    assert_eq!(vms.len(), 1, "{vms:?}");
+}
+
+#[tokio::test]
+async fn a_token_missing_any_privilege_of_the_documented_role_is_refused_before_any_write() {
+    let pve = FakePve::start().await;
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = image_file(dir.path(), &example_spec(&pve, &img, 15));
+    let retention = dir.path().join("retention.yaml");
+    std::fs::write(
+        &retention,
+        "apiVersion: images.sombrero.dev/v1alpha1\nkind: TemplateRetention\nmetadata: {name: keep, namespace: ci}\nspec:\n  target: {goldenImageRef: {name: ubuntu-24.04-minimal}}\n  keepLast: 2\n  archive: {mode: backup, backupStorage: local}\n",
+    )
+    .unwrap();
+    let role = documented_role();
+    assert_eq!(
+        role,
+        sombrero::privileges::table::role_privileges(sombrero::proxmox::PveVersion {
+            major: 9,
+            minor: 0
+        }),
+        "the README's role is the one the check knows"
+    );
+    let build_args = [
+        "build".as_ref(),
+        "-f".as_ref(),
+        file.as_os_str(),
+        "--promote".as_ref(),
+    ];
+    for missing in &role {
+        let privs: Vec<&str> = role
+            .iter()
+            .filter(|p| *p != missing)
+            .map(String::as_str)
+            .collect();
+        let (id, secret) = pve.add_token(&privs).await;
+        // VM.Backup is for retention's backups; everything else a production build needs.
+        let (args, check_file): (&[&std::ffi::OsStr], _) = if missing == "VM.Backup" {
+            (
+                &["check".as_ref(), "-f".as_ref(), retention.as_os_str()],
+                &retention,
+            )
+        } else {
+            (&build_args, &file)
+        };
+        let out = cli(&pve, (&id, &secret), args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(6), "without {missing}: {stderr}");
+        assert!(
+            stderr.contains(&format!("  {missing} on /")),
+            "without {missing}, the refusal names it and its path:\n{stderr}"
+        );
+        assert!(stderr.contains("pveum acl modify /"), "{stderr}");
+        assert!(!stderr.contains(&secret));
+        let writes: Vec<_> = pve
+            .requests()
+            .await
+            .into_iter()
+            .filter(|r| r.token_id.as_deref() == Some(id.as_str()) && r.method != "GET")
+            .collect();
+        assert!(writes.is_empty(), "without {missing}: {writes:?}");
+        // `sombrero check` says the same for the same file.
+        let out = cli(
+            &pve,
+            (&id, &secret),
+            &["check".as_ref(), "-f".as_ref(), check_file.as_os_str()],
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(6), "check without {missing}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("  {missing} on /")));
+    }
+    // The whole role, and the full token, pass both checks.
+    let all: Vec<&str> = role.iter().map(String::as_str).collect();
+    let (id, secret) = pve.add_token(&all).await;
+    for token in [
+        (id.as_str(), secret.as_str()),
+        (&pve.token_id, &pve.token_secret),
+    ] {
+        for f in [&file, &retention] {
+            let out = cli(
+                &pve,
+                token,
+                &["check".as_ref(), "-f".as_ref(), f.as_os_str()],
+            )
+            .await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "{}: {stderr}", token.0);
+            assert!(stderr.contains("holds every privilege"), "{stderr}");
+        }
+    }
+    // Nothing was built by any of it.
+    assert!(client(&pve).cluster_vms().await.unwrap().is_empty());
+}

@@ -214,6 +214,64 @@ async fn a_wrong_token_stalls_and_a_fixed_secret_recovers() {
 }
 
 #[tokio::test]
+async fn a_token_without_a_privilege_stalls_insufficient_privileges_before_any_write() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-privs").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
+    let pve = FakePve::start().await;
+    // The README's role without VM.Audit: the token could create a build VM, then not see it.
+    let role =
+        sombrero::privileges::table::role_privileges(proxmox::PveVersion { major: 9, minor: 0 });
+    let privs: Vec<&str> = role.into_iter().filter(|p| *p != "VM.Audit").collect();
+    let (token_id, token_secret) = pve.add_token(&privs).await;
+    put_secret(&client, &ns, "pve", &pve, &token_secret).await;
+    // put_secret names the fake's full token; this Secret names the restricted one.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .patch(
+            "pve",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"stringData": {"tokenId": token_id}})),
+        )
+        .await
+        .unwrap();
+    create_image(&client, &ns, "img", &pve, "pve").await;
+    let ctl = start(&sa, options(&rbac, "a", false));
+
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Stalled=True",
+        Duration::from_secs(60),
+        |gi| condition(gi, "Stalled").is_some_and(|c| c.0 == "True"),
+    )
+    .await;
+    let (_, reason, message) = condition(&gi, "Stalled").unwrap();
+    assert_eq!(reason, "InsufficientPrivileges", "{message}");
+    assert!(message.contains("  VM.Audit on /vms: to "), "{message}");
+    assert!(
+        message.contains(&format!(
+            "pveum acl modify /vms -token '{token_id}' -role Sombrero"
+        )),
+        "{message}"
+    );
+    assert!(!message.contains(&token_secret));
+    let writes: Vec<_> = pve
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.token_id.as_deref() == Some(token_id.as_str()) && r.method != "GET")
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    assert!(pve_client(&pve).cluster_vms().await.unwrap().is_empty());
+    ctl.abort();
+    rbac.assert_nothing_denied();
+}
+
+#[tokio::test]
 async fn proxmox_unreachable_is_reconciling_then_recovers() {
     let cp = control_plane();
     cp.install_crds();

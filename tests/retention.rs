@@ -1275,6 +1275,57 @@ async fn prune_cli_touches_only_the_exact_owner() {
     }
 }
 
+#[tokio::test]
+async fn prune_cli_refuses_a_token_missing_a_privilege_its_plan_needs_before_any_change() {
+    let pve = FakePve::start().await;
+    add_template(&pve, 1701, 200, T::default()).await;
+    add_template(
+        &pve,
+        1702,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_policy(
+        dir.path(),
+        "  archive: {mode: backup, backupStorage: local}\n",
+    );
+    let role = sombrero::privileges::table::role_privileges(sombrero::proxmox::PveVersion {
+        major: 9,
+        minor: 0,
+    });
+    let privs: Vec<&str> = role.into_iter().filter(|p| *p != "VM.Backup").collect();
+    let (id, secret) = pve.add_token(&privs).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
+        .args(["prune", "-f", p.to_str().unwrap()])
+        .env("PROXMOX_URL", &pve.url)
+        .env("PROXMOX_TOKEN_ID", &id)
+        .env("PROXMOX_TOKEN_SECRET", &secret)
+        .env("PROXMOX_CA_CERT", &pve.ca_cert_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    // The plan archives 1701: that is where the privilege is needed.
+    assert!(
+        stderr.contains("  VM.Backup on /vms/1701: to back up templates"),
+        "{stderr}"
+    );
+    let writes: Vec<_> = pve
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.token_id.as_deref() == Some(id.as_str()) && r.method != "GET")
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    let c = client(&pve);
+    assert!(exists(&c, &pve, 1701).await && exists(&c, &pve, 1702).await);
+}
+
 // ------------------------------------------------------------------ the controller
 
 mod controller_e2e {

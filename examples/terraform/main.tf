@@ -4,7 +4,8 @@
 #   spec.output ConfigMap once a template passed validation and was promoted.
 # tags: exactly one template of each image carries both the image tag
 #   sombrero.<namespace>.<name> and the channel tag sombrero-latest; sombrero moves them only
-#   after validation. (Long or unusual names are shortened with a hash: read the exact tag from
+#   after validation: the controller, or in a pipeline without a cluster
+#   `sombrero build -f image.yaml --promote` (a plain `sombrero build` sets no channel tag). (Long or unusual names are shortened with a hash: read the exact tag from
 #   the template's Tags in the Proxmox UI, or use the ConfigMap.)
 
 data "kubernetes_config_map_v1" "template" {

@@ -86,7 +86,7 @@ use crate::image::marker::{Owner, ValidationRecord};
 pub use error::{BuildError, ErrorCategory};
 pub use pipeline::{cleanup_abandoned_builds, run_build};
 pub use plan::{cli_owner_uid, normalize_file_name};
-pub(crate) use plan::{first_ipv4, static_ip};
+pub(crate) use plan::{first_ipv4, hardware_config, static_ip};
 
 /// One build to run.
 #[derive(Debug, Clone)]

@@ -4,6 +4,8 @@
 //! optionally `PROXMOX_CA_CERT` / `PROXMOX_FINGERPRINT` / `PROXMOX_INSECURE`). The file is checked
 //! as the CRD checks it; the plan is printed as a table on stdout, then executed unless
 //! `--dry-run` (or `spec.dryRun: true`), one result line per action. Progress goes to stderr.
+//! Before the first change the token's privileges are checked against what the plan does
+//! (`INSUFFICIENT_PRIVILEGES`, nothing changed, when any is missing).
 //! Exit codes: see [`super::exit`] (`WORK_FAILED` when any action failed).
 //!
 //! Whose templates: the file names a namespace (`metadata.namespace`, default `default`) and,
@@ -104,6 +106,24 @@ pub async fn run(args: &PruneArgs) -> ExitCode {
     if plan.removals().next().is_none() {
         println!("nothing to do");
         return ExitCode::from(exit::OK);
+    }
+    // The privileges of exactly what the plan does, before its first write.
+    let acting: Vec<u32> = plan.removals().map(|d| d.vmid).collect();
+    let needs = crate::privileges::retention_needs(
+        policy.mode,
+        policy.backup_storage.as_deref(),
+        Some(&acting),
+    );
+    match crate::privileges::check(&client, &needs).await {
+        Ok(()) => {}
+        Err(crate::privileges::PrivilegeError::Insufficient(r)) => {
+            eprintln!("error: {r}");
+            return ExitCode::from(exit::INSUFFICIENT_PRIVILEGES);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::PROXMOX);
+        }
     }
     let progress = |line: &str| eprintln!("{line}");
     let results = retention::execute(

@@ -1,6 +1,7 @@
-//! The real pipeline behind the controller: `crate::build::run_build` (resumable from the
-//! markers), then `crate::validate::validate_template` when `spec.validation.enabled`, then
-//! `crate::promote::promote` (or `mark_failed`). Cleanup: `cleanup_abandoned_builds` + `cleanup_stale_validation_vms`.
+//! The real pipeline behind the controller: [`crate::engine::run`] (privileges, the build,
+//! validation when `spec.validation.enabled`, promotion or `mark_failed`; the same engine
+//! `sombrero build --validate --promote` runs), its outcome mapped to a [`JobOutcome`].
+//! Cleanup: `cleanup_abandoned_builds` + `cleanup_stale_validation_vms`.
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -8,10 +9,12 @@ use futures::future::BoxFuture;
 use super::builds::{JobOutcome, ProgressHandle};
 use super::context::{JobRequest, Pipeline};
 use super::error::Error;
-use crate::build::{self, BuildRequest};
-use crate::image::marker::{Owner, ValidationRecord};
+use crate::api::golden_image::ValidationReport;
+use crate::build;
+use crate::engine::Outcome;
+use crate::image::marker::Owner;
 use crate::proxmox;
-use crate::validate::{self, ProgressEvent, ValidationRequest};
+use crate::validate;
 
 /// The engine of `crate::build`, `crate::validate` and promotion.
 pub struct Engine;
@@ -28,146 +31,72 @@ impl build::Progress for ProgressHandle {
     }
 }
 
-async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
-    let build_req = BuildRequest {
-        spec: req.spec.clone(),
-        owner: req.owner.clone(),
-        build_id: req.build_id.clone(),
-        today: req.today,
-        adopt_unvalidated: true,
-    };
-    let built = match build::run_build(&req.client, &build_req, &progress).await {
-        Ok(b) => b,
-        Err(e) => {
-            return JobOutcome::Failed {
-                stage: e.stage.map(|s| s.as_str().to_string()),
-                reason: build_reason(&e),
-                message: e.to_string(),
-                retryable: e.is_retryable(),
-                touched: e.kept_vmid.into_iter().collect(),
-            };
-        }
-    };
-    progress.vmid(built.vmid);
-    // A template a previous run of this build finished may carry its verdict already (the
-    // process died before the status was written): not validated twice.
-    if let ValidationRecord::Failed { reason, .. } = &built.validation {
-        return JobOutcome::ValidationFailed {
-            vmid: built.vmid,
-            name: built.name.clone(),
-            failed_check: "recorded".into(),
-            message: format!("its marker records a failed validation: {reason}"),
-            report: Default::default(),
-        };
+impl crate::engine::Progress for ProgressHandle {
+    fn step(&self, name: &'static str) {
+        ProgressHandle::stage(self, name);
     }
-    let passed_before = built.validation.validated_at().is_some();
-    let report = if req.spec.validation.enabled && !passed_before {
-        progress.stage("Validate");
-        let mut vreq = ValidationRequest::new(
-            built.vmid,
-            built.node.clone(),
-            req.owner.clone(),
-            req.spec.validation.clone(),
-        );
-        vreq.ssh = req.spec.provisioning.ssh.clone();
-        // Decoded from the template's marker when the build was answered from it.
-        vreq.baseline_packages = built.package_manifest.clone();
-        vreq.storage = req.spec.placement.storage.clone();
-        vreq.bridge = req.spec.placement.bridge.clone();
-        vreq.vlan = req.spec.placement.vlan;
-        vreq.pool = req.spec.placement.pool.clone();
-        if req.spec.provisioning.via == crate::api::golden_image::ProvisioningChannel::GuestAgent {
-            vreq.ssh_probe = validate::SshProbe::ServiceOnly;
-        }
-        let p = progress.clone();
-        let on_event = move |ev: &ProgressEvent| {
-            if let ProgressEvent::CheckFinished(c) = ev {
-                p.message(&format!("check {} passed: {}", c.check, c.passed));
-            }
-        };
-        match validate::validate_template(&req.client, &vreq, &on_event).await {
-            Ok(r) => Some(r),
-            Err(e) => {
-                return JobOutcome::Failed {
-                    stage: Some("Validate".into()),
-                    reason: "ValidationError",
-                    message: e.to_string(),
-                    retryable: e.is_retryable(),
-                    touched: vec![built.vmid],
-                };
-            }
-        }
-    } else {
-        None
-    };
-    let status_report = report
-        .as_ref()
-        .map(crate::api::golden_image::ValidationReport::from);
-    if let Some(r) = &report
-        && !r.passed
-    {
-        let reason = r
-            .failure_reason()
-            .unwrap_or_else(|| "validation failed".into());
-        let (check, message) = r
-            .first_failure()
-            .map(|c| (c.check.as_str().to_string(), c.message.clone()))
-            .unwrap_or_else(|| ("unknown".into(), reason.clone()));
-        if let Err(e) = crate::promote::mark_failed(&req.client, built.vmid, &reason).await {
-            tracing::warn!(error = %e, vmid = built.vmid, "cannot mark the template failed");
-            // Left `pending`, it would be validated again at once (it is the build in
-            // flight); a retryable failure waits for the backoff first.
-            return JobOutcome::Failed {
-                stage: Some("Validate".into()),
-                reason: "ValidationFailed",
-                message: format!(
-                    "template {} failed check {check}: {message}; marking it failed did not work ({e})",
-                    built.name
-                ),
-                retryable: true,
-                touched: vec![built.vmid],
-            };
-        }
-        return JobOutcome::ValidationFailed {
-            vmid: built.vmid,
-            name: built.name,
-            failed_check: check,
-            message,
-            report: status_report.unwrap_or_default(),
-        };
-    }
-    progress.stage("Promote");
-    let evidence = match &report {
-        Some(r) => crate::promote::Evidence::Report(r),
-        None if passed_before => crate::promote::Evidence::Recorded,
-        None => crate::promote::Evidence::ValidationDisabled,
-    };
-    match crate::promote::promote(&req.client, &req.owner, built.vmid, evidence).await {
-        Ok(p) => JobOutcome::Promoted {
-            vmid: built.vmid,
-            name: built.name,
-            report: status_report,
-            touched: p.previous,
-        },
-        Err(e) => JobOutcome::Failed {
-            stage: Some("Promote".into()),
-            reason: "PromotionFailed",
-            message: e.to_string(),
-            retryable: e.is_retryable(),
-            touched: vec![built.vmid],
-        },
+    fn built(&self, built: &build::BuildOutcome) {
+        self.vmid(built.vmid);
     }
 }
 
-fn build_reason(e: &build::BuildError) -> &'static str {
-    match e.category {
-        build::ErrorCategory::InvalidSpec => "InvalidSpec",
-        build::ErrorCategory::ProxmoxAuth => "ProxmoxAuthFailed",
-        build::ErrorCategory::ProxmoxTransient => "ProxmoxUnreachable",
-        build::ErrorCategory::Proxmox => "ProxmoxError",
-        build::ErrorCategory::Guest => "ProvisioningFailed",
-        build::ErrorCategory::Checksum => "ChecksumMismatch",
-        build::ErrorCategory::Timeout => "BuildTimeout",
+/// The controller's run: validation as `spec.validation.enabled` says, promotion always.
+async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
+    let request = crate::engine::Request {
+        validate: req.spec.validation.enabled,
+        promote: true,
+        adopt_unvalidated: true,
+        client: req.client,
+        spec: req.spec,
+        owner: req.owner,
+        build_id: req.build_id,
+        today: req.today,
+    };
+    job_outcome(crate::engine::run(&request, &progress).await)
+}
+
+fn job_outcome(outcome: Outcome) -> JobOutcome {
+    match outcome {
+        Outcome::Promoted {
+            built,
+            report,
+            promotion,
+        } => JobOutcome::Promoted {
+            vmid: built.vmid,
+            name: built.name,
+            report: report.as_ref().map(ValidationReport::from),
+            touched: promotion.previous,
+        },
+        Outcome::ValidationFailed {
+            built,
+            failed_check,
+            message,
+            report,
+        } => JobOutcome::ValidationFailed {
+            vmid: built.vmid,
+            name: built.name,
+            failed_check,
+            message,
+            report: report
+                .as_ref()
+                .map(ValidationReport::from)
+                .unwrap_or_default(),
+        },
+        Outcome::Failed(f) => JobOutcome::Failed {
+            stage: f.stage,
+            reason: f.reason,
+            message: f.message,
+            retryable: f.retryable,
+            touched: f.touched,
+        },
+        // Promotion is always asked for here; these cannot come back.
+        Outcome::Built { built } | Outcome::Validated { built, .. } => JobOutcome::Failed {
+            stage: Some("Promote".into()),
+            reason: "PromotionFailed",
+            message: format!("template {} was not promoted", built.name),
+            retryable: true,
+            touched: vec![built.vmid],
+        },
     }
 }
 

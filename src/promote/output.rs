@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::image::marker::{Marker, SourceInfo};
@@ -24,26 +24,82 @@ pub fn terraform_output(vmid: u32, node: &str, marker: &Marker) -> TerraformOutp
     TerraformOutput::new(vmid, marker.metadata.name.clone(), Some(node.to_string()))
 }
 
-/// One entry of a Packer manifest's `builds`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One entry of a Packer manifest's `builds`: the fields, order and encoding of Packer's
+/// `post-processor/manifest` `Artifact` (`build_time` omitted when 0, `files` and
+/// `custom_data` `null` when absent). Deserialising is as lenient as Go's: a missing field is
+/// its zero value, an unknown one is dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct ManifestBuild {
     pub name: String,
     pub builder_type: String,
     /// Unix seconds.
+    #[serde(skip_serializing_if = "is_zero")]
     pub build_time: i64,
     /// Packer writes the artifact's files here; a template has none.
-    pub files: Option<Vec<serde_json::Value>>,
+    pub files: Option<Vec<ArtifactFile>>,
     /// The template's VMID, as Packer's Proxmox builders write it.
     pub artifact_id: String,
     pub packer_run_uuid: String,
-    pub custom_data: BTreeMap<String, String>,
+    pub custom_data: Option<BTreeMap<String, String>>,
+}
+
+/// Packer's `ArtifactFile`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ArtifactFile {
+    pub name: String,
+    pub size: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 /// A Packer manifest: `{"builds": [...], "last_run_uuid": "..."}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct PackerManifest {
-    pub builds: Vec<ManifestBuild>,
+    pub builds: Option<Vec<ManifestBuild>>,
     pub last_run_uuid: String,
+}
+
+impl PackerManifest {
+    /// What Packer's manifest post-processor writes when this run's `builds` are added to a
+    /// file holding `existing` (its previous content, `None` or empty when there is none):
+    /// the earlier builds are kept (Packer without `-force`), this run's appended, and
+    /// `last_run_uuid` is this run's. An unreadable file is an error, as in Packer.
+    pub fn appended_to(&self, existing: Option<&str>) -> Result<PackerManifest, String> {
+        let mut file = match existing.filter(|t| !t.is_empty()) {
+            Some(text) => serde_json::from_str::<PackerManifest>(text)
+                .map_err(|e| format!("cannot parse the existing manifest: {e}"))?,
+            None => PackerManifest::default(),
+        };
+        let builds = file.builds.get_or_insert_with(Vec::new);
+        builds.extend(self.builds.iter().flatten().cloned());
+        file.last_run_uuid = self.last_run_uuid.clone();
+        Ok(file)
+    }
+
+    /// The bytes Go's `json.MarshalIndent(manifest, "", "  ")` gives: two-space indent, no
+    /// final newline, `<`, `>`, `&`, U+2028 and U+2029 escaped as `\u003c` ... (Go's HTML-safe
+    /// strings). Those characters only occur inside JSON strings, so replacing them is exact.
+    pub fn to_packer_json(&self) -> String {
+        // Serialising plain strings, numbers and maps cannot fail; an empty object is the fallback.
+        let text = serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into());
+        let mut out = String::with_capacity(text.len());
+        for c in text.chars() {
+            match c {
+                '<' => out.push_str("\\u003c"),
+                '>' => out.push_str("\\u003e"),
+                '&' => out.push_str("\\u0026"),
+                '\u{2028}' => out.push_str("\\u2028"),
+                '\u{2029}' => out.push_str("\\u2029"),
+                c => out.push(c),
+            }
+        }
+        out
+    }
 }
 
 /// A stable UUID-shaped id for a build (RFC 9562 version 8: custom, from a SHA-256 of the
@@ -125,15 +181,15 @@ pub fn packer_manifest(vmid: u32, node: &str, marker: &Marker) -> PackerManifest
     }
     let uuid = run_uuid(&marker.owner.uid, &marker.build_id);
     PackerManifest {
-        builds: vec![ManifestBuild {
+        builds: Some(vec![ManifestBuild {
             name: marker.owner.name.clone(),
             builder_type: BUILDER_TYPE.into(),
             build_time: build_time(marker).timestamp(),
             files: None,
             artifact_id: vmid.to_string(),
             packer_run_uuid: uuid.clone(),
-            custom_data: custom,
-        }],
+            custom_data: Some(custom),
+        }]),
         last_run_uuid: uuid,
     }
 }
@@ -141,9 +197,7 @@ pub fn packer_manifest(vmid: u32, node: &str, marker: &Marker) -> PackerManifest
 /// The output ConfigMap's `data`: `template_id`, `template_name`, `node`, `manifest.json`.
 pub fn config_map_data(vmid: u32, node: &str, marker: &Marker) -> BTreeMap<String, String> {
     let tf = terraform_output(vmid, node, marker);
-    let manifest = packer_manifest(vmid, node, marker);
-    // Serialising plain strings, numbers and maps cannot fail; an empty object is the fallback.
-    let manifest_json = serde_json::to_string_pretty(&manifest).unwrap_or_else(|_| "{}".into());
+    let manifest_json = packer_manifest(vmid, node, marker).to_packer_json();
     BTreeMap::from([
         (KEY_TEMPLATE_ID.to_string(), tf.template_id),
         (KEY_TEMPLATE_NAME.to_string(), tf.template_name),
@@ -186,6 +240,61 @@ mod tests {
         assert!(cd.as_object().unwrap().values().all(|v| v.is_string()));
         // Stable: the same template gives the same bytes.
         assert_eq!(config_map_data(8024, "pve1", &marker), data);
+    }
+
+    #[test]
+    fn the_manifest_is_byte_for_byte_what_packer_writes() {
+        // What Packer's manifest post-processor writes (its `Artifact` struct through
+        // `json.MarshalIndent(m, "", "  ")`): field order, two-space indent, HTML-safe
+        // escapes, no final newline.
+        let manifest = PackerManifest {
+            builds: Some(vec![ManifestBuild {
+                name: "ubuntu".into(),
+                builder_type: "sombrero".into(),
+                build_time: 1737158400,
+                files: None,
+                artifact_id: "8024".into(),
+                packer_run_uuid: "u-1".into(),
+                custom_data: Some(BTreeMap::from([("a&b".to_string(), "<x>".to_string())])),
+            }]),
+            last_run_uuid: "u-1".into(),
+        };
+        assert_eq!(
+            manifest.to_packer_json(),
+            "{\n  \"builds\": [\n    {\n      \"name\": \"ubuntu\",\n      \"builder_type\": \"sombrero\",\n      \"build_time\": 1737158400,\n      \"files\": null,\n      \"artifact_id\": \"8024\",\n      \"packer_run_uuid\": \"u-1\",\n      \"custom_data\": {\n        \"a\\u0026b\": \"\\u003cx\\u003e\"\n      }\n    }\n  ],\n  \"last_run_uuid\": \"u-1\"\n}"
+        );
+        // build_time 0 is omitted (`omitempty`), as Packer's `strip_time` leaves it.
+        let mut stripped = manifest.clone();
+        stripped.builds.as_mut().unwrap()[0].build_time = 0;
+        assert!(!stripped.to_packer_json().contains("build_time"));
+    }
+
+    #[test]
+    fn a_new_run_is_appended_to_an_existing_manifest() {
+        // An entry another tool (Packer itself) wrote, with files and an unknown field.
+        let existing = r#"{"builds":[{"name":"base","builder_type":"proxmox-iso","build_time":1,"files":[{"name":"a.iso","size":3}],"artifact_id":"100","packer_run_uuid":"old","custom_data":null,"extra":1}],"last_run_uuid":"old"}"#;
+        let ours = packer_manifest(8024, "pve1", &sample_marker());
+        let merged = ours.appended_to(Some(existing)).unwrap();
+        let builds = merged.builds.as_ref().unwrap();
+        assert_eq!(builds.len(), 2);
+        assert_eq!(builds[0].name, "base");
+        assert_eq!(
+            builds[0].files,
+            Some(vec![ArtifactFile {
+                name: "a.iso".into(),
+                size: 3
+            }])
+        );
+        assert_eq!(builds[0].custom_data, None);
+        assert_eq!(builds[1], ours.builds.as_ref().unwrap()[0]);
+        assert_eq!(merged.last_run_uuid, ours.last_run_uuid);
+        let json: serde_json::Value = serde_json::from_str(&merged.to_packer_json()).unwrap();
+        assert!(json["builds"][0].get("extra").is_none());
+        assert!(json["builds"][0]["custom_data"].is_null());
+        // No file (or an empty one): just this run.
+        assert_eq!(ours.appended_to(None).unwrap(), ours);
+        assert_eq!(ours.appended_to(Some("")).unwrap(), ours);
+        assert!(ours.appended_to(Some("not json")).is_err());
     }
 
     #[test]

@@ -43,18 +43,19 @@
 //! | start, shutdown, stop | `VM.PowerMgmt` |
 //! | template, delete | `VM.Allocate` |
 //! | clone | `VM.Clone` on the source, `VM.Allocate` on `/vms/{newid}` (or the pool), `Datastore.AllocateSpace`, `Pool.Allocate` only to manage pools themselves |
-//! | agent ping, network, osinfo | PVE 9: `VM.GuestAgent.Audit`; PVE 8: `VM.Monitor` |
+//! | agent ping, network, osinfo | PVE 9: `VM.GuestAgent.Audit` or `VM.GuestAgent.Unrestricted`; PVE 8: `VM.Monitor` |
 //! | agent exec, exec-status | PVE 9: `VM.GuestAgent.Unrestricted` (root-equivalent in the guest); PVE 8: `VM.Monitor` |
 //! | vzdump | `VM.Backup` (`/vms/{vmid}`), `Datastore.AllocateSpace` on the backup storage |
 //! | task status and log, the node's task list | none for the token's own tasks; `Sys.Audit` (`/nodes/{node}`) for others |
+//! | `access/permissions` | none: every token may read its own |
 //!
-//! Example (`pveum`): `pveum role add Sombrero -privs "VM.Allocate VM.Clone VM.Audit
-//! VM.Config.Disk VM.Config.CDROM VM.Config.CPU VM.Config.Memory VM.Config.Network
-//! VM.Config.HWType VM.Config.Options VM.Config.Cloudinit VM.PowerMgmt VM.GuestAgent.Audit
-//! VM.GuestAgent.Unrestricted VM.Backup Datastore.AllocateSpace Datastore.AllocateTemplate
-//! Datastore.Audit Sys.Audit Sys.AccessNetwork SDN.Use"` (on PVE 8 use `VM.Monitor` instead of
-//! the two `VM.GuestAgent.*`).
+//! The role (`crate::privileges::table::role_privileges`, the README's `pveum` line) holds
+//! only privileges some run needs; where PVE accepts alternatives it takes one:
+//! `VM.GuestAgent.Unrestricted` (not also `.Audit`), `Datastore.AllocateSpace` (not also
+//! `Datastore.Audit`), `Sys.AccessNetwork` (not `Sys.Audit` + `Sys.Modify` on `/`). Every run
+//! checks them before its first write (`crate::privileges`).
 
+pub mod access;
 pub mod agent;
 pub mod backup;
 pub mod client;

@@ -37,6 +37,8 @@ tests/support/fakepve.rs, which wraps every call. A 400 {"error": ...} answers a
     POST /backups       {vmid, storage?, filename?, notes?, protected?, size?, ctime?} -> {volid}
     GET  /tasks         [{upid, node, type, id, user, status, exitstatus, starttime, endtime}]
     POST /reset         a fresh fake on the same address, tokens and CA
+    POST /tokens        {privs, path?}  a new API token of a new user, both granted privs on path (default
+                        '/') -> {token_id, token_secret}; kept across /reset
   With --real-guest CACHE_DIR (qemu_backend.py):
     POST /images        {filename, file}   a real image file (qcow2) instead of a modelled one
     GET  /real-guest    {accel, repo_requests, stats, boots: [{vmid, name, kernel, ...}], disks}
@@ -49,6 +51,10 @@ tests/support/fakepve.rs, which wraps every call. A 400 {"error": ...} answers a
     GET  /trap          {armed, seen, fired}; POST /trap {} disarms
     POST /task-secs     {type, secs}   tasks of this type (qmcreate, ...) first wait secs PVE seconds holding
                          their lock (a create: the VM shows lock=create and no tags or description meanwhile)
+
+GET /access/permissions answers as PVE does (fakepve 0.5.0 lists raw ACL entries instead): with `path`,
+{path: {privilege: 1}} of the privileges effective there (inherited from parents, pools); without, the
+same for PVE's default top-level paths and every ACL path, leaving out paths with none.
 """
 
 import argparse
@@ -74,6 +80,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 from fakepve import FakePve, PveError, TaskError
 from fakepve import agent as guest_agent
 from fakepve.lxc import format_size
+from fakepve.shapes import PRIVILEGES
 from fakepve.qemu import DRIVE_KEY, NEW_DISK, drives_of, is_cdrom, join_drive, split_drive, volume_ref
 from fakepve.routing import die, param_error, split_list
 
@@ -210,6 +217,28 @@ class GuestPve(FakePve):
         app = super()._build_app()
         app.middlewares.insert(0, self.h.log_middleware)
         return app
+
+    # ------------------------------------------------------------ access
+
+    # PVE::RPCEnvironment::get_effective_permissions lists these besides every ACL path.
+    DEFAULT_PERMISSION_PATHS = ('/', '/access', '/access/groups', '/nodes', '/pool', '/sdn', '/storage', '/vms')
+
+    async def _permissions(self, v, user):
+        """GET /access/permissions the way PVE answers (PVE::API2::AccessControl `permissions`)."""
+        who = v.get('userid') or user
+        if v.get('path') is not None:
+            paths = [v['path']]
+        else:
+            paths = set(self.DEFAULT_PERMISSION_PATHS)
+            for entries in (self.acl or {}).values():
+                paths.update(path for path, _ in entries)
+            paths = sorted(paths)
+        out = {}
+        for path in paths:
+            held = [priv for priv in PRIVILEGES if self._has(who, path, priv)]
+            if held or v.get('path') is not None:
+                out[path] = dict.fromkeys(held, 1)
+        return out
 
     # ------------------------------------------------------------ volumes
 
@@ -627,6 +656,7 @@ class Harness(object):
         self.host = args.host
         self.token_secret = str(uuid.uuid4())
         self.limited_secret = str(uuid.uuid4())
+        self.extra_tokens = []  # (token_id, secret, path, privs) made by POST /tokens
         self.images = {}
         self.settings = {}
         self.runtime = {}
@@ -655,7 +685,18 @@ class Harness(object):
         pve.apitokens[LIMITED_TOKEN_ID] = self.limited_secret
         pve.grant(LIMITED_USER, '/', *LIMITED_PRIVS)
         pve.grant(LIMITED_TOKEN_ID, '/', *LIMITED_PRIVS)
+        for token_id, secret, path, privs in self.extra_tokens:
+            self.add_token_to(pve, token_id, secret, path, privs)
         return pve
+
+    @staticmethod
+    def add_token_to(pve, token_id, secret, path, privs):
+        # The user gets the same privileges as its token: fakepve has no privilege separation
+        # (it unites token and user grants), and a privilege-separated token on PVE gets the
+        # intersection; granting both the same makes the two agree.
+        pve.apitokens[token_id] = secret
+        pve.grant(token_id.split('!')[0], path, *privs)
+        pve.grant(token_id, path, *privs)
 
     async def start(self):
         if self.args.real_guest:
@@ -908,6 +949,7 @@ class Harness(object):
         r.add_post('/trap', self.c_trap_set)
         r.add_get('/trap', self.c_trap_get)
         r.add_post('/task-secs', self.c_task_secs)
+        r.add_post('/tokens', self.c_token_add)
         return app
 
     @web.middleware
@@ -931,6 +973,20 @@ class Harness(object):
         if vm is None:
             raise ValueError('no VM {0}'.format(vmid))
         return vm
+
+    async def c_token_add(self, request):
+        b = await self.body(request)
+        privs = list(b['privs'])
+        unknown = [p for p in privs if p not in PRIVILEGES]
+        if unknown:
+            raise ValueError('unknown privileges {0}'.format(unknown))
+        n = len(self.extra_tokens) + 1
+        token_id = 'sombrero-t{0}@pve!t{0}'.format(n)
+        secret = str(uuid.uuid4())
+        path = b.get('path') or '/'
+        self.extra_tokens.append((token_id, secret, path, privs))
+        self.add_token_to(self.pve, token_id, secret, path, privs)
+        return web.json_response({'token_id': token_id, 'token_secret': secret})
 
     async def c_health(self, request):
         return web.json_response({'ok': True})

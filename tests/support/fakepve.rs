@@ -904,6 +904,18 @@ impl FakePve {
             .await;
     }
 
+    /// A new API token (of a new user) holding exactly `privs` on `/`: `(token_id, secret)`.
+    /// `GET /access/permissions` reports them as PVE would.
+    pub async fn add_token(&self, privs: &[&str]) -> (String, String) {
+        let v = self
+            .control("/tokens", Some(json!({"privs": privs, "path": "/"})))
+            .await;
+        (
+            v["token_id"].as_str().unwrap().to_string(),
+            v["token_secret"].as_str().unwrap().to_string(),
+        )
+    }
+
     // ------------------------------------------------------------ SSH
 
     /// A loopback address for a VM's `ipconfig0` (`ip=<this>/8`), distinct per instance and `n`.

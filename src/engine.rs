@@ -1,0 +1,335 @@
+//! The production pipeline, one implementation for the controller and the CLI: privileges
+//! checked, then `crate::build::run_build` (resumable from the markers), then
+//! `crate::validate::validate_template` and `crate::promote::promote` (or `mark_failed`) as
+//! the [`Request`] asks. The controller runs it with validation as the spec says and
+//! promotion always; `sombrero build --validate --promote` with what its flags say.
+
+use chrono::NaiveDate;
+
+use crate::api::GoldenImageSpec;
+use crate::api::golden_image::ProvisioningChannel;
+use crate::build::{self, BuildOutcome, BuildRequest, ErrorCategory};
+use crate::image::marker::{Owner, ValidationRecord};
+use crate::privileges::{self, ImageRun, PrivilegeError};
+use crate::promote::{self, PromotionOutcome};
+use crate::proxmox;
+use crate::validate::{self, ProgressEvent, ValidationReport, ValidationRequest};
+
+/// One run of the pipeline.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub client: proxmox::Client,
+    pub spec: GoldenImageSpec,
+    pub owner: Owner,
+    pub build_id: String,
+    pub today: NaiveDate,
+    /// See [`BuildRequest::adopt_unvalidated`]: set whenever this run validates.
+    pub adopt_unvalidated: bool,
+    /// Validate the template (with `spec.validation`'s checks) after the build.
+    pub validate: bool,
+    /// Make the template the image's latest: after a passed validation, or (only when
+    /// `validate` is false, as the controller does with `validation.enabled: false`)
+    /// unvalidated.
+    pub promote: bool,
+}
+
+/// Progress of a run: the build's stages, then `Validate` and `Promote`.
+pub trait Progress: build::Progress {
+    /// A step after the build starts (`Validate`, `Promote`).
+    fn step(&self, name: &'static str);
+    /// The build finished: the template exists (validation and promotion may follow).
+    fn built(&self, _built: &BuildOutcome) {}
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Built; neither validation nor promotion was asked.
+    Built {
+        built: BuildOutcome,
+    },
+    /// Built and validated (passed); promotion was not asked. The marker stays `pending`.
+    Validated {
+        built: BuildOutcome,
+        report: ValidationReport,
+    },
+    /// The template is the image's latest (holds the channel tag).
+    Promoted {
+        built: BuildOutcome,
+        report: Option<ValidationReport>,
+        promotion: Box<PromotionOutcome>,
+    },
+    /// The template failed validation (now or in an earlier run, per its marker): tagged
+    /// `failed-validation`, not promoted; the previous latest stays.
+    ValidationFailed {
+        built: BuildOutcome,
+        failed_check: String,
+        message: String,
+        report: Option<ValidationReport>,
+    },
+    Failed(Failure),
+}
+
+/// What kind of failure, for the controller's reasons and the CLI's exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The spec cannot be built as written.
+    InvalidSpec,
+    /// The token lacks privileges; nothing was touched.
+    Privileges,
+    /// Authentication failed, Proxmox refused or could not be reached.
+    Proxmox,
+    /// The work failed: a build step in the guest, a checksum, a timeout.
+    Work,
+}
+
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub stage: Option<String>,
+    /// The controller's condition / Event reason (`ProvisioningFailed`, ...).
+    pub reason: &'static str,
+    pub message: String,
+    pub retryable: bool,
+    /// VMs this run left behind or changed (kept failed builds, the template).
+    pub touched: Vec<u32>,
+    pub kind: FailureKind,
+}
+
+/// Condition reason of a run refused for missing privileges.
+pub const REASON_INSUFFICIENT_PRIVILEGES: &str = "InsufficientPrivileges";
+
+/// The privileges a [`Request`] needs, for this cluster's version.
+pub async fn check_privileges(req: &Request) -> Result<(), PrivilegeError> {
+    let version = req
+        .client
+        .pve_version()
+        .await
+        .map_err(PrivilegeError::Proxmox)?;
+    let needs = privileges::image_needs(&ImageRun {
+        spec: &req.spec,
+        validate: req.validate,
+        promote: req.promote,
+        version,
+    });
+    privileges::check(&req.client, &needs).await
+}
+
+fn privilege_failure(e: PrivilegeError) -> Failure {
+    let kind = match &e {
+        PrivilegeError::Insufficient(_) => FailureKind::Privileges,
+        PrivilegeError::Proxmox(_) => FailureKind::Proxmox,
+    };
+    let reason = match &e {
+        PrivilegeError::Insufficient(_) => REASON_INSUFFICIENT_PRIVILEGES,
+        PrivilegeError::Proxmox(p) if matches!(p.category(), "unauthenticated" | "forbidden") => {
+            "ProxmoxAuthFailed"
+        }
+        PrivilegeError::Proxmox(p) if p.is_retryable() => "ProxmoxUnreachable",
+        PrivilegeError::Proxmox(_) => "ProxmoxError",
+    };
+    Failure {
+        stage: Some("Privileges".into()),
+        reason,
+        retryable: e.is_retryable(),
+        message: e.to_string(),
+        touched: Vec::new(),
+        kind,
+    }
+}
+
+/// Runs the pipeline to the end the request asks for.
+pub async fn run(req: &Request, progress: &dyn Progress) -> Outcome {
+    progress.message("checking the API token's privileges");
+    if let Err(e) = check_privileges(req).await {
+        return Outcome::Failed(privilege_failure(e));
+    }
+    let build_req = BuildRequest {
+        spec: req.spec.clone(),
+        owner: req.owner.clone(),
+        build_id: req.build_id.clone(),
+        today: req.today,
+        adopt_unvalidated: req.adopt_unvalidated,
+    };
+    let built = match build::run_build(&req.client, &build_req, progress).await {
+        Ok(b) => b,
+        Err(e) => {
+            return Outcome::Failed(Failure {
+                stage: e.stage.map(|s| s.as_str().to_string()),
+                reason: build_reason(&e),
+                message: e.to_string(),
+                retryable: e.is_retryable(),
+                touched: e.kept_vmid.into_iter().collect(),
+                kind: build_kind(e.category),
+            });
+        }
+    };
+    progress.built(&built);
+    if !req.validate && !req.promote {
+        return Outcome::Built { built };
+    }
+    // A template a previous run of this build finished may carry its verdict already (the
+    // process died before it was reported): not validated twice.
+    if let ValidationRecord::Failed { reason, .. } = &built.validation {
+        return Outcome::ValidationFailed {
+            failed_check: "recorded".into(),
+            message: format!("its marker records a failed validation: {reason}"),
+            report: None,
+            built,
+        };
+    }
+    let passed_before = built.validation.validated_at().is_some();
+    let report = if req.validate && !passed_before {
+        progress.step("Validate");
+        match validate(req, &built, progress).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                return Outcome::Failed(Failure {
+                    stage: Some("Validate".into()),
+                    reason: "ValidationError",
+                    message: e.to_string(),
+                    retryable: e.is_retryable(),
+                    touched: vec![built.vmid],
+                    kind: proxmox_or_work(e.category()),
+                });
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(r) = &report
+        && !r.passed
+    {
+        let reason = r
+            .failure_reason()
+            .unwrap_or_else(|| "validation failed".into());
+        let (check, message) = r
+            .first_failure()
+            .map(|c| (c.check.as_str().to_string(), c.message.clone()))
+            .unwrap_or_else(|| ("unknown".into(), reason.clone()));
+        if let Err(e) = promote::mark_failed(&req.client, built.vmid, &reason).await {
+            tracing::warn!(error = %e, vmid = built.vmid, "cannot mark the template failed");
+            // Left `pending`, it would be validated again at once (it is the build in
+            // flight); a retryable failure waits for the backoff first.
+            return Outcome::Failed(Failure {
+                stage: Some("Validate".into()),
+                reason: "ValidationFailed",
+                message: format!(
+                    "template {} failed check {check}: {message}; marking it failed did not work ({e})",
+                    built.name
+                ),
+                retryable: true,
+                touched: vec![built.vmid],
+                kind: FailureKind::Proxmox,
+            });
+        }
+        return Outcome::ValidationFailed {
+            built,
+            failed_check: check,
+            message,
+            report,
+        };
+    }
+    if !req.promote {
+        return match report {
+            Some(report) => Outcome::Validated { built, report },
+            // Validated by an earlier run of this build: nothing new to report, still passed.
+            None => Outcome::Built { built },
+        };
+    }
+    progress.step("Promote");
+    let evidence = match &report {
+        Some(r) => promote::Evidence::Report(r),
+        None if passed_before => promote::Evidence::Recorded,
+        None => promote::Evidence::ValidationDisabled,
+    };
+    match promote::promote(&req.client, &req.owner, built.vmid, evidence).await {
+        Ok(promotion) => Outcome::Promoted {
+            built,
+            report,
+            promotion: Box::new(promotion),
+        },
+        Err(e) => Outcome::Failed(Failure {
+            stage: Some("Promote".into()),
+            reason: "PromotionFailed",
+            message: e.to_string(),
+            retryable: e.is_retryable(),
+            touched: vec![built.vmid],
+            kind: match e {
+                promote::PromoteError::Proxmox { .. } => FailureKind::Proxmox,
+                _ => FailureKind::Work,
+            },
+        }),
+    }
+}
+
+async fn validate(
+    req: &Request,
+    built: &BuildOutcome,
+    progress: &dyn Progress,
+) -> Result<ValidationReport, validate::ValidateError> {
+    let mut vreq = ValidationRequest::new(
+        built.vmid,
+        built.node.clone(),
+        req.owner.clone(),
+        req.spec.validation.clone(),
+    );
+    vreq.ssh = req.spec.provisioning.ssh.clone();
+    // Decoded from the template's marker when the build was answered from it.
+    vreq.baseline_packages = built.package_manifest.clone();
+    vreq.storage = req.spec.placement.storage.clone();
+    vreq.bridge = req.spec.placement.bridge.clone();
+    vreq.vlan = req.spec.placement.vlan;
+    vreq.pool = req.spec.placement.pool.clone();
+    if req.spec.provisioning.via == ProvisioningChannel::GuestAgent {
+        vreq.ssh_probe = validate::SshProbe::ServiceOnly;
+    }
+    let on_event = |ev: &ProgressEvent| {
+        if let ProgressEvent::CheckFinished(c) = ev {
+            let verdict = if c.passed { "passed" } else { "failed" };
+            progress.message(&format!("check {} {verdict}: {}", c.check, c.message));
+        }
+    };
+    let forward = Forward(&on_event);
+    validate::validate_template(&req.client, &vreq, &forward).await
+}
+
+/// A borrowed closure as a [`validate::ValidationProgress`] (which wants `Send + Sync`).
+struct Forward<'a>(&'a (dyn Fn(&ProgressEvent) + Send + Sync));
+
+impl validate::ValidationProgress for Forward<'_> {
+    fn event(&self, event: &ProgressEvent) {
+        (self.0)(event)
+    }
+}
+
+fn proxmox_or_work(category: &str) -> FailureKind {
+    match category {
+        "invalid_spec" => FailureKind::InvalidSpec,
+        "not_ours" | "cleanup" => FailureKind::Work,
+        _ => FailureKind::Proxmox,
+    }
+}
+
+fn build_kind(c: ErrorCategory) -> FailureKind {
+    match c {
+        ErrorCategory::InvalidSpec => FailureKind::InvalidSpec,
+        ErrorCategory::ProxmoxAuth | ErrorCategory::ProxmoxTransient | ErrorCategory::Proxmox => {
+            FailureKind::Proxmox
+        }
+        ErrorCategory::Guest | ErrorCategory::Checksum | ErrorCategory::Timeout => {
+            FailureKind::Work
+        }
+    }
+}
+
+fn build_reason(e: &build::BuildError) -> &'static str {
+    match e.category {
+        ErrorCategory::InvalidSpec => "InvalidSpec",
+        ErrorCategory::ProxmoxAuth => "ProxmoxAuthFailed",
+        ErrorCategory::ProxmoxTransient => "ProxmoxUnreachable",
+        ErrorCategory::Proxmox => "ProxmoxError",
+        ErrorCategory::Guest => "ProvisioningFailed",
+        ErrorCategory::Checksum => "ChecksumMismatch",
+        ErrorCategory::Timeout => "BuildTimeout",
+    }
+}
