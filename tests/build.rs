@@ -217,7 +217,9 @@ async fn cloud_image_over_ssh_to_a_clean_tagged_template() {
     // The guest: seed packages and services, clean for cloning.
     let g = pve.guest(out.vmid).await;
     assert!(g.has_package("qemu-guest-agent") && g.has_package("cloud-init"));
-    assert!(g.service_enabled("qemu-guest-agent") && g.service_enabled("cloud-init"));
+    // qemu-guest-agent is a static unit (udev starts it at boot), as on a real Debian 12 guest.
+    assert_eq!(g.service_state("qemu-guest-agent"), "static");
+    assert_eq!(g.service_state("cloud-init"), "enabled");
     assert_eq!(g.machine_id(), "");
     assert_eq!(g.cloud_init_status(), "not-run");
     assert_eq!(g.contents["ssh_host_keys"], json!(false));
@@ -230,8 +232,8 @@ async fn cloud_image_over_ssh_to_a_clean_tagged_template() {
             .position(|l| l.contains(needle))
             .unwrap_or_else(|| panic!("{needle} not run: {lines:#?}"))
     };
-    assert!(pos("apt-get update") < pos("upgrade -y"));
-    assert!(pos("upgrade -y") < pos("install -y qemu-guest-agent cloud-init"));
+    assert!(pos("apt-get update") < pos("full-upgrade -y"));
+    assert!(pos("full-upgrade -y") < pos("install -y qemu-guest-agent cloud-init"));
     assert!(pos("systemctl enable") < pos("apt-get clean"));
     assert!(pos("autoremove -y") < pos("cloud-init clean"));
 
@@ -460,7 +462,7 @@ async fn failed_command_names_the_step_and_the_vm_is_destroyed_or_kept() {
         None,
         GuestSettings {
             failures: Some(vec![CommandFailure::new(
-                "apt-get.* upgrade",
+                "apt-get.* full-upgrade",
                 100,
                 "E: Failed to fetch http://archive.ubuntu.com/ubuntu/pool/main/o/openssl.deb  404 Not Found",
             )]),
@@ -511,6 +513,123 @@ async fn failed_command_names_the_step_and_the_vm_is_destroyed_or_kept() {
     let out = build(&c, &request(spec, o.clone(), day(18))).await.unwrap();
     assert_eq!(out.vmid, kept);
     assert_eq!(out.build_number, 1);
+}
+
+/// Records every progress message.
+#[derive(Default)]
+struct Messages(std::sync::Mutex<Vec<String>>);
+
+impl Progress for Messages {
+    fn stage(&self, _: Stage) {}
+    fn message(&self, text: &str) {
+        self.0.lock().unwrap().push(text.to_string());
+    }
+    fn percent(&self, _: f32) {}
+}
+
+/// Issue 13's two bugs on the model of the real guest: the new kernel (a NEW package behind its
+/// metapackage, which `upgrade`, even `--with-new-pkgs`, keeps back) is installed, and a package that `autoremove`
+/// left in dpkg state `rc` is in neither the manifest nor validation's installed list, so the
+/// template validates without drift.
+#[tokio::test]
+async fn the_new_kernel_is_installed_and_rc_packages_do_not_drift() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let o = owner("kernel");
+    let messages = Messages::default();
+    let out = sombrero::build::run_build(
+        &c,
+        &request(example_spec(&pve, &img, 9), o.clone(), day(18)),
+        &messages,
+    )
+    .await
+    .unwrap();
+    let g = pve.guest(out.vmid).await;
+    assert!(
+        g.has_package("linux-image-6.8.0-47-generic"),
+        "the new kernel"
+    );
+    assert_eq!(g.contents["packages"]["linux-image-virtual"], "6.8.0-47.47");
+    assert!(
+        out.package_manifest
+            .iter()
+            .any(|p| p == "linux-image-6.8.0-47-generic=6.8.0-47.47"),
+        "{:?}",
+        out.package_manifest
+    );
+    // `autoremove` removed the old kernel without purge: dpkg still lists it, as `rc`.
+    assert_eq!(
+        g.contents["residual"]["linux-image-6.8.0-41-generic"],
+        "6.8.0-41.41"
+    );
+    assert!(
+        !out.package_manifest
+            .iter()
+            .any(|p| p.starts_with("linux-image-6.8.0-41-generic=")),
+        "an rc package is not installed: {:?}",
+        out.package_manifest
+    );
+    assert!(
+        !messages
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.contains("kept back")),
+        "nothing kept back: {:?}",
+        messages.0.lock().unwrap()
+    );
+
+    let mut req = sombrero::validate::ValidationRequest::new(
+        out.vmid,
+        pve.node.clone(),
+        o.clone(),
+        sombrero::api::golden_image::Validation::default(),
+    );
+    req.ssh_probe = sombrero::validate::SshProbe::ServiceOnly;
+    req.ssh.ip_config = format!("ip={}/8", pve.guest_ip(19));
+    req.baseline_packages = out.package_manifest.clone();
+    req.agent_timeout = Duration::from_secs(20);
+    let report = sombrero::validate::validate_template(&c, &req, &sombrero::validate::NoProgress)
+        .await
+        .unwrap();
+    assert!(report.passed, "{:#?}", report.checks);
+    assert!(report.drift.as_ref().unwrap().is_clean());
+}
+
+/// Over SSH with `ip=dhcp` only the guest agent can tell the build VM's address, and a cloud
+/// image without it never answers: the build fails after `Timeouts::agent_address`, not the
+/// whole provisioning timeout, and says what to set.
+#[tokio::test]
+async fn ssh_to_a_dhcp_address_without_an_agent_fails_soon_with_the_fix() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let mut spec = example_spec(&pve, &img, 11);
+    spec.provisioning.ssh.ip_config = "ip=dhcp".into();
+    spec.provisioning.ssh.host = None;
+    spec.provisioning.timeout = "30m".into();
+    let timeouts = sombrero::build::Timeouts {
+        agent_address: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let err = sombrero::build::run_build_with(
+        &c,
+        &request(spec, owner("dhcp"), day(18)),
+        &NoProgress,
+        &timeouts,
+    )
+    .await
+    .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(60), "{err}");
+    assert_eq!(err.stage, Some(Stage::Provision));
+    let text = err.to_string();
+    assert!(
+        text.contains("provisioning.ssh.host") && text.contains("ip=dhcp"),
+        "{text}"
+    );
 }
 
 /// Drops the build at the start of a stage, like a controller killed there.

@@ -272,7 +272,7 @@ async fn agent_exec_installs_and_template_and_clones_carry_the_contents() {
     let (code, _, err) = api.exec(9001, "frobnicate").await;
     assert_eq!(
         (code, err.as_str()),
-        (127, "sh: 1: frobnicate: not found\n")
+        (127, "/bin/sh: 1: frobnicate: not found\n")
     );
 
     // Injected command failures, once.
@@ -374,7 +374,8 @@ async fn agent_exec_installs_and_template_and_clones_carry_the_contents() {
         "OK"
     );
     let (code, out, _) = api.exec(9100, "cloud-init status --wait").await;
-    assert_eq!((code, out.as_str()), (0, "status: done\n"));
+    // `--wait` prints a dot per quarter second it waited, then a newline (none waited here).
+    assert_eq!((code, out.as_str()), (0, "\nstatus: done\n"));
     assert_eq!(pve.guest(9100).await.machine_id().len(), 32);
     assert!(
         pve.guest(9101).await.machine_id().is_empty(),
@@ -432,4 +433,409 @@ async fn ssh_installs_the_agent_into_a_cloud_image_without_it() {
     let commands = pve.agent_commands(9002).await;
     assert_eq!(commands.len(), 1);
     assert_eq!(commands[0].via, "ssh");
+}
+/// One command recorded on a real Debian 12 guest (tests/transcripts/debian-12/*.json, written
+/// by scripts/record-guest-transcripts.sh) and how a replay compares it.
+#[derive(Debug, serde::Deserialize)]
+struct Recorded {
+    /// `ssh` (a line, as the build sends it), `agent` (exec of a program and its arguments, as
+    /// validation sends it) or `agent-call` (another agent endpoint: `ping`, `get-osinfo`, ...).
+    via: String,
+    command: Value,
+    #[serde(default)]
+    exitcode: Option<i64>,
+    #[serde(default)]
+    stdout: String,
+    #[serde(default)]
+    stderr: String,
+    /// PVE's 500 message when qemu-ga refused the command ("Agent error: ...").
+    #[serde(default)]
+    agent_error: Option<String>,
+    /// `agent-call`: the `result` PVE returns.
+    #[serde(default)]
+    result: Value,
+    /// `exact` (after `normalise`), `exitcode`, `lines` (each regex of `lines` matches both
+    /// sides' `stream`) or `json-keys` (the same keys, values free).
+    compare: String,
+    #[serde(default)]
+    lines: Vec<String>,
+    #[serde(default)]
+    normalise: Vec<(String, String)>,
+    #[serde(default)]
+    stream: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Transcript {
+    entries: Vec<Recorded>,
+}
+
+/// What the model answered to a recorded command.
+#[derive(Debug, Default)]
+struct Observed {
+    exitcode: Option<i64>,
+    stdout: String,
+    stderr: String,
+    agent_error: Option<String>,
+    result: Value,
+}
+
+fn transcript(name: &str) -> Transcript {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/transcripts/debian-12")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (record it with scripts/record-guest-transcripts.sh)",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn normalised(rules: &[(String, String)], text: &str) -> String {
+    rules.iter().fold(text.to_string(), |t, (pattern, with)| {
+        let re = regex::Regex::new(&format!("(?m){pattern}")).expect("a normalise regex");
+        re.replace_all(&t, with.as_str()).into_owned()
+    })
+}
+
+fn json_keys(v: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = match v {
+        Value::Object(m) => m.keys().cloned().collect(),
+        // A list of objects (interfaces): the keys any of them has.
+        Value::Array(a) => a.iter().flat_map(json_keys).collect(),
+        _ => Vec::new(),
+    };
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// `Err(why)` when the model's answer differs from the recorded one where it matters.
+fn compare(rec: &Recorded, got: &Observed) -> Result<(), String> {
+    let mut diffs = Vec::new();
+    if rec.agent_error.is_some() != got.agent_error.is_some() {
+        diffs.push(format!(
+            "agent error: recorded {:?}, model {:?}",
+            rec.agent_error, got.agent_error
+        ));
+    }
+    if rec.via != "agent-call" && rec.exitcode != got.exitcode {
+        diffs.push(format!(
+            "exit code: recorded {:?}, model {:?} (model stderr {:?})",
+            rec.exitcode, got.exitcode, got.stderr
+        ));
+    }
+    match rec.compare.as_str() {
+        "exact" => {
+            for (what, r, g) in [
+                ("stdout", &rec.stdout, &got.stdout),
+                ("stderr", &rec.stderr, &got.stderr),
+                (
+                    "agent error",
+                    &rec.agent_error.clone().unwrap_or_default(),
+                    &got.agent_error.clone().unwrap_or_default(),
+                ),
+            ] {
+                let (r, g) = (normalised(&rec.normalise, r), normalised(&rec.normalise, g));
+                if r != g {
+                    diffs.push(format!("{what}: recorded {r:?}, model {g:?}"));
+                }
+            }
+            if rec.via == "agent-call" && rec.result != got.result {
+                diffs.push(format!(
+                    "result: recorded {}, model {}",
+                    rec.result, got.result
+                ));
+            }
+        }
+        "exitcode" => {}
+        "lines" => {
+            let pick = |o_stdout: &str, o_stderr: &str| match rec.stream.as_deref() {
+                Some("stderr") => o_stderr.to_string(),
+                _ => o_stdout.to_string(),
+            };
+            let (r, g) = (
+                pick(&rec.stdout, &rec.stderr),
+                pick(&got.stdout, &got.stderr),
+            );
+            for pattern in &rec.lines {
+                let re = regex::Regex::new(pattern).expect("a lines regex");
+                if !re.is_match(&r) {
+                    diffs.push(format!("the recording itself lacks /{pattern}/"));
+                }
+                if !re.is_match(&g) {
+                    diffs.push(format!("model output lacks /{pattern}/: {g:?}"));
+                }
+            }
+        }
+        "json-keys" => {
+            let parse = |text: &str, result: &Value| {
+                if rec.via == "agent-call" {
+                    result.clone()
+                } else {
+                    serde_json::from_str(text).unwrap_or(Value::Null)
+                }
+            };
+            let (r, g) = (
+                json_keys(&parse(&rec.stdout, &rec.result)),
+                json_keys(&parse(&got.stdout, &got.result)),
+            );
+            if r != g {
+                diffs.push(format!("JSON keys: recorded {r:?}, model {g:?}"));
+            }
+        }
+        other => diffs.push(format!("unknown compare mode {other:?}")),
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(diffs.join("; "))
+    }
+}
+
+impl Api<'_> {
+    /// An agent exec as validation sends it (program and arguments, no shell), the outcome as
+    /// the model answers: an exit, or PVE's 500 with the agent's error.
+    async fn exec_argv(&self, vmid: u32, argv: &[String]) -> Observed {
+        let node = &self.pve.node;
+        let (status, body) = self
+            .call(
+                Method::POST,
+                &format!("/nodes/{node}/qemu/{vmid}/agent/exec"),
+                Some(json!({ "command": argv })),
+            )
+            .await;
+        if status != StatusCode::OK {
+            return Observed {
+                agent_error: Some(
+                    body["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                ),
+                ..Default::default()
+            };
+        }
+        let pid = body["data"]["pid"].as_i64().expect("pid");
+        for _ in 0..600 {
+            let st = self
+                .ok(
+                    Method::GET,
+                    &format!("/nodes/{node}/qemu/{vmid}/agent/exec-status?pid={pid}"),
+                    None,
+                )
+                .await;
+            if st["exited"] == 1 {
+                return Observed {
+                    exitcode: st["exitcode"].as_i64(),
+                    stdout: st["out-data"].as_str().unwrap_or_default().to_string(),
+                    stderr: st["err-data"].as_str().unwrap_or_default().to_string(),
+                    ..Default::default()
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("exec {argv:?} did not end");
+    }
+}
+
+/// Replays every command recorded on the real Debian 12 guest against the guest model (the
+/// `debian-12` profile) in the same order and state (a build over SSH, then a linked clone of
+/// the template through the agent) and compares the answers. A model change that drifts from
+/// the real guest fails here; re-record with scripts/record-guest-transcripts.sh when the build
+/// or validation sends other commands.
+#[tokio::test]
+async fn the_model_answers_as_the_recorded_debian_12_guest() {
+    let build = transcript("build.json");
+    let clone = transcript("clone.json");
+    let pve = FakePve::start().await;
+    let api = Api::new(&pve);
+    pve.add_image(
+        Image::new("debian-12-genericcloud-amd64.qcow2")
+            .contents(json!({"profile": "debian-12"}))
+            .present(),
+    )
+    .await;
+    let key = pve.ssh_keygen();
+    let ip = pve.guest_ip(60);
+    let create = json!({
+        "vmid": 9060, "name": "build", "agent": "enabled=1", "ciuser": "sombrero",
+        "sshkeys": sshkeys_param(&[&key.public_key]), "ipconfig0": format!("ip={ip}/8"),
+        "ide2": "local-lvm:cloudinit", "net0": "virtio,bridge=vmbr0",
+        "scsi0": "local-lvm:0,import-from=local:import/debian-12-genericcloud-amd64.qcow2",
+    });
+    assert_eq!(
+        api.wait(&api.ok(Method::POST, "/nodes/pve1/qemu", Some(create)).await)
+            .await,
+        "OK"
+    );
+    let start = |vmid: u32| {
+        let api = &api;
+        async move {
+            let path = format!("/nodes/pve1/qemu/{vmid}/status/start");
+            assert_eq!(
+                api.wait(&api.ok(Method::POST, &path, None).await).await,
+                "OK"
+            );
+        }
+    };
+    start(9060).await;
+    for _ in 0..200 {
+        if pve.ssh_run(&ip, "sombrero", &key, "true").await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut mismatches = Vec::new();
+    for (i, rec) in build.entries.iter().enumerate() {
+        let line = rec.command.as_str().expect("an SSH entry is a line");
+        let got = match pve.ssh_run(&ip, "sombrero", &key, line).await {
+            Ok(out) => Observed {
+                exitcode: Some(out.exitcode),
+                stdout: out.stdout,
+                stderr: out.stderr,
+                ..Default::default()
+            },
+            Err(e) => panic!("build.json[{i}] {line:?}: SSH failed: {e}"),
+        };
+        if let Err(why) = compare(rec, &got) {
+            mismatches.push(format!("build.json[{i}] `{line}`: {why}"));
+        }
+    }
+
+    // Shut down, template, linked clone with validation's cloud-init settings, boot.
+    for (path, body) in [
+        ("/nodes/pve1/qemu/9060/status/shutdown", None),
+        ("/nodes/pve1/qemu/9060/template", None),
+        (
+            "/nodes/pve1/qemu/9060/clone",
+            Some(json!({"newid": 9160, "name": "validate"})),
+        ),
+    ] {
+        assert_eq!(
+            api.wait(&api.ok(Method::POST, path, body).await).await,
+            "OK"
+        );
+    }
+    let key2 = pve.ssh_keygen();
+    api.ok(
+        Method::PUT,
+        "/nodes/pve1/qemu/9160/config",
+        Some(
+            json!({"ciuser": "sombrero", "sshkeys": sshkeys_param(&[&key2.public_key]),
+                    "ipconfig0": format!("ip={}/8", pve.guest_ip(61))}),
+        ),
+    )
+    .await;
+    start(9160).await;
+    let mut up = false;
+    for _ in 0..200 {
+        let (status, _) = api
+            .call(Method::POST, "/nodes/pve1/qemu/9160/agent/ping", None)
+            .await;
+        if status == StatusCode::OK {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the clone's agent never answered");
+    for (i, rec) in clone.entries.iter().enumerate() {
+        let got = match rec.via.as_str() {
+            "agent" => {
+                let argv: Vec<String> = serde_json::from_value(rec.command.clone())
+                    .expect("an agent entry is a program and its arguments");
+                api.exec_argv(9160, &argv).await
+            }
+            "agent-call" => {
+                let command = rec.command.as_str().expect("an agent call name");
+                let method = if command == "ping" {
+                    Method::POST
+                } else {
+                    Method::GET
+                };
+                let (status, body) = api
+                    .call(
+                        method,
+                        &format!("/nodes/pve1/qemu/9160/agent/{command}"),
+                        None,
+                    )
+                    .await;
+                if status == StatusCode::OK {
+                    Observed {
+                        result: body["data"]["result"].clone(),
+                        ..Default::default()
+                    }
+                } else {
+                    Observed {
+                        agent_error: body["message"].as_str().map(|m| m.trim().to_string()),
+                        ..Default::default()
+                    }
+                }
+            }
+            other => panic!("clone.json[{i}]: unknown via {other:?}"),
+        };
+        if let Err(why) = compare(rec, &got) {
+            mismatches.push(format!("clone.json[{i}] {}: {why}", rec.command));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "the guest model differs from the real Debian 12 guest in {} of {} recorded commands:\n{}",
+        mismatches.len(),
+        build.entries.len() + clone.entries.len(),
+        mismatches.join("\n")
+    );
+}
+
+/// The replay's comparison fails where the model would be wrong (so the replay test can fail).
+#[test]
+fn the_replay_comparison_catches_a_different_answer() {
+    let rec = |compare: &str, stdout: &str| Recorded {
+        via: "agent".into(),
+        command: json!(["systemctl", "is-enabled", "qemu-guest-agent"]),
+        exitcode: Some(0),
+        stdout: stdout.into(),
+        stderr: String::new(),
+        agent_error: None,
+        result: Value::Null,
+        compare: compare.into(),
+        lines: vec!["(?m)^static$".into()],
+        normalise: vec![(r"^\.+".into(), String::new())],
+        stream: None,
+    };
+    let got = |code: i64, stdout: &str| Observed {
+        exitcode: Some(code),
+        stdout: stdout.into(),
+        ..Default::default()
+    };
+    assert!(compare(&rec("exact", "static\n"), &got(0, "static\n")).is_ok());
+    assert!(compare(&rec("exact", "static\n"), &got(0, "enabled\n")).is_err());
+    assert!(compare(&rec("exact", "static\n"), &got(1, "static\n")).is_err());
+    assert!(
+        compare(
+            &rec("exact", "...\nstatus: done\n"),
+            &got(0, "\nstatus: done\n")
+        )
+        .is_ok()
+    );
+    assert!(compare(&rec("lines", "static\n"), &got(0, "enabled\n")).is_err());
+    assert!(compare(&rec("exitcode", "static\n"), &got(0, "anything")).is_ok());
+    assert!(
+        compare(
+            &rec("json-keys", r#"{"a":1,"b":2}"#),
+            &got(0, r#"{"b":3,"a":4}"#)
+        )
+        .is_ok()
+    );
+    assert!(compare(&rec("json-keys", r#"{"a":1,"b":2}"#), &got(0, r#"{"a":1}"#)).is_err());
+    let refused = Observed {
+        agent_error: Some("Agent error: ...".into()),
+        ..Default::default()
+    };
+    assert!(compare(&rec("exitcode", ""), &refused).is_err());
 }

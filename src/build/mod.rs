@@ -44,9 +44,9 @@
 //!    serial console, `agent=1`, hardware, network, `ipconfig0`, the throwaway SSH key, tags
 //!    and the ownership marker (role `build`) in the same call that creates the VM.
 //! 3. `Provision`: start, wait for SSH (or the guest agent), run the seed's steps one command at
-//!    a time (`apt-get update`, `upgrade -y`, install `qemu-guest-agent cloud-init` + spec
-//!    packages, enable services, spec commands, `apt-get clean`, `autoremove -y`), record the
-//!    package manifest, then clean for cloning (`cloud-init clean`, empty machine-id, no SSH host
+//!    a time (`apt-get update`, `full-upgrade -y`, install `qemu-guest-agent
+//!    cloud-init` + spec packages, enable services, spec commands, `apt-get clean`,
+//!    `autoremove -y`), record the package manifest (installed packages only), then clean for cloning (`cloud-init clean`, empty machine-id, no SSH host
 //!    keys, no build key; the `sshkeys` option is removed from the config too).
 //! 4. `Shutdown`: graceful shutdown with a timeout, then a hard stop.
 //! 5. `Convert`: the `template` endpoint (never `template=1` in the config).
@@ -84,7 +84,7 @@ use crate::api::GoldenImageSpec;
 use crate::image::marker::{Owner, ValidationRecord};
 
 pub use error::{BuildError, ErrorCategory};
-pub use pipeline::{cleanup_abandoned_builds, run_build};
+pub use pipeline::{cleanup_abandoned_builds, run_build, run_build_with};
 pub use plan::{cli_owner_uid, normalize_file_name};
 pub(crate) use plan::{first_ipv4, hardware_config, static_ip};
 
@@ -217,6 +217,9 @@ pub struct Timeouts {
     pub download: Duration,
     /// Graceful shutdown before a hard stop.
     pub shutdown: Duration,
+    /// How long an SSH build to a DHCP address waits for the guest agent to report it (within
+    /// `spec.provisioning.timeout`): a cloud image without the agent never does.
+    pub agent_address: Duration,
 }
 
 impl Default for Timeouts {
@@ -225,6 +228,7 @@ impl Default for Timeouts {
             task: Duration::from_secs(600),
             download: Duration::from_secs(3600),
             shutdown: Duration::from_secs(120),
+            agent_address: Duration::from_secs(300),
         }
     }
 }

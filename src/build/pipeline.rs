@@ -8,7 +8,7 @@ use super::commands::{self, Step};
 use super::error::{BuildError, ErrorCategory};
 use super::inventory::{self, TaggedVm};
 use super::plan::{first_ipv4, hardware_config, static_ip};
-use super::provision::{self, Channel};
+use super::provision::{self, AgentWait, Channel};
 use super::readback::{TaskCall, run_task, settled_config};
 use super::source::{self, Prepared};
 use super::{BuildOutcome, BuildRequest, Progress, Stage, StageTiming, Timeouts};
@@ -729,8 +729,15 @@ impl Run<'_> {
                 Channel::Ssh(session)
             }
             None => {
-                provision::wait_for_agent(self.client, &node, vmid, deadline, self.progress)
-                    .await?;
+                provision::wait_for_agent(
+                    self.client,
+                    &node,
+                    vmid,
+                    deadline,
+                    AgentWait::Channel,
+                    self.progress,
+                )
+                .await?;
                 Channel::Agent {
                     client: self.client,
                     node: node.clone(),
@@ -749,8 +756,9 @@ impl Run<'_> {
             self.progress.message("recording the package manifest");
             let manifest_step = Step {
                 name: "package manifest".into(),
-                line: commands::MANIFEST_COMMAND.into(),
+                line: commands::manifest_command(),
                 ok_codes: &[0],
+                apt_report: false,
             };
             let out = provision::run_step(&mut channel, &manifest_step, deadline).await?;
             let manifest = commands::parse_manifest(&out.stdout);
@@ -794,7 +802,18 @@ impl Run<'_> {
         if let Some(ip) = static_ip(&ssh.ip_config) {
             return Ok(ip);
         }
-        provision::wait_for_agent(self.client, node, vmid, deadline, self.progress).await?;
+        // Only the agent knows a DHCP address, and a cloud image usually has none: a bounded
+        // wait (a template source may have the agent), then the error says what to set.
+        let limit = deadline.min(Instant::now() + self.timeouts.agent_address);
+        provision::wait_for_agent(
+            self.client,
+            node,
+            vmid,
+            limit,
+            AgentWait::Address,
+            self.progress,
+        )
+        .await?;
         let ifaces = self
             .client
             .agent_network_interfaces(node, vmid)

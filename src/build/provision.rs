@@ -110,15 +110,44 @@ pub async fn wait_for_ssh(
     }
 }
 
-/// Waits until the guest agent answers.
+/// Why the build waits for the guest agent; says what to change when it never answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentWait {
+    /// `provisioning.via: guestAgent`: the agent is the command channel.
+    Channel,
+    /// SSH to a DHCP address: only the agent can report it.
+    Address,
+}
+
+impl AgentWait {
+    fn hint(self) -> &'static str {
+        match self {
+            AgentWait::Channel => {
+                "provisioning.via guestAgent needs a source image with qemu-guest-agent installed and enabled; use via: ssh otherwise"
+            }
+            // Debian's and Ubuntu's cloud images ship without qemu-guest-agent: the build
+            // installs it, but it only answers after the next boot (a static unit that udev
+            // starts when the virtio port appears), i.e. in the clones, never in the build VM.
+            AgentWait::Address => {
+                "with provisioning.ssh.ipConfig ip=dhcp the build VM's address comes from the guest agent, which the source image lacks (cloud images ship without qemu-guest-agent); set provisioning.ssh.host or a static provisioning.ssh.ipConfig (ip=10.0.0.50/24,gw=10.0.0.1)"
+            }
+        }
+    }
+}
+
+/// Waits until the guest agent answers, until `deadline`.
 pub async fn wait_for_agent(
     client: &Client,
     node: &str,
     vmid: u32,
     deadline: Instant,
+    why: AgentWait,
     progress: &dyn Progress,
 ) -> Result<(), BuildError> {
-    progress.message("waiting for the guest agent");
+    progress.message(match why {
+        AgentWait::Channel => "waiting for the guest agent",
+        AgentWait::Address => "waiting for the guest agent to report the build VM's address",
+    });
     let mut delay = Duration::from_millis(200);
     loop {
         let err = match client.agent_ping(node, vmid).await {
@@ -129,7 +158,7 @@ pub async fn wait_for_agent(
             return Err(BuildError::timeout(
                 "wait for the guest agent",
                 format!("the guest agent of VM {vmid} did not answer in time: {err}"),
-                "provisioning.via guestAgent needs a source image with qemu-guest-agent installed and enabled; use via: ssh otherwise",
+                why.hint(),
             )
             .at(Stage::Provision));
         }
@@ -147,7 +176,25 @@ pub async fn run_steps(
 ) -> Result<(), BuildError> {
     for step in steps {
         progress.message(&step.name);
-        run_step(channel, step, deadline).await?;
+        let out = run_step(channel, step, deadline).await?;
+        if !step.apt_report {
+            continue;
+        }
+        // Not errors, but nothing a person would expect from a rebuild: say so (see UPGRADE).
+        let held = commands::kept_back(&out.stdout);
+        if !held.is_empty() {
+            tracing::warn!(step = %step.name, kept_back = ?held, "apt kept packages back");
+            progress.message(&format!(
+                "{}: apt kept back {} (not upgraded)",
+                step.name,
+                held.join(", ")
+            ));
+        }
+        let gone = commands::removed(&out.stdout);
+        if !gone.is_empty() {
+            tracing::warn!(step = %step.name, removed = ?gone, "apt removed packages");
+            progress.message(&format!("{}: apt removed {}", step.name, gone.join(", ")));
+        }
     }
     Ok(())
 }
@@ -163,6 +210,15 @@ pub async fn run_step(
                 &step.name,
                 format!("{} did not finish before provisioning.timeout", step.name),
                 "raise spec.provisioning.timeout, or check the guest (a prompt waiting for input?)",
+            )
+        } else if e.contains("Agent error:") {
+            // qemu-ga refused the command itself (PVE's 500 "Agent error: ..."), e.g. a missing
+            // program; the guest answered, the connection is fine.
+            BuildError::guest(
+                &step.name,
+                format!("the guest agent could not run {}: {e}", step.name),
+                Vec::new(),
+                "the guest agent's answer is above; check that the image has the program (/bin/sh) and the agent works",
             )
         } else {
             BuildError::guest(

@@ -1,7 +1,9 @@
 //! Pure image logic: names and build numbers, tags, the description marker, the spec hash,
-//! checksum lists, the version view and the Terraform hand-off. No I/O here.
+//! checksum lists, the version view, the Terraform hand-off and dpkg's package list. No I/O
+//! here.
 
 pub mod checksum;
+pub mod dpkg;
 pub mod marker;
 pub mod naming;
 pub mod output;

@@ -250,6 +250,14 @@ fn classify(
         // Proxies and pveproxy's own pseudo-statuses (AnyEvent::HTTP 595-599) mean the request
         // did not get a proper answer; whether it ran is decided by the caller (client.rs).
         429 | 502 | 503 | 504 | 595..=599 => Error::Transient { request, message },
+        // The guest agent's own answer, forwarded by PVE as a 500 (`check_agent_error`), e.g.
+        // an exec of a missing program: "... (No such file or directory)" is the guest's, not
+        // a Proxmox object that is missing.
+        _ if lower.starts_with("agent error:") => Error::Api {
+            request,
+            status,
+            message,
+        },
         _ if is_lock_message(&lower) => Error::Locked { request, message },
         _ if lower.contains("does not exist")
             || lower.contains("no such ")
@@ -389,6 +397,17 @@ mod tests {
                 "transient",
             ),
             (500, r#"{"message":"no such task\n"}"#, "not_found"),
+            // qemu-ga's GenericError for an exec of a missing program, as PVE forwards it.
+            (
+                500,
+                r#"{"message":"Agent error: Guest agent command failed, error was 'Failed to execute child process \u201cfrobnicate\u201d (No such file or directory)'\n"}"#,
+                "api",
+            ),
+            (
+                500,
+                r#"{"message":"Agent error: Invalid parameter 'pid'\n"}"#,
+                "api",
+            ),
             (
                 500,
                 r#"{"message":"you can't convert a VM to template if VM is running\n"}"#,

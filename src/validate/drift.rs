@@ -3,9 +3,13 @@
 
 use std::collections::BTreeSet;
 
-/// The guest command that lists packages: name and dpkg's status abbreviation per line. Run
-/// without a shell (dpkg-query expands `\t` and `\n` in the format itself).
-pub const DPKG_QUERY: [&str; 3] = ["dpkg-query", "-W", "-f=${Package}\\t${db:Status-Abbrev}\\n"];
+use crate::image::dpkg;
+
+/// The guest command that lists packages ([`crate::image::dpkg`], the same query as the
+/// build's manifest). Run without a shell.
+pub fn dpkg_query() -> [String; 3] {
+    dpkg::query_argv()
+}
 
 /// Packages added and removed, by name, sorted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,24 +66,13 @@ pub fn normalize_package(name: &str) -> String {
     name.to_ascii_lowercase()
 }
 
-/// Installed packages from [`DPKG_QUERY`] output. Lines whose status says not installed
-/// (`un`, config files only `rc`) are skipped; a line without a status counts as installed
-/// (plain `dpkg-query -W -f='${Package}\n'`).
+/// Installed packages from [`dpkg_query`] output, by name. Lines whose state says not
+/// installed (`un`, config files only `rc`) are skipped, as the build's manifest skips them.
 pub fn parse_installed(output: &str) -> BTreeSet<String> {
-    output
-        .lines()
-        .filter_map(|line| {
-            let mut parts = line.split('\t');
-            let name = parts.next()?.trim();
-            if name.is_empty() {
-                return None;
-            }
-            let status = parts.next().map(str::trim).unwrap_or("ii");
-            // Second letter: n = not installed, c = config files only; anything else (i, U,
-            // F, H, W, t) has files on disk.
-            let installed = !matches!(status.chars().nth(1), Some('n' | 'c'));
-            installed.then(|| normalize_package(name))
-        })
+    dpkg::parse(output)
+        .into_iter()
+        .filter(|e| e.installed)
+        .map(|e| normalize_package(&e.name))
         .collect()
 }
 
@@ -115,7 +108,8 @@ mod tests {
 
     #[test]
     fn parses_dpkg_output() {
-        let out = "bash\tii \ncloud-init\tii \nold-kernel\trc \ngone\tun \nlibc6:amd64\tii \nhalf\tiF \n\n";
+        let out = "ii \tbash\t5.2\nii \tcloud-init\t22.4\nrc \told-kernel\t6.1.0-50\nun \tgone\t\n\
+                   ii \tlibc6:amd64\t2.36\niF \thalf\t1\n\n";
         let got: Vec<String> = parse_installed(out).into_iter().collect();
         assert_eq!(got, ["bash", "cloud-init", "half", "libc6"]);
         let plain: Vec<String> = parse_installed("a\nb\n").into_iter().collect();

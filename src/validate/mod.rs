@@ -60,6 +60,7 @@
 
 mod check;
 mod cleanup;
+mod cloud_init;
 pub mod drift;
 mod error;
 mod report;

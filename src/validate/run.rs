@@ -8,7 +8,8 @@ use tracing::{info, warn};
 
 use super::check::{Check, plan_checks};
 use super::cleanup::{CLONE_NAME_PREFIX, cleanup_stale_validation_vms, destroy_validation_vm};
-use super::drift::{DPKG_QUERY, PackageDrift, compute_drift, parse_installed};
+use super::cloud_init;
+use super::drift::{PackageDrift, compute_drift, dpkg_query, parse_installed};
 use super::error::ValidateError;
 use super::report::{CheckOutcome, ValidationReport};
 use super::{ProgressEvent, SshProbe, VALIDATION_TAG, ValidationProgress, ValidationRequest};
@@ -378,10 +379,24 @@ fn guest_side(e: &proxmox::Error) -> bool {
     match e {
         proxmox::Error::Api { message, .. } => {
             let m = message.to_ascii_lowercase();
-            m.contains("guest agent") || m.contains("qmp command") || m.contains("not running")
+            // "Agent error: ..." is qemu-ga's own answer (a missing program, an unknown pid).
+            m.starts_with("agent error:")
+                || m.contains("guest agent")
+                || m.contains("qmp command")
+                || m.contains("not running")
         }
         _ => false,
     }
+}
+
+/// Why a command did not start in the guest: the command, then the agent's words (an unknown
+/// program is qemu-ga's "Failed to execute child process ... (No such file or directory)",
+/// forwarded by PVE as a 500, not an exit code 127).
+fn could_not_start(line: &str, e: &proxmox::Error) -> String {
+    format!(
+        "`{line}` could not start in the guest: {}",
+        e.pve_message().unwrap_or("guest agent error")
+    )
 }
 
 /// State shared by the checks of one run.
@@ -597,12 +612,7 @@ impl Run<'_> {
             .await
         {
             Ok(pid) => pid,
-            Err(e) if guest_side(&e) => {
-                return Ok(Err(format!(
-                    "`{line}` could not start: {}",
-                    e.pve_message().unwrap_or("agent error")
-                )));
-            }
+            Err(e) if guest_side(&e) => return Ok(Err(could_not_start(&line, &e))),
             Err(e) => return Err(infra(e)),
         };
         let mut delay = Duration::from_millis(100);
@@ -631,28 +641,15 @@ impl Run<'_> {
     }
 
     async fn cloud_init(&mut self) -> CheckResult {
-        let s = match self.exec(&["cloud-init", "status", "--wait"]).await? {
+        let s = match self.exec(&cloud_init::COMMAND).await? {
             Ok(s) => s,
             Err(why) => return Ok(Err(why)),
         };
-        let out = output_text(&s);
-        let status = out
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("status:"))
-            .map(|v| v.trim().to_string());
-        Ok(match (s.exitcode, status.as_deref()) {
-            (Some(0), Some("done")) => Ok("cloud-init status: done".into()),
-            (code, Some(st)) => Err(format!(
-                "cloud-init status: {st} (exit {}){}",
-                code.unwrap_or(-1),
-                detail(&s)
-            )),
-            (code, None) => Err(format!(
-                "`cloud-init status --wait` exited {} without a status{}",
-                code.unwrap_or(-1),
-                detail(&s)
-            )),
-        })
+        Ok(cloud_init::verdict(
+            s.exitcode,
+            s.out_data.as_deref().unwrap_or(""),
+            &detail(&s),
+        ))
     }
 
     async fn ssh(&mut self) -> CheckResult {
@@ -746,7 +743,9 @@ impl Run<'_> {
                 "no baseline package manifest was recorded for this template, so drift cannot be judged (rebuild it, or drop packageDrift from validation.checks)".into(),
             ));
         }
-        let s = match self.exec(&DPKG_QUERY).await? {
+        let query = dpkg_query();
+        let argv: Vec<&str> = query.iter().map(String::as_str).collect();
+        let s = match self.exec(&argv).await? {
             Ok(s) => s,
             Err(why) => return Ok(Err(why)),
         };
@@ -779,23 +778,21 @@ impl Run<'_> {
     }
 }
 
-fn output_text(s: &ExecStatus) -> String {
-    s.out_data.clone().unwrap_or_default()
-}
-
-/// `: <last lines of stderr or stdout>` for a failure message.
+/// `: <last lines of stderr, else of stdout>` for a failure message. The guest agent keeps the
+/// two apart (`err-data`, `out-data`); lines of only the dots `cloud-init status --wait` prints
+/// say nothing and are left out.
 fn detail(s: &ExecStatus) -> String {
+    let says = |l: &&str| !l.trim().trim_matches('.').is_empty();
     let text = s
         .err_data
         .as_deref()
-        .filter(|e| !e.trim().is_empty())
+        .filter(|e| e.lines().any(|l| says(&l)))
         .or(s.out_data.as_deref())
-        .unwrap_or("")
-        .trim();
-    if text.is_empty() {
+        .unwrap_or("");
+    let lines: Vec<&str> = text.lines().filter(says).map(str::trim).collect();
+    if lines.is_empty() {
         return String::new();
     }
-    let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
     format!(": {tail}")
 }
@@ -854,6 +851,34 @@ mod tests {
     }
 
     #[test]
+    fn failure_detail_prefers_stderr_and_drops_the_dots() {
+        let st = |out: Option<&str>, err: Option<&str>| ExecStatus {
+            exited: true,
+            exitcode: Some(1),
+            out_data: out.map(str::to_string),
+            err_data: err.map(str::to_string),
+            ..Default::default()
+        };
+        assert_eq!(
+            detail(&st(
+                Some("....\nstatus: error\n"),
+                Some("Failed to load datasource\n")
+            )),
+            ": Failed to load datasource"
+        );
+        assert_eq!(
+            detail(&st(Some("......\nstatus: error\n"), Some("\n"))),
+            ": status: error"
+        );
+        assert_eq!(detail(&st(Some("..."), None)), "");
+        let many: String = (1..=8).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(
+            detail(&st(None, Some(&many))),
+            ": line 4 | line 5 | line 6 | line 7 | line 8"
+        );
+    }
+
+    #[test]
     fn guest_side_errors_are_not_infrastructure() {
         let api = |m: &str| proxmox::Error::Api {
             request: "POST /x".into(),
@@ -865,7 +890,21 @@ mod tests {
         assert!(guest_side(&api(
             "VM 100 qmp command 'guest-ping' failed - got timeout"
         )));
+        assert!(guest_side(&api(
+            "Agent error: Guest agent command failed, error was 'Failed to execute child process \u{201c}cloud-init\u{201d} (No such file or directory)'"
+        )));
+        assert!(guest_side(&api("Agent error: Invalid parameter 'pid'")));
         assert!(!guest_side(&api("permission denied")));
+        let missing = api(
+            "Agent error: Guest agent command failed, error was 'Failed to execute child process \u{201c}cloud-init\u{201d} (No such file or directory)'",
+        );
+        let why = could_not_start("cloud-init status --wait", &missing);
+        assert!(
+            why.starts_with(
+                "`cloud-init status --wait` could not start in the guest: Agent error:"
+            ) && why.contains("No such file or directory"),
+            "{why}"
+        );
         assert!(!guest_side(&proxmox::Error::Transient {
             request: "x".into(),
             message: "conn".into()

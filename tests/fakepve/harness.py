@@ -611,7 +611,11 @@ class GuestPve(FakePve):
         if command == 'exec':
             argv = list(values['command'])
             rt.pid += 1
-            code, out, err, secs = self.h.run(vm, contents, rt, argv, values.get('input-data'), via='agent')
+            try:
+                code, out, err, secs = self.h.run(vm, contents, rt, argv, values.get('input-data'), via='agent')
+            except guestos.ProgramNotFound as e:
+                # qemu-ga's GenericError, as PVE's check_agent_error forwards it: a 500, no pid.
+                raise PveError(500, 'Agent error: {0}'.format(e.desc))
             rt.execs[rt.pid] = {'done_at': time.time() + secs * self.time_scale, 'exitcode': code,
                                 'out': out, 'err': err}
             return {'pid': rt.pid}

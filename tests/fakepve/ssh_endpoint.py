@@ -141,7 +141,8 @@ class SshEndpoints(object):
             process.exit(1)
             return
         rt = self.h.runtime_of(vm, contents)
-        code, out, err, secs = self.h.run(vm, contents, rt, ['/bin/sh', '-c', command], None, via='ssh')
+        # sshd runs the command with the user's login shell: bash for cloud-init's users.
+        code, out, err, secs = self.h.run(vm, contents, rt, ['bash', '-c', command], None, via='ssh')
         await self.h.pve.pause(secs)
         process.stdout.write(out)
         process.stderr.write(err)

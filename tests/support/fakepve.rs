@@ -39,6 +39,10 @@
 //!   `local:import/<file>`. `Image::present()` puts it on the storage directly instead.
 //! - Default contents: an Ubuntu 24.04 cloud image without `qemu-guest-agent` (`Image::agent()`
 //!   adds it), cloud-init never run, empty machine-id, no SSH host keys, no apt lists.
+//!   `Image::contents(json!({"profile": "debian-12"}))` is a Debian 12 cloud image instead, its
+//!   packages, upgrades and repository read from the transcripts recorded on a real Debian 12
+//!   guest (`tests/transcripts/debian-12/`, which the model is checked against:
+//!   `the_model_answers_as_the_recorded_debian_12_guest` in tests/fakepve_harness.rs).
 //! - `scsi0: local-lvm:0,import-from=local:import/<file>` (create, or `PUT`/`POST config`) makes a
 //!   disk of the image's virtual size (3.5 GiB by default) carrying a copy of its contents.
 //!   `PUT .../resize` grows it (fakepve alone ignores resize). Template conversion and clones
@@ -52,15 +56,27 @@
 //! - `agent/exec` (+ `exec-status`, which answers `exited: 0` while the command "runs" and forgets
 //!   the pid once it reported the exit) runs, directly or through `sh -c` (`;`, `&&`, `||`, a
 //!   trailing `| filter` ignored, redirections dropped, `sudo`/`VAR=x` prefixes stripped):
-//!   `apt-get update|upgrade|dist-upgrade|install|remove|purge|autoremove|clean` (install needs
-//!   `update` first, like a fresh cloud image; `-y` needed when there is something to do),
-//!   `systemctl enable|disable [--now]|start|stop|restart|is-active|is-enabled`,
-//!   `cloud-init status [--wait] [--long]` (exit 1 on error, 2 degraded), `cloud-init clean
-//!   [--logs] [--machine-id]`, `dpkg-query -W [-f=FMT] [pkg..]`, `dpkg -l`,
-//!   `truncate -s 0 /etc/machine-id`, `rm -f /etc/ssh/ssh_host_*`, `cat /etc/os-release|
-//!   /etc/machine-id|/etc/hostname`, `echo`, `true`, `false`, `sleep`, `hostname`, `uname -r`,
-//!   `shutdown`/`poweroff` (the VM stops a moment later). Anything else exits 127 with
-//!   `sh: 1: X: not found`. [`GuestSettings::failures`] makes matching commands fail.
+//!   `apt-get update|upgrade|dist-upgrade|full-upgrade|install|remove|purge|autoremove|clean`
+//!   (install needs `update` first, like a fresh cloud image, and brings the package's
+//!   dependencies; `-y` needed when there is something to do; `-s` simulates; plain `upgrade`
+//!   keeps back an upgrade that needs a new package, a new kernel behind its metapackage, which
+//!   `--with-new-pkgs`/`dist-upgrade`/`full-upgrade` install; `remove`/`autoremove` leave the
+//!   package in dpkg state `rc`, `purge` does not), `systemctl
+//!   enable|disable [--now]|start|stop|restart|is-active|is-enabled` (`qemu-guest-agent` is a
+//!   static unit: `is-enabled` says `static`, `enable` exits 0 with systemd's notice on stderr,
+//!   it starts at the next boot; `sshd` is an alias of `ssh`), `cloud-init status [--wait]
+//!   [--long] [--format json]` (dots while `--wait` waits; exit 1 on error, 2 degraded),
+//!   `cloud-init clean [--logs] [--machine-id]`, `dpkg-query -W [-f=FMT] [pkg..]` (`rc` packages
+//!   too), `dpkg -l`, `truncate -s 0 /etc/machine-id`, `rm -f /etc/ssh/ssh_host_*`, `cat
+//!   /etc/os-release|/etc/machine-id|/etc/hostname`, `echo`, `true`, `false`, `sleep`,
+//!   `hostname`, `uname -r` (the newest installed kernel after a boot), `shutdown`/`poweroff` (the
+//!   VM stops a moment later); redirections `>&2`, `2>&1`, `>/dev/null`, `2>/dev/null`. stdout
+//!   and stderr stay apart. An unknown program exits 127 with `/bin/sh: 1: X: not found` inside
+//!   `/bin/sh -c` (`bash: line 1: X: command not found` over SSH: the login shell is bash, as for
+//!   cloud-init's users; the shell's own name leads, as dash and bash say it); exec'd directly by the
+//!   agent it is PVE's HTTP 500 `Agent error: Guest agent command failed, error was 'Failed to
+//!   execute child process “X” (No such file or directory)'`, as qemu-ga answers.
+//!   [`GuestSettings::failures`] makes matching commands fail.
 //! - `network-get-interfaces` answers `lo` plus `ethN` with the address of `ipconfigN`
 //!   (`ip=A/P`; dhcp gives 192.0.2.x); `get-osinfo` the os-release of the contents.
 //! - SSH: a running, booted VM with `openssh-server` (in the default image), host keys (made by
@@ -310,10 +326,22 @@ impl GuestState {
     pub fn has_package(&self, name: &str) -> bool {
         self.contents["packages"].get(name).is_some()
     }
+    /// Whether the service starts at boot: enabled, or static and started by its trigger
+    /// (`qemu-guest-agent`, by udev when the virtio port exists).
     pub fn service_enabled(&self, name: &str) -> bool {
-        self.contents["services"][name]["enabled"]
-            .as_bool()
-            .unwrap_or(false)
+        self.service_state(name) != "disabled"
+    }
+    /// `systemctl is-enabled`'s word: `enabled`, `static` or `disabled` (also for a unit the
+    /// guest does not have).
+    pub fn service_state(&self, name: &str) -> &'static str {
+        let svc = &self.contents["services"][name];
+        if svc["static"].as_bool().unwrap_or(false) {
+            "static"
+        } else if svc["enabled"].as_bool().unwrap_or(false) {
+            "enabled"
+        } else {
+            "disabled"
+        }
     }
     pub fn machine_id(&self) -> String {
         self.contents["machine_id"]
@@ -357,7 +385,7 @@ pub struct AgentCommand {
 }
 
 impl AgentCommand {
-    /// The command as one line (`/bin/sh -c apt-get update`).
+    /// The command as one line (`/bin/sh -c apt-get update`; over SSH `bash -c ...`).
     pub fn line(&self) -> String {
         self.command.join(" ")
     }
