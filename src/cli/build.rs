@@ -135,9 +135,10 @@ pub async fn run(args: &BuildArgs) -> ExitCode {
                 ErrorCategory::ProxmoxAuth
                 | ErrorCategory::ProxmoxTransient
                 | ErrorCategory::Proxmox => exit::PROXMOX,
-                ErrorCategory::Guest | ErrorCategory::Checksum | ErrorCategory::Timeout => {
-                    exit::WORK_FAILED
-                }
+                ErrorCategory::Guest
+                | ErrorCategory::Checksum
+                | ErrorCategory::SourceUnavailable
+                | ErrorCategory::Timeout => exit::WORK_FAILED,
             })
         }
     }

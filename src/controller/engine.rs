@@ -42,7 +42,8 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
             return JobOutcome::Failed {
                 stage: e.stage.map(|s| s.as_str().to_string()),
                 reason: build_reason(&e),
-                message: e.to_string(),
+                // The reconciler says "build failed in stage X" itself.
+                message: e.detail(),
                 retryable: e.is_retryable(),
                 touched: e.kept_vmid.into_iter().collect(),
             };
@@ -167,6 +168,7 @@ fn build_reason(e: &build::BuildError) -> &'static str {
         build::ErrorCategory::Proxmox => "ProxmoxError",
         build::ErrorCategory::Guest => "ProvisioningFailed",
         build::ErrorCategory::Checksum => "ChecksumMismatch",
+        build::ErrorCategory::SourceUnavailable => "SourceUnavailable",
         build::ErrorCategory::Timeout => "BuildTimeout",
     }
 }
