@@ -287,7 +287,11 @@ impl Progress for SourcePercents {
 async fn download_percent_rises_from_the_task_log() {
     // 0.2: the fake's download takes 1 s, a progress line every 100 ms, and the client polls
     // about five times meanwhile (50 ms growing by 1.5x): room for a loaded CI machine.
-    let pve = FakePve::start_with(Options { time_scale: 0.2, ..Default::default() }).await;
+    let pve = FakePve::start_with(Options {
+        time_scale: 0.2,
+        ..Default::default()
+    })
+    .await;
     let c = client(&pve);
     let img = pve.add_image(Image::new(IMAGE)).await;
     let progress = SourcePercents::default();
@@ -1224,7 +1228,11 @@ async fn cli_losing_the_answer_to_every_write_reads_back_and_finishes() {
 /// retries) is waited out.
 #[tokio::test]
 async fn slow_create_survives_a_kill_and_a_node_blip_inside_it() {
-    let pve = FakePve::start_with(Options { time_scale: 0.02, ..Options::default() }).await;
+    let pve = FakePve::start_with(Options {
+        time_scale: 0.02,
+        ..Options::default()
+    })
+    .await;
     let c = client(&pve);
     let img = pve.add_image(Image::new(IMAGE)).await;
     let m = consumer_marker(&pve, &c, &img).await;

@@ -606,7 +606,11 @@ async fn a_controller_killed_mid_build_resumes_without_leaks() {
     let ns = cp.namespace(&client, "ctl-kill").await;
     let (rbac, sa) = controller_client(cp, &ns).await;
     // Slow enough (1 PVE second = 50 ms) that a build is caught in flight.
-    let pve = FakePve::start_with(PveOptions { time_scale: 0.05, ..Default::default() }).await;
+    let pve = FakePve::start_with(PveOptions {
+        time_scale: 0.05,
+        ..Default::default()
+    })
+    .await;
     put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
     let uid = create_image(&client, &ns, "img", &pve, "pve")
         .await

@@ -40,7 +40,7 @@ use crate::api::template_retention::{
     ExecutedAction, PlannedAction, TemplateRetention, TemplateRetentionStatus,
 };
 use crate::proxmox;
-use crate::retention::{self, Plan, Policy, Purpose, Scope, Target};
+use crate::retention::{self, Plan, Policy, Purpose, Target};
 
 const KIND: &str = "TemplateRetention";
 /// Retry delay after failed actions (capped by `spec.interval`).
@@ -481,7 +481,7 @@ async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retention::{Action as PlanAction, ArchiveMode, Decision, Reason};
+    use crate::retention::{Action as PlanAction, ArchiveMode, Decision, Reason, Scope};
 
     #[test]
     fn a_change_of_the_images_templates_makes_the_plan_due() {
