@@ -156,7 +156,8 @@ pub async fn run(req: &Request, progress: &dyn Progress) -> Outcome {
             return Outcome::Failed(Failure {
                 stage: e.stage.map(|s| s.as_str().to_string()),
                 reason: build_reason(&e),
-                message: e.to_string(),
+                // Without "build failed in stage X": `stage` says it, and the reporters add it.
+                message: e.detail(),
                 retryable: e.is_retryable(),
                 touched: e.kept_vmid.into_iter().collect(),
                 kind: build_kind(e.category),
@@ -316,7 +317,10 @@ fn build_kind(c: ErrorCategory) -> FailureKind {
         ErrorCategory::ProxmoxAuth | ErrorCategory::ProxmoxTransient | ErrorCategory::Proxmox => {
             FailureKind::Proxmox
         }
-        ErrorCategory::Guest | ErrorCategory::Checksum | ErrorCategory::Timeout => {
+        ErrorCategory::Guest
+        | ErrorCategory::Checksum
+        | ErrorCategory::SourceUnavailable
+        | ErrorCategory::Timeout => {
             FailureKind::Work
         }
     }
@@ -330,6 +334,7 @@ fn build_reason(e: &build::BuildError) -> &'static str {
         ErrorCategory::Proxmox => "ProxmoxError",
         ErrorCategory::Guest => "ProvisioningFailed",
         ErrorCategory::Checksum => "ChecksumMismatch",
+        ErrorCategory::SourceUnavailable => "SourceUnavailable",
         ErrorCategory::Timeout => "BuildTimeout",
     }
 }

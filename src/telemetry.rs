@@ -34,25 +34,47 @@ fn filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, String> {
 /// Installs the global subscriber. `level` is an `EnvFilter` directive (`info`,
 /// `sombrero=debug,kube=info`); `RUST_LOG` wins when set. Calling it twice is harmless (the
 /// second call keeps the first subscriber), which tests that start the controller rely on.
+/// Text lines carry colour codes only when stdout is a terminal: in a pod they would end up
+/// as `\x1b[32m` in the log collector.
 pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
     let filter = filter(level, std::env::var("RUST_LOG").ok().as_deref())?;
+    let ansi = std::io::stdout().is_terminal();
+    // Already initialised (a test started a second controller): keep the first subscriber.
+    let _ = controller_subscriber(filter, format, std::io::stdout, ansi).try_init();
+    Ok(())
+}
+
+fn controller_subscriber<W>(
+    filter: EnvFilter,
+    format: LogFormat,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let registry = tracing_subscriber::registry().with(filter);
-    let result = match format {
-        LogFormat::Json => registry
-            .with(
+    match format {
+        LogFormat::Json => Box::new(
+            registry.with(
                 fmt::layer()
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
-                    .with_target(true),
-            )
-            .try_init(),
-        LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
-    };
-    // Already initialised (a test started a second controller): keep the first subscriber.
-    let _ = result;
-    Ok(())
+                    .with_target(true)
+                    .with_writer(writer),
+            ),
+        ),
+        LogFormat::Text => Box::new(
+            registry.with(
+                fmt::layer()
+                    .with_writer(writer)
+                    .with_ansi(ansi)
+                    .with_target(false),
+            ),
+        ),
+    }
 }
 
 /// Logging for `sombrero build` and `sombrero prune`: text on stderr (stdout carries their
@@ -111,6 +133,26 @@ mod tests {
         let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
         assert!(text.contains("WARN") && text.contains("DISABLED"), "{text}");
         assert!(!text.contains("routine progress"), "{text}");
+    }
+
+    #[test]
+    fn text_logs_have_colour_codes_only_on_a_terminal() {
+        for ansi in [false, true] {
+            let out = Captured::default();
+            let writer = out.clone();
+            let subscriber = controller_subscriber(
+                filter("info", None).unwrap(),
+                LogFormat::Text,
+                move || writer.clone(),
+                ansi,
+            );
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::warn!(object = "ns/img", "reconcile failed");
+            });
+            let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+            assert!(text.contains("reconcile failed"), "{text}");
+            assert_eq!(text.contains('\x1b'), ansi, "ansi {ansi}: {text:?}");
+        }
     }
 
     #[test]

@@ -804,6 +804,61 @@ async fn two_images_at_once_get_their_own_vmids() {
 }
 
 #[tokio::test]
+async fn images_of_one_os_and_type_in_two_namespaces_get_distinct_names() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let in_ns = |ns: &str| Owner {
+        namespace: ns.into(),
+        name: "ubuntu".into(),
+        uid: format!("uid-{ns}-ubuntu"),
+    };
+    let (a, b) = (in_ns("team-a"), in_ns("team-b"));
+    // At once: both read the same listing before either VM exists.
+    let ra = request(example_spec(&pve, &img, 20), a.clone(), day(18));
+    let rb = request(example_spec(&pve, &img, 21), b.clone(), day(18));
+    let (oa, ob) = tokio::join!(build(&c, &ra), build(&c, &rb));
+    let (oa, ob) = (oa.unwrap(), ob.unwrap());
+    let mut first = vec![oa.name.clone(), ob.name.clone()];
+    first.sort();
+    assert_eq!(
+        first,
+        [
+            "ubuntu-24.04-minimal-20250118-001",
+            "ubuntu-24.04-minimal-20250118-002"
+        ]
+    );
+    settle(&c, &a, oa.vmid).await;
+    settle(&c, &b, ob.vmid).await;
+    // One after the other, each image's next build counts the other namespace's templates.
+    let next_b = build(
+        &c,
+        &request(example_spec(&pve, &img, 21), b.clone(), day(18)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_b.name, "ubuntu-24.04-minimal-20250118-003");
+    settle(&c, &b, next_b.vmid).await;
+    let next_a = build(
+        &c,
+        &request(example_spec(&pve, &img, 20), a.clone(), day(18)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_a.name, "ubuntu-24.04-minimal-20250118-004");
+    // Every name in the cluster is unique.
+    let names: Vec<String> = c
+        .cluster_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|v| v.name)
+        .collect();
+    let unique: std::collections::BTreeSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "{names:?}");
+}
+
+#[tokio::test]
 async fn a_consumers_clone_is_never_adopted_changed_or_deleted() {
     let pve = FakePve::start().await;
     let c = client(&pve);

@@ -503,7 +503,17 @@ async fn a_spec_change_promotes_a_new_version_and_keeps_the_old() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "OS", "LATEST", "VMID", "READY", "VALIDATED", "AGE"],
+        [
+            "NAME",
+            "OS",
+            "LATEST",
+            "VMID",
+            "READY",
+            "VALIDATED",
+            "REASON",
+            "STAGE",
+            "AGE"
+        ],
         "{text}"
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
@@ -1066,6 +1076,236 @@ async fn a_leftover_validation_clone_goes_on_the_next_reconcile() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     wait_event(&client, &ns, "img", "LeftoverRemoved", "[900]").await;
+    ctl.abort();
+    rbac.assert_nothing_denied();
+}
+
+/// Text logs written to a pipe (a pod's stdout) carry no colour codes.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let home = std::env::temp_dir().join(format!("sombrero-ansi-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    // No kubeconfig and not in a pod: the controller logs why it cannot start, and exits.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
+        .args(["controller", "--log-format", "text"])
+        .env("HOME", &home)
+        .env("KUBECONFIG", home.join("missing"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run sombrero controller");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("cannot reach Kubernetes"), "{text:?}");
+    assert!(!text.contains('\x1b'), "colour codes in {text:?}");
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+/// Peak resident memory (`VmHWM`, KiB) of process `pid`.
+fn peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+/// Starts `sombrero controller` as the chart's ServiceAccount on `ns`, waits until it reacted to
+/// the Secret `pve` being created (so it listed and watched the namespace's Secrets), and
+/// answers its peak memory.
+async fn start_peak(client: &Client, ns: &str, kubeconfig: &std::path::Path, lease: &str) -> u64 {
+    use k8s_openapi::api::core::v1::Secret;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let _ = secrets.delete("pve", &DeleteParams::default()).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
+        .args([
+            "controller",
+            "--namespace",
+            ns,
+            "--controller-namespace",
+            ns,
+            "--leader-election",
+            "false",
+            "--lease-name",
+            lease,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--identity",
+            "memory",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("RUST_LOG")
+        .env_remove("PROXMOX_URL")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start sombrero controller");
+    let pid = child.id().unwrap();
+    let missing = |gi: &GoldenImage| {
+        condition(gi, "Stalled")
+            .is_some_and(|c| c.2.contains("Secret") && c.2.contains("does not exist"))
+    };
+    // This process found the Secret missing (the status of an earlier run said otherwise).
+    wait_for(
+        client,
+        ns,
+        "img",
+        "Stalled: Secret missing",
+        Duration::from_secs(60),
+        missing,
+    )
+    .await;
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("pve".into()),
+            ..Default::default()
+        },
+        string_data: Some(
+            [
+                ("url", "https://127.0.0.1:1"),
+                ("tokenId", "a@pve!t"),
+                ("tokenSecret", "s"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ),
+        ..Default::default()
+    };
+    secrets
+        .create(&Default::default(), &secret)
+        .await
+        .expect("create Secret");
+    // The Secret watch wakes the image: Proxmox (nothing listening) is unreachable now.
+    wait_for(
+        client,
+        ns,
+        "img",
+        "Reconciling: Proxmox unreachable",
+        Duration::from_secs(60),
+        |gi| condition(gi, "Reconciling").is_some_and(|c| c.1 == "ProxmoxUnreachable"),
+    )
+    .await;
+    let peak = peak_kib(pid);
+    child.kill().await.expect("stop the controller");
+    peak
+}
+
+#[tokio::test]
+async fn many_large_unrelated_secrets_do_not_raise_the_start_peak() {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{ListParams, PostParams};
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-mem").await;
+    let (rbac, _sa) = controller_client(cp, &ns).await;
+    let kubeconfig = support::controller::kubeconfig_as(cp, &rbac);
+    let gi: GoldenImage = serde_json::from_value(json!({
+        "apiVersion": "images.sombrero.dev/v1alpha1",
+        "kind": "GoldenImage",
+        "metadata": {"name": "img"},
+        "spec": {
+            "proxmox": {"secretRef": {"name": "pve"}},
+            "os": "ubuntu-24.04",
+            "type": "minimal",
+            "source": {"cloudImage": {"url": "https://images.invalid/noble.img", "checksum": format!("sha256:{}", "0".repeat(64))}},
+            "placement": {"node": "pve1"},
+        }
+    }))
+    .unwrap();
+    Api::<GoldenImage>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &gi)
+        .await
+        .expect("create GoldenImage");
+
+    let baseline = start_peak(&client, &ns, &kubeconfig, &rbac.lease_name).await;
+
+    // 100 Secrets of 1 MB each that no GoldenImage references.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let blob = ByteString(vec![b'x'; 1_000_000]);
+    for i in 0..100 {
+        let s = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("unrelated-{i}")),
+                labels: Some([("test".to_string(), "filler".to_string())].into()),
+                ..Default::default()
+            },
+            data: Some([("blob".to_string(), blob.clone())].into()),
+            ..Default::default()
+        };
+        secrets
+            .create(&PostParams::default(), &s)
+            .await
+            .expect("create filler Secret");
+    }
+    let loaded = start_peak(&client, &ns, &kubeconfig, &rbac.lease_name).await;
+    secrets
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("test=filler"),
+        )
+        .await
+        .expect("delete the filler Secrets");
+    eprintln!("start peak: {baseline} KiB without, {loaded} KiB with 100 MB of unrelated Secrets");
+    // Caching the Secrets' data costs over 100 MB (the list's JSON and the decoded data); the
+    // metadata of 100 Secrets a few hundred KB.
+    assert!(
+        loaded * 2 <= baseline * 3,
+        "start peak {loaded} KiB with the Secrets vs {baseline} KiB without: over 1.5x"
+    );
+}
+
+#[tokio::test]
+async fn an_image_with_a_253_character_name_gets_its_events() {
+    use kube::api::PostParams;
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-long").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
+    // The longest name Kubernetes allows; kube's Recorder would name its Events over 253.
+    let name = format!("img-{}", "x".repeat(249));
+    assert_eq!(name.len(), 253);
+    let gi: GoldenImage = serde_json::from_value(json!({
+        "apiVersion": "images.sombrero.dev/v1alpha1",
+        "kind": "GoldenImage",
+        "metadata": {"name": name},
+        "spec": {
+            "proxmox": {"secretRef": {"name": "missing"}},
+            "os": "ubuntu-24.04",
+            "type": "minimal",
+            "source": {"cloudImage": {"url": "https://images.invalid/noble.img", "checksum": format!("sha256:{}", "0".repeat(64))}},
+            "placement": {"node": "pve1"},
+        }
+    }))
+    .unwrap();
+    Api::<GoldenImage>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &gi)
+        .await
+        .expect("create GoldenImage");
+    let ctl = start(&sa, options(&rbac, "a", false));
+    wait_for(
+        &client,
+        &ns,
+        &name,
+        "Stalled=True",
+        Duration::from_secs(60),
+        |gi| condition(gi, "Stalled").is_some_and(|c| c.0 == "True"),
+    )
+    .await;
+    let ev = wait_event(
+        &client,
+        &ns,
+        &name,
+        "ProxmoxConnectionInvalid",
+        "does not exist",
+    )
+    .await;
+    assert_eq!(ev.0, "Warning");
     ctl.abort();
     rbac.assert_nothing_denied();
 }

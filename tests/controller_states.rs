@@ -39,6 +39,23 @@ async fn count_events(client: &Client, ns: &str, name: &str, reason: &str) -> us
         .count()
 }
 
+/// How often Events of `reason` about `name` happened: the recorder folds a repeat (same
+/// reason and related object) into a series of the first Event, so its count counts.
+async fn occurrences(client: &Client, ns: &str, name: &str, reason: &str) -> i32 {
+    Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), ns)
+        .list(&kube::api::ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .expect("list Events")
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .map(|e| {
+            let series = e.series.as_ref().and_then(|s| s.count).unwrap_or(0);
+            series.max(e.count.unwrap_or(0)).max(1)
+        })
+        .sum()
+}
+
 /// The marker in the description of VM `vmid`, as Proxmox holds it.
 async fn marker(pve: &FakePve, node: &str, vmid: u32) -> Marker {
     let config = pve_client(pve).vm_config(node, vmid).await.unwrap();
@@ -385,6 +402,118 @@ async fn a_guest_command_that_keeps_failing_stalls_after_three_attempts() {
     .await;
     assert!(condition(&gi, "Stalled").is_none(), "{:#?}", gi.status);
     assert_eq!(count_events(&client, &ns, "img", "BuildStarted").await, 4);
+    ctl.abort();
+    rbac.assert_nothing_denied();
+}
+
+#[tokio::test]
+async fn an_unreachable_checksum_url_is_retried_not_stalled() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "st-sums").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    // A port nothing listens on: the mirror is down.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sums = format!("http://127.0.0.1:{port}/SHA256SUMS");
+    create_image_with(
+        &client,
+        &ns,
+        "img",
+        &pve,
+        "pve",
+        json!({"source": {"cloudImage": {"checksum": null, "checksumUrl": sums}},
+               "rebuild": {"onSourceChange": false}}),
+    )
+    .await;
+    let ctl = start(&sa, options(&rbac, "a", false));
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "Reconciling=True (RetryingBuild)",
+        Duration::from_secs(120),
+        |gi| condition(gi, "Reconciling").is_some_and(|c| c.1 == "RetryingBuild"),
+    )
+    .await;
+    assert!(condition(&gi, "Stalled").is_none(), "{:#?}", gi.status);
+    let (_, _, message) = condition(&gi, "Reconciling").unwrap();
+    assert!(
+        message.contains("checksumUrl") && message.contains(&sums),
+        "{message}"
+    );
+    // The stage is named once, not "build failed in stage Source: build failed in stage Source".
+    assert_eq!(message.matches("failed in stage").count(), 1, "{message}");
+    let evs = events(&client, &ns, "img").await;
+    let failed: Vec<_> = evs.iter().filter(|e| e.1 == "SourceUnavailable").collect();
+    assert!(!failed.is_empty(), "{evs:#?}");
+    for e in &failed {
+        assert_eq!(e.2.matches("failed in stage").count(), 1, "{}", e.2);
+        assert!(e.2.contains("retrying with backoff"), "{}", e.2);
+    }
+    assert!(
+        !evs.iter().any(|e| e.1 == "ChecksumMismatch"),
+        "a fetch error is no checksum mismatch: {evs:#?}"
+    );
+    ctl.abort();
+    rbac.assert_nothing_denied();
+}
+
+#[tokio::test]
+async fn a_promoted_build_is_never_resumed_from_the_cached_status() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "st-once").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
+    let pve = FakePve::start().await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    // The promotion writes the output ConfigMap, then the status: the ConfigMap's watch event
+    // queues a reconcile that may get the object from the cache as it was during the build.
+    // Several images make that race likely; each must build and promote exactly once.
+    let names = ["one", "two", "three"];
+    for name in names {
+        create_image_with(&client, &ns, name, &pve, "pve", json!({})).await;
+    }
+    let ctl = start(&sa, options(&rbac, "a", false));
+    for name in names {
+        wait_for(
+            &client,
+            &ns,
+            name,
+            "Ready=True",
+            Duration::from_secs(300),
+            is_ready,
+        )
+        .await;
+    }
+    // Well past several reconciles (poll 1 s, requeue 5 s) after the last promotion.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    for name in names {
+        let evs = events(&client, &ns, name).await;
+        for reason in ["BuildStarted", "Promoted"] {
+            assert_eq!(
+                occurrences(&client, &ns, name, reason).await,
+                1,
+                "{name}: {reason}: {evs:#?}"
+            );
+        }
+        assert!(
+            !evs.iter().any(|e| e.2.contains("ResumingBuild")),
+            "{name}: {evs:#?}"
+        );
+        let gi = get(&client, &ns, name).await;
+        let st = gi.status.as_ref().unwrap();
+        assert!(st.build.is_none(), "{name}: {:#?}", gi.status);
+        assert_eq!(st.versions.len(), 1, "{name}: {:#?}", gi.status);
+        assert!(is_ready(&gi));
+    }
     ctl.abort();
     rbac.assert_nothing_denied();
 }

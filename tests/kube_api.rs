@@ -177,7 +177,8 @@ async fn kubectl_get_shows_the_printer_columns() {
                 {"type": "Ready", "status": "True", "reason": "Promoted", "message": "template 8024 is latest", "lastTransitionTime": now},
                 {"type": "Validated", "status": "True", "reason": "ChecksPassed", "message": "5/5 checks passed", "lastTransitionTime": now}
             ],
-            "latest": {"vmid": 8024, "name": "ubuntu-24.04-minimal-20250118-001", "node": "pve1", "buildDate": "2025-01-18", "buildNumber": 1}
+            "latest": {"vmid": 8024, "name": "ubuntu-24.04-minimal-20250118-001", "node": "pve1", "buildDate": "2025-01-18", "buildNumber": 1},
+            "build": {"id": "b-20250118100000000", "stage": "Provision"}
         }
     });
     gi.patch_status(
@@ -219,19 +220,31 @@ async fn kubectl_get_shows_the_printer_columns() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "OS", "LATEST", "VMID", "READY", "VALIDATED", "AGE"],
+        [
+            "NAME",
+            "OS",
+            "LATEST",
+            "VMID",
+            "READY",
+            "VALIDATED",
+            "REASON",
+            "STAGE",
+            "AGE"
+        ],
         "{table}"
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        &row[..6],
+        &row[..8],
         [
             "ubuntu-24.04-minimal",
             "ubuntu-24.04",
             "ubuntu-24.04-minimal-20250118-001",
             "8024",
             "True",
-            "True"
+            "True",
+            "Promoted",
+            "Provision"
         ],
         "{table}"
     );

@@ -1550,6 +1550,64 @@ mod controller_e2e {
     }
 
     #[tokio::test]
+    async fn a_retention_replans_when_its_golden_image_gets_a_template() {
+        use support::controller::{create_image_with, is_ready, wait_for as wait_for_image};
+        let cp = control_plane();
+        cp.install_crds();
+        let client = cp.client().await;
+        let ns = cp.namespace(&client, "retention-watch").await;
+        let (rbac, sa) = controller_client(cp, &ns).await;
+        let pve = FakePve::start().await;
+        put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+        let api: Api<TemplateRetention> = Api::namespaced(client.clone(), &ns);
+        let tr: TemplateRetention = serde_json::from_value(json!({
+            "apiVersion": "images.sombrero.dev/v1alpha1",
+            "kind": "TemplateRetention",
+            "metadata": {"name": "img"},
+            "spec": {"target": {"goldenImageRef": {"name": "img"}}, "dryRun": true, "interval": "1h"},
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &tr)
+            .await
+            .expect("create");
+        create_image_with(&client, &ns, "img", &pve, "pve", json!({})).await;
+        let handle = start(&sa, options(&rbac, "retention-watch", false));
+
+        // First plan: the image has no template yet.
+        let first = wait_for(&api, "img", "the first plan", |tr| {
+            tr.status.as_ref().is_some_and(|s| s.planned_at.is_some())
+        })
+        .await;
+        assert!(
+            first.status.as_ref().unwrap().plan.is_empty(),
+            "planned after the image had a template already: {:#?}",
+            first.status
+        );
+        // The image's first template lands: the retention plans it at once, not after 1h.
+        let gi = wait_for_image(
+            &client,
+            &ns,
+            "img",
+            "Ready=True",
+            Duration::from_secs(300),
+            is_ready,
+        )
+        .await;
+        let vmid = gi.status.unwrap().latest.unwrap().vmid;
+        let tr = wait_for(&api, "img", "a plan with the new template", |tr| {
+            tr.status
+                .as_ref()
+                .is_some_and(|s| s.plan.iter().any(|p| p.vmid == vmid))
+        })
+        .await;
+        let st = tr.status.unwrap();
+        assert_eq!(st.target_versions, vec![vmid]);
+        assert_eq!(st.plan[0].action, "keep", "{:#?}", st.plan);
+        handle.abort();
+        rbac.assert_nothing_denied();
+    }
+
+    #[tokio::test]
     async fn controller_reports_failed_archives() {
         let cp = control_plane();
         cp.install_crds();

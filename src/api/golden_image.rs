@@ -36,6 +36,18 @@ use super::common::ProxmoxConnection;
         json_path = ".status.conditions[?(@.type==\"Validated\")].status"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        description = "Why Ready is what it is (e.g. ProxmoxAuthFailed, ValidationFailed)",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Stage",
+        type_ = "string",
+        description = "Stage of the build in flight",
+        json_path = ".status.build.stage"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

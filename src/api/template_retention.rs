@@ -164,6 +164,11 @@ pub struct TemplateRetentionStatus {
     /// What the last run executed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub executed: Vec<ExecutedAction>,
+    /// VMIDs the target GoldenImage listed in `status.versions` when the plan was made
+    /// (`goldenImageRef` targets): when they change, the controller plans again at once
+    /// instead of after `spec.interval`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_versions: Vec<u32>,
 }
 
 /// One template's fate in the plan.

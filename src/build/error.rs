@@ -21,6 +21,9 @@ pub enum ErrorCategory {
     Guest,
     /// The downloaded image does not match the expected checksum.
     Checksum,
+    /// A source outside Proxmox (the `checksumUrl` list) could not be fetched: unreachable,
+    /// timed out or a server error. Retried: nothing was built yet, and a mirror comes back.
+    SourceUnavailable,
     /// A stage took longer than allowed.
     Timeout,
 }
@@ -34,6 +37,7 @@ impl ErrorCategory {
             ErrorCategory::Proxmox => "proxmox",
             ErrorCategory::Guest => "guest",
             ErrorCategory::Checksum => "checksum",
+            ErrorCategory::SourceUnavailable => "source_unavailable",
             ErrorCategory::Timeout => "timeout",
         }
     }
@@ -157,7 +161,10 @@ impl BuildError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.category,
-            ErrorCategory::ProxmoxTransient | ErrorCategory::Timeout | ErrorCategory::Guest
+            ErrorCategory::ProxmoxTransient
+                | ErrorCategory::Timeout
+                | ErrorCategory::Guest
+                | ErrorCategory::SourceUnavailable
         )
     }
 }
@@ -167,16 +174,24 @@ fn is_checksum_failure(exitstatus: &str) -> bool {
     s.contains("checksum mismatch") || s.contains("checksum verification failed")
 }
 
-impl fmt::Display for BuildError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.stage {
-            Some(stage) => write!(f, "build failed in stage {stage}")?,
-            None => write!(f, "build failed")?,
-        }
+impl BuildError {
+    /// What failed, without the "build failed in stage X" that [`fmt::Display`] starts with:
+    /// for a caller that names the stage itself (the controller's conditions and Events), so
+    /// the prefix is not said twice.
+    pub fn detail(&self) -> String {
+        let mut out = String::new();
         if let Some(step) = &self.step {
-            write!(f, " at step {step:?}")?;
+            out.push_str(&format!("step {step:?}: "));
         }
-        write!(f, ": {}", self.message)?;
+        out.push_str(&self.message);
+        let mut rest = String::new();
+        // Infallible: writing into a String.
+        let _ = self.write_tail(&mut rest);
+        out + &rest
+    }
+
+    /// Details, the kept VM and the hint: the lines after the message.
+    fn write_tail(&self, f: &mut impl fmt::Write) -> fmt::Result {
         if !self.details.is_empty() {
             write!(f, "\n  output (tail):")?;
             for line in &self.details {
@@ -190,6 +205,20 @@ impl fmt::Display for BuildError {
             )?;
         }
         write!(f, "\n  hint: {}", self.hint)
+    }
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.stage {
+            Some(stage) => write!(f, "build failed in stage {stage}")?,
+            None => write!(f, "build failed")?,
+        }
+        if let Some(step) = &self.step {
+            write!(f, " at step {step:?}")?;
+        }
+        write!(f, ": {}", self.message)?;
+        self.write_tail(f)
     }
 }
 
@@ -245,5 +274,23 @@ mod tests {
         .at(Stage::Provision);
         assert!(g.to_string().contains("E: boom"));
         assert_eq!(g.category(), "guest");
+        // The detail leaves the stage to the caller, who names it once.
+        let detail = g.detail();
+        assert!(
+            detail.starts_with("step \"apt-get update\": exited with 100"),
+            "{detail}"
+        );
+        assert!(!detail.contains("build failed"), "{detail}");
+        assert!(
+            detail.contains("E: boom") && detail.contains("hint: h"),
+            "{detail}"
+        );
+        assert_eq!(
+            g.to_string(),
+            format!(
+                "build failed in stage Provision at step \"apt-get update\": {}",
+                detail.trim_start_matches("step \"apt-get update\": ")
+            )
+        );
     }
 }

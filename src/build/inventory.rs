@@ -188,10 +188,27 @@ pub async fn scan(
     Ok(out)
 }
 
-/// Every (date, build number) in use by this image: from markers (build VMs reserve theirs)
-/// and from names that parse with the image's name template.
-pub fn used_numbers(
+/// Names of every VM and template in the cluster (one `cluster/resources` list).
+pub async fn cluster_names(client: &Client) -> Result<Vec<String>, BuildError> {
+    let vms = client
+        .cluster_vms()
+        .await
+        .map_err(|e| BuildError::proxmox("list VMs", &e))?;
+    Ok(vms
+        .into_iter()
+        .filter(|v| v.is_qemu())
+        .filter_map(|v| v.name)
+        .collect())
+}
+
+/// Every (date, build number) a new build of this image must not take: the markers of the
+/// image's own VMs (a build VM reserves its number, even renamed), and every name in the
+/// cluster that parses with the image's name template, os and type, whoever owns it. Names
+/// are unique per Proxmox cluster, not per image: five GoldenImages of one os/type in five
+/// namespaces count one sequence.
+pub fn used_numbers<'a>(
     vms: &[TaggedVm],
+    cluster_names: impl IntoIterator<Item = &'a str>,
     template: &NameTemplate,
     os: &str,
     image_type: &str,
@@ -205,6 +222,11 @@ pub fn used_numbers(
             used.push(p);
         }
     }
+    used.extend(
+        cluster_names
+            .into_iter()
+            .filter_map(|name| template.parse_name(name, os, image_type)),
+    );
     used
 }
 
@@ -230,6 +252,42 @@ mod tests {
             },
             marker: Some(m),
         }
+    }
+
+    #[test]
+    fn numbers_count_every_name_of_the_prefix_whoever_owns_it() {
+        let t = NameTemplate::default();
+        let d = NaiveDate::from_ymd_opt(2026, 12, 1).unwrap();
+        // This image's own build VM, renamed by hand: its marker still reserves 4.
+        let mut own = vm(120, false, "sombrero", |m| {
+            m.role = Role::Build;
+            m.metadata.build_date = d;
+            m.metadata.build_number = 4;
+        });
+        own.name = "renamed".into();
+        let cluster = [
+            // Another namespace's template and in-flight build VM of the same os/type.
+            "ubuntu-24.04-minimal-20261201-001",
+            "ubuntu-24.04-minimal-20261201-002",
+            // Other prefixes, other days, other shapes: not this sequence.
+            "debian-12-minimal-20261201-009",
+            "ubuntu-24.04-minimal-20261130-007",
+            "ubuntu-24.04-minimal-20261201-01",
+            "renamed",
+        ];
+        let used = used_numbers(&[own], cluster, &t, "ubuntu-24.04", "minimal");
+        assert_eq!(crate::image::next_build_number(used.clone(), d).unwrap(), 5);
+        let without_own = used_numbers(&[], cluster, &t, "ubuntu-24.04", "minimal");
+        assert_eq!(crate::image::next_build_number(without_own, d).unwrap(), 3);
+        // Nothing of the prefix anywhere: the sequence starts at 1.
+        assert_eq!(
+            crate::image::next_build_number(
+                used_numbers(&[], [], &t, "ubuntu-24.04", "minimal"),
+                d
+            )
+            .unwrap(),
+            1
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::image::marker::{
     TemplateMetadata, ValidationRecord, parse_description, render_description,
     render_description_fitting,
 };
-use crate::image::naming::{NameTemplate, next_build_number};
+use crate::image::naming::{CLAIMS, NameTemplate, NamingError};
 use crate::image::spec_hash::spec_hash;
 use crate::image::tags::base_tags;
 use crate::proxmox::{
@@ -294,18 +294,31 @@ impl Run<'_> {
         let vms = inventory::scan(self.client, &req.owner, self.timeouts.task)
             .await
             .map_err(|e| e.at(Stage::CreateVm))?;
-        let used = inventory::used_numbers(&vms, names, &self.spec.os, &self.spec.type_);
-        let number = next_build_number(used, req.today).map_err(|e| {
-            BuildError::invalid_spec(e.to_string(), "wait for the next day").at(Stage::CreateVm)
-        })?;
-        let name = names
-            .render(&self.spec.os, &self.spec.type_, req.today, number)
+        let in_cluster = inventory::cluster_names(self.client)
+            .await
+            .map_err(|e| e.at(Stage::CreateVm))?;
+        let used = inventory::used_numbers(
+            &vms,
+            in_cluster.iter().map(String::as_str),
+            names,
+            &self.spec.os,
+            &self.spec.type_,
+        );
+        let (number, name) = CLAIMS
+            .next(
+                self.client.base_url().as_str(),
+                names,
+                &self.spec.os,
+                &self.spec.type_,
+                req.today,
+                used,
+            )
             .map_err(|e| {
-                BuildError::invalid_spec(
-                    e.to_string(),
-                    "fix spec.os, spec.type or spec.nameTemplate",
-                )
-                .at(Stage::CreateVm)
+                let hint = match e {
+                    NamingError::BuildNumbersExhausted { .. } => "wait for the next day",
+                    _ => "fix spec.os, spec.type or spec.nameTemplate",
+                };
+                BuildError::invalid_spec(e.to_string(), hint).at(Stage::CreateVm)
             })?;
         let marker = Marker {
             schema: MARKER_SCHEMA_VERSION,

@@ -234,33 +234,78 @@ async fn resolve_checksum_url(list_url: &str, image_url: &str) -> Result<String,
                 "internal error",
             )
         })?;
-    let fail = |msg: String| {
-        let mut e = BuildError::new(
-            super::ErrorCategory::Checksum,
-            msg,
-            "check spec.source.cloudImage.checksumUrl, or set cloudImage.checksum instead",
-        );
+    let fail = |category: super::ErrorCategory, msg: String| {
+        let hint = if category == super::ErrorCategory::SourceUnavailable {
+            "the checksum list could not be fetched; retried with backoff (check that spec.source.cloudImage.checksumUrl is reachable from the controller)"
+        } else {
+            "check spec.source.cloudImage.checksumUrl, or set cloudImage.checksum instead"
+        };
+        let mut e = BuildError::new(category, msg, hint);
         e.step = Some("checksumUrl".into());
         e
     };
+    let unavailable = super::ErrorCategory::SourceUnavailable;
     let rsp = http
         .get(list_url)
         .send()
         .await
-        .map_err(|e| fail(format!("cannot fetch {list_url}: {e}")))?;
-    if !rsp.status().is_success() {
-        return Err(fail(format!("{list_url} answered HTTP {}", rsp.status())));
+        .map_err(|e| fail(unavailable, format!("cannot fetch {list_url}: {e}")))?;
+    let status = rsp.status();
+    if !status.is_success() {
+        return Err(fail(
+            checksum_list_failure(status.as_u16()),
+            format!("{list_url} answered HTTP {status}"),
+        ));
     }
     let text = rsp
         .text()
         .await
-        .map_err(|e| fail(format!("cannot read {list_url}: {e}")))?;
-    checksum::find_in_list(&text, file).map_err(|e| fail(format!("{list_url}: {e}")))
+        .map_err(|e| fail(unavailable, format!("cannot read {list_url}: {e}")))?;
+    checksum::find_in_list(&text, file)
+        .map_err(|e| fail(super::ErrorCategory::Checksum, format!("{list_url}: {e}")))
+}
+
+/// The category of a checksum list answered with HTTP `status`: a server error, a timeout or
+/// rate limiting passes; any other refusal (404, 403) needs the URL fixed.
+fn checksum_list_failure(status: u16) -> super::ErrorCategory {
+    match status {
+        408 | 429 | 500..=599 => super::ErrorCategory::SourceUnavailable,
+        _ => super::ErrorCategory::Checksum,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_checksum_list_is_transient_a_missing_one_is_not() {
+        use crate::build::ErrorCategory::{Checksum, SourceUnavailable};
+        assert_eq!(checksum_list_failure(503), SourceUnavailable);
+        assert_eq!(checksum_list_failure(502), SourceUnavailable);
+        assert_eq!(checksum_list_failure(429), SourceUnavailable);
+        assert_eq!(checksum_list_failure(404), Checksum);
+        assert_eq!(checksum_list_failure(403), Checksum);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_to_the_checksum_list_is_retryable() {
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = resolve_checksum_url(
+            &format!("http://127.0.0.1:{port}/SHA256SUMS"),
+            "https://x/noble.img",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.category(), "source_unavailable", "{err}");
+        assert!(err.is_retryable());
+        assert_eq!(err.step.as_deref(), Some("checksumUrl"));
+    }
 
     #[test]
     fn import_names_carry_the_checksum() {

@@ -199,7 +199,10 @@ pub async fn run(args: &BuildArgs) -> ExitCode {
             return ExitCode::from(exit::VALIDATION_FAILED);
         }
         Outcome::Failed(f) => {
-            eprintln!("error: {}", f.message);
+            match &f.stage {
+                Some(stage) => eprintln!("error: {stage} failed: {}", f.message),
+                None => eprintln!("error: {}", f.message),
+            }
             return ExitCode::from(match f.kind {
                 FailureKind::InvalidSpec => exit::INVALID_INPUT,
                 FailureKind::Privileges => exit::INSUFFICIENT_PRIVILEGES,

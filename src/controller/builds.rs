@@ -3,7 +3,7 @@
 //! limit on jobs running at once. The reconciler starts a job, reads its progress into
 //! `status.build` while it runs, and takes its outcome once it finished.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -158,8 +158,74 @@ pub struct Limits {
     pub per_node: usize,
 }
 
+/// What this process wrote into the status when it took a finished job's outcome. For a
+/// moment afterwards a reconcile can still be handed the object from the cache as it was
+/// while the job ran (a watch event of the output ConfigMap arriving before the one of the
+/// status): that status must not be mistaken for a build a previous process left running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub id: String,
+    /// `status.build` written for it: `None` after a promotion or a failed validation, the
+    /// `Failed` build after a failure.
+    pub build: Option<BuildStatus>,
+    pub last_validation: Option<ValidationReport>,
+}
+
+/// The builds of one image that finished in this process: their ids (newest last, a few) and
+/// what was recorded for the newest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedHere {
+    pub ids: VecDeque<String>,
+    pub last: Recorded,
+}
+
+/// Finished build ids remembered per image; builds of one image are minutes apart, and a stale
+/// cache lags by milliseconds.
+const REMEMBERED_IDS: usize = 16;
+
+/// What a reconcile makes of the `status.build` it was handed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusBuild {
+    /// Nothing to do about it: no build, a job of this process is running (its progress
+    /// replaces it), a failed build, or exactly what was recorded.
+    AsIs,
+    /// A build this process did not run and that did not fail: a previous process left it
+    /// running; continue it (from its markers).
+    Resume(String),
+    /// A build this process already finished, seen in an older copy of the status: write
+    /// what was recorded instead, and never start it again.
+    Stale(Recorded),
+}
+
+/// Decides on `status.build`. A resume needs a status at least as new as this process's last
+/// finish of that image: a build id this process finished is never resumed.
+pub fn judge_status_build(
+    build: Option<&BuildStatus>,
+    running_here: bool,
+    finished: Option<&FinishedHere>,
+) -> StatusBuild {
+    let Some(b) = build else {
+        return StatusBuild::AsIs;
+    };
+    if running_here {
+        return StatusBuild::AsIs;
+    }
+    if let Some(f) = finished.filter(|f| f.ids.iter().any(|id| *id == b.id)) {
+        return if f.last.build.as_ref() == Some(b) {
+            StatusBuild::AsIs
+        } else {
+            StatusBuild::Stale(f.last.clone())
+        };
+    }
+    if b.stage == "Failed" {
+        return StatusBuild::AsIs;
+    }
+    StatusBuild::Resume(b.id.clone())
+}
+
 pub struct Tracker {
     jobs: Mutex<HashMap<String, Job>>,
+    finished: Mutex<HashMap<String, FinishedHere>>,
     limits: Limits,
     running: prometheus_client::metrics::gauge::Gauge,
 }
@@ -168,6 +234,7 @@ impl Tracker {
     pub fn new(limits: Limits, running: prometheus_client::metrics::gauge::Gauge) -> Self {
         Tracker {
             jobs: Mutex::new(HashMap::new()),
+            finished: Mutex::new(HashMap::new()),
             limits,
             running,
         }
@@ -252,8 +319,8 @@ impl Tracker {
         })
     }
 
-    /// Forgets a finished job (its outcome was recorded).
-    pub fn remove_finished(&self, key: &str) {
+    /// Forgets a finished job whose outcome was recorded as `recorded`, and remembers its id.
+    pub fn remove_finished(&self, key: &str, recorded: Recorded) {
         let mut jobs = self.jobs();
         let finished = jobs
             .get(key)
@@ -261,12 +328,34 @@ impl Tracker {
             .unwrap_or(false);
         if finished {
             jobs.remove(key);
+            let mut done = self.finished_map();
+            let entry = done.entry(key.to_string()).or_insert_with(|| FinishedHere {
+                ids: VecDeque::new(),
+                last: recorded.clone(),
+            });
+            if !entry.ids.contains(&recorded.id) {
+                entry.ids.push_back(recorded.id.clone());
+            }
+            while entry.ids.len() > REMEMBERED_IDS {
+                entry.ids.pop_front();
+            }
+            entry.last = recorded;
         }
+    }
+
+    fn finished_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, FinishedHere>> {
+        self.finished.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The builds of `key` that finished in this process.
+    pub fn finished(&self, key: &str) -> Option<FinishedHere> {
+        self.finished_map().get(key).cloned()
     }
 
     /// Stops the job of `key` (the object is being deleted). The build VM stays with its marker
     /// and is removed by the cleanup that follows.
     pub fn abort(&self, key: &str) {
+        self.finished_map().remove(key);
         if let Some(job) = self.jobs().remove(key) {
             let running = job.outcome.lock().map(|o| o.is_none()).unwrap_or(false);
             job.handle.abort();
@@ -368,12 +457,117 @@ mod tests {
         t.try_start("ns/b", "pve1", "b3", "Source", |_| std::future::pending())
             .unwrap();
         assert!(t.is_tracked("ns/a"));
-        t.remove_finished("ns/a");
+        t.remove_finished("ns/a", recorded("b1", None));
         assert!(!t.is_tracked("ns/a"));
-        t.remove_finished("ns/b");
+        assert_eq!(
+            t.finished("ns/a")
+                .map(|f| f.ids.into_iter().collect::<Vec<_>>()),
+            Some(vec!["b1".to_string()])
+        );
+        t.remove_finished("ns/b", recorded("b3", None));
         assert!(t.is_tracked("ns/b"), "a running job is not removed");
+        assert!(t.finished("ns/b").is_none(), "nor remembered as finished");
         t.abort("ns/c");
         assert!(!t.is_tracked("ns/c"));
+    }
+
+    fn recorded(id: &str, build: Option<BuildStatus>) -> Recorded {
+        Recorded {
+            id: id.into(),
+            build,
+            last_validation: None,
+        }
+    }
+
+    fn build(id: &str, stage: &str) -> BuildStatus {
+        BuildStatus {
+            id: id.into(),
+            stage: stage.into(),
+            ..Default::default()
+        }
+    }
+
+    fn finished_here(ids: &[&str], last: Recorded) -> FinishedHere {
+        FinishedHere {
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            last,
+        }
+    }
+
+    #[test]
+    fn a_build_finished_here_is_never_resumed_from_an_older_status() {
+        use StatusBuild::*;
+        let promoted = finished_here(&["b1"], recorded("b1", None));
+        // The cache still shows b1 in Promote after this process promoted it: stale.
+        assert_eq!(
+            judge_status_build(Some(&build("b1", "Promote")), false, Some(&promoted)),
+            Stale(recorded("b1", None))
+        );
+        // The same after a failure: the recorded Failed build is written back.
+        let failed = build("b2", "Failed");
+        let after_failure = finished_here(&["b1", "b2"], recorded("b2", Some(failed.clone())));
+        assert_eq!(
+            judge_status_build(Some(&build("b2", "Provision")), false, Some(&after_failure)),
+            Stale(recorded("b2", Some(failed.clone())))
+        );
+        assert_eq!(
+            judge_status_build(Some(&failed), false, Some(&after_failure)),
+            AsIs,
+            "the status as recorded"
+        );
+        // An even older copy naming an earlier build of this process.
+        assert_eq!(
+            judge_status_build(Some(&build("b1", "Validate")), false, Some(&after_failure)),
+            Stale(recorded("b2", Some(failed)))
+        );
+        // A build this process never ran (a previous leader's): resumed.
+        assert_eq!(
+            judge_status_build(Some(&build("b0", "Provision")), false, Some(&promoted)),
+            Resume("b0".into())
+        );
+        assert_eq!(
+            judge_status_build(Some(&build("b0", "Provision")), false, None),
+            Resume("b0".into())
+        );
+        // Running here, failed, or no build at all: nothing to decide.
+        assert_eq!(
+            judge_status_build(Some(&build("b3", "Provision")), true, Some(&promoted)),
+            AsIs
+        );
+        assert_eq!(
+            judge_status_build(Some(&build("b0", "Failed")), false, None),
+            AsIs
+        );
+        assert_eq!(judge_status_build(None, false, Some(&promoted)), AsIs);
+    }
+
+    #[tokio::test]
+    async fn remembered_ids_are_bounded_and_forgotten_on_delete() {
+        let t = Tracker::new(
+            Limits {
+                global: 1,
+                per_node: 1,
+            },
+            Default::default(),
+        );
+        for n in 0..(REMEMBERED_IDS + 4) {
+            let id = format!("b{n}");
+            t.try_start("ns/a", "pve1", &id, "Source", |_| async { failed() })
+                .unwrap();
+            for _ in 0..100 {
+                if matches!(t.view("ns/a"), Some(JobView::Finished(..))) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            t.remove_finished("ns/a", recorded(&id, None));
+        }
+        let f = t.finished("ns/a").unwrap();
+        assert_eq!(f.ids.len(), REMEMBERED_IDS);
+        assert_eq!(f.ids.back().map(String::as_str), Some("b19"));
+        assert_eq!(f.last.id, "b19");
+        t.abort("ns/a");
+        assert!(t.finished("ns/a").is_none());
     }
 
     #[tokio::test]

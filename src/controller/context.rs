@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use futures::future::BoxFuture;
-use kube::runtime::events::Recorder;
 
 use super::builds::{JobOutcome, ProgressHandle, Tracker};
 use super::connection::DefaultConnection;
+use super::events::Recorder;
 use super::inventory::Inventories;
 use super::metrics::Metrics;
 use crate::api::GoldenImageSpec;

@@ -10,10 +10,12 @@
 //! - [`inventory`]: one `cluster/resources` list per Proxmox cluster per resync interval,
 //!   shared by every object of that cluster.
 //! - [`connection`]: the Proxmox connection from a Secret or the controller's default; Secrets
-//!   are watched so a fixed credential takes effect at once.
+//!   are watched (metadata only, nothing of their data is cached) so a fixed credential takes
+//!   effect at once.
 //! - [`leader`]: a Lease (kube-lease-manager): only the leader acts; losing the lease stops the
 //!   controller and the process exits (the pod restarts as a standby).
 //! - [`http`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`events`]: Events with names the API server accepts whatever the object's name.
 //!
 //! [`run`] joins the controllers into one future; a second controller (retention) is added
 //! there next to the GoldenImage one.
@@ -23,6 +25,7 @@ pub mod connection;
 pub mod context;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod inventory;
 pub mod leader;
@@ -43,7 +46,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ListParams};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, controller, watcher};
 use kube::{Client, ResourceExt};
@@ -52,6 +55,7 @@ use crate::api::GoldenImage;
 use builds::{Limits, Tracker};
 use connection::DefaultConnection;
 use context::{Context, Pipeline, Settings};
+use events::{Recorder, Reporter};
 
 /// Everything `run` needs.
 #[derive(Clone)]
@@ -164,7 +168,8 @@ fn golden_image_controller(
 ) -> impl std::future::Future<Output = ()> {
     let gis: Api<GoldenImage> = scoped(&client, namespace);
     let cms: Api<ConfigMap> = scoped(&client, namespace);
-    let secrets: Api<Secret> = scoped(&client, namespace);
+    // `PartialObjectMeta`: Secrets are listed and watched by their metadata only.
+    let secrets: Api<PartialObjectMeta<Secret>> = scoped(&client, namespace);
     let controller = Controller::new(gis, watcher::Config::default().any_semantic());
     let store = controller.store();
     let default_secret = match &opts.settings.default_connection {
@@ -173,9 +178,12 @@ fn golden_image_controller(
     };
     // The default Secret may live outside the watched namespace; watch it there too.
     let default_watch = default_secret.as_ref().and_then(|(ns, _)| {
-        (namespace.is_some_and(|w| w != ns)).then(|| Api::<Secret>::namespaced(client.clone(), ns))
+        (namespace.is_some_and(|w| w != ns)).then(|| Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns))
     });
-    let mapper = move |s: Secret| {
+    // Secrets are watched by their metadata only: the controller must not hold every Secret's
+    // data of the namespace (or cluster) in memory just to notice that a referenced one
+    // changed; the data of the one it needs is read on each reconcile.
+    let mapper = move |s: PartialObjectMeta<Secret>| {
         let ns = s.namespace().unwrap_or_default();
         let name = s.name_any();
         let is_default = default_secret

@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::builds::{JobOutcome, JobView};
+use super::builds::{JobOutcome, JobView, Recorded, StatusBuild, judge_status_build};
 use super::connection;
 use super::context::{Context, FailedBuild, JobRequest, attempt_number, retry_again};
 use super::error::{Error, Result};
@@ -437,7 +437,14 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                 .await;
             }
         }
-        ctx.tracker.remove_finished(&key);
+        ctx.tracker.remove_finished(
+            &key,
+            Recorded {
+                id: progress.id.clone(),
+                build: st.build.clone(),
+                last_validation: st.last_validation.clone(),
+            },
+        );
         inv.invalidate(&touched).await;
         snap = inv.snapshot(ctx.settings.resync).await?;
     }
@@ -526,12 +533,23 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         upstream_checksum: upstream.as_deref(),
     };
     let mut trigger = triggers::decide(&inputs);
-    // Resume a build the previous controller process left running.
-    let resume_id = st
-        .build
-        .as_ref()
-        .filter(|b| b.stage != "Failed" && !ctx.tracker.is_tracked(&key))
-        .map(|b| b.id.clone());
+    // Resume a build the previous controller process left running; a status older than this
+    // process's last finish of the image (the cache lags the status write) is corrected, never
+    // resumed.
+    let resume_id = match judge_status_build(
+        st.build.as_ref(),
+        ctx.tracker.is_tracked(&key),
+        ctx.tracker.finished(&key).as_ref(),
+    ) {
+        StatusBuild::Resume(id) => Some(id),
+        StatusBuild::Stale(recorded) => {
+            info!(build_id = %recorded.id, "the cached status predates this build's outcome; not resuming it");
+            st.build = recorded.build;
+            st.last_validation = recorded.last_validation;
+            None
+        }
+        StatusBuild::AsIs => None,
+    };
 
     // An automatic retry of the same spec after a failed build: its attempt count goes on.
     let mut retrying = false;

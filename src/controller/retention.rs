@@ -21,13 +21,15 @@ use chrono::Utc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, controller, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::connection::{self, Connection};
+use super::connection;
 use super::context::Context;
 use super::error::{Error, Result};
 use super::report;
@@ -38,7 +40,7 @@ use crate::api::template_retention::{
     ExecutedAction, PlannedAction, TemplateRetention, TemplateRetentionStatus,
 };
 use crate::proxmox;
-use crate::retention::{self, Plan, Policy, Purpose, Scope, Target};
+use crate::retention::{self, Plan, Policy, Purpose, Target};
 
 const KIND: &str = "TemplateRetention";
 /// Retry delay after failed actions (capped by `spec.interval`).
@@ -55,12 +57,42 @@ pub fn controller(
     concurrency: u16,
     ctx: Arc<Context>,
 ) -> impl std::future::Future<Output = ()> {
-    let trs: Api<TemplateRetention> = match namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
+    let (trs, gis): (Api<TemplateRetention>, Api<PartialObjectMeta<GoldenImage>>) = match namespace
+    {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
     };
     // Our own status writes wake the controller too; `not_due` turns those into a requeue.
-    Controller::new(trs, watcher::Config::default().any_semantic())
+    let controller = Controller::new(trs, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    // A GoldenImage's templates changing (a promotion, a new build) re-plans the retentions
+    // that target it at once; `not_due` lets such a run through because the image's versions
+    // differ from the ones the plan was made for.
+    let targets_of = move |gi: PartialObjectMeta<GoldenImage>| {
+        let ns = gi.namespace();
+        let name = gi.name_any();
+        store
+            .state()
+            .into_iter()
+            .filter(|tr| {
+                tr.namespace() == ns
+                    && tr
+                        .spec
+                        .target
+                        .golden_image_ref
+                        .as_ref()
+                        .is_some_and(|r| r.name == name)
+            })
+            .map(|tr| ObjectRef::from_obj(&*tr))
+            .collect::<Vec<_>>()
+    };
+    controller
+        // Metadata only: the names are all the mapping needs, and the GoldenImage controller
+        // holds the objects already.
+        .watches(gis, watcher::Config::default().any_semantic(), targets_of)
         .with_config(controller::Config::default().concurrency(concurrency))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -132,10 +164,27 @@ fn spec_error(problems: &[String]) -> Error {
 async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     let ns = tr.namespace().unwrap_or_default();
     let policy = Policy::from_spec(&ns, &tr.spec).map_err(|p| spec_error(&p))?;
-    if let Some(wait) = not_due(tr, &policy, Utc::now()) {
+    let image = target_image(ctx, tr, &policy.target).await?;
+    let versions = image.as_ref().map(image_versions).unwrap_or_default();
+    if let Some(wait) = not_due(tr, &policy, &versions, Utc::now()) {
         return Ok(Action::requeue(wait));
     }
-    let (conn, scope) = resolve_connection(ctx, tr, &policy.target).await?;
+    let (conn, scope) = match &image {
+        Some(gi) => (
+            connection::resolve(&ctx.client, &ctx.settings.default_connection, gi).await?,
+            policy.target.scope(&gi.uid().unwrap_or_default()),
+        ),
+        None => (
+            connection::resolve_for(
+                &ctx.client,
+                &ctx.settings.default_connection,
+                &ns,
+                tr.spec.proxmox.as_ref(),
+            )
+            .await?,
+            policy.target.scope(""),
+        ),
+    };
     // The cluster's shared inventory (one list per resync for every object of that cluster, and
     // the configs of our VMs): only what it lacks is read here.
     let shared = ctx.inventories.get(&conn).await?;
@@ -168,6 +217,7 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     st.target_description = Some(policy.target.to_string());
     st.plan = planned(&plan);
     st.planned_at = Some(status::time(Utc::now()));
+    st.target_versions = versions;
     let removals = plan.removals().count();
     let summary = summary(&plan);
 
@@ -240,14 +290,19 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
 }
 
 /// `Some(time left)` when this generation was planned less than `spec.interval` ago (five
-/// minutes after failed actions): a wake-up by our own status write, not a reason to run.
+/// minutes after failed actions) for the target image's current `versions`: a wake-up by our
+/// own status write, not a reason to run.
 fn not_due(
     tr: &TemplateRetention,
     policy: &Policy,
+    versions: &[u32],
     now: chrono::DateTime<Utc>,
 ) -> Option<Duration> {
     let st = tr.status.as_ref()?;
     if st.observed_generation != tr.metadata.generation || tr.metadata.generation.is_none() {
+        return None;
+    }
+    if st.target_versions != versions {
         return None;
     }
     let planned = st.planned_at.as_ref()?.0.as_second();
@@ -319,31 +374,39 @@ fn planned(plan: &Plan) -> Vec<PlannedAction> {
         .collect()
 }
 
-/// The connection and the scope for the target: for `goldenImageRef` the GoldenImage's
-/// connection and its exact owner (namespace, name and uid: templates of a same-named image of
-/// another cluster, or of a deleted one, are not this policy's); else `spec.proxmox` or the
-/// controller's default, and the images of the policy's namespace.
-async fn resolve_connection(
+/// The GoldenImage a `goldenImageRef` target names, read fresh: its connection is the
+/// target's, and its exact owner (namespace, name and uid) the scope (templates of a same-named
+/// image of another cluster, or of a deleted one, are not this policy's). `None` for a
+/// `tagSelector`: its own `spec.proxmox` or the controller's default, and the images of the
+/// policy's namespace.
+async fn target_image(
     ctx: &Context,
     tr: &TemplateRetention,
     target: &Target,
-) -> Result<(Connection, Scope)> {
+) -> Result<Option<GoldenImage>> {
+    let Target::Image { name, .. } = target else {
+        return Ok(None);
+    };
     let ns = tr.namespace().unwrap_or_default();
-    let default = &ctx.settings.default_connection;
-    if let Target::Image { name, .. } = target {
-        let gis: Api<GoldenImage> = Api::namespaced(ctx.client.clone(), &ns);
-        let Some(gi) = gis.get_opt(name).await? else {
-            return Err(Error::invalid_spec(
-                "target.goldenImageRef.name",
-                format!("GoldenImage {ns}/{name} does not exist; create it or fix the name"),
-            ));
-        };
-        let uid = gi.uid().unwrap_or_default();
-        let conn = connection::resolve(&ctx.client, default, &gi).await?;
-        return Ok((conn, target.scope(&uid)));
+    let gis: Api<GoldenImage> = Api::namespaced(ctx.client.clone(), &ns);
+    match gis.get_opt(name).await? {
+        Some(gi) => Ok(Some(gi)),
+        None => Err(Error::invalid_spec(
+            "target.goldenImageRef.name",
+            format!("GoldenImage {ns}/{name} does not exist; create it or fix the name"),
+        )),
     }
-    let conn = connection::resolve_for(&ctx.client, default, &ns, tr.spec.proxmox.as_ref()).await?;
-    Ok((conn, target.scope("")))
+}
+
+/// The VMIDs a GoldenImage's status lists, sorted.
+fn image_versions(gi: &GoldenImage) -> Vec<u32> {
+    let mut v: Vec<u32> = gi
+        .status
+        .as_ref()
+        .map(|s| s.versions.iter().map(|v| v.vmid).collect())
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
 }
 
 /// An Event for one archive or delete.
@@ -418,7 +481,43 @@ async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retention::{Action as PlanAction, ArchiveMode, Decision, Reason};
+    use crate::retention::{Action as PlanAction, ArchiveMode, Decision, Reason, Scope};
+
+    #[test]
+    fn a_change_of_the_images_templates_makes_the_plan_due() {
+        let mut tr: TemplateRetention = serde_json::from_value(serde_json::json!({
+            "apiVersion": "images.sombrero.dev/v1alpha1",
+            "kind": "TemplateRetention",
+            "metadata": {"name": "img", "namespace": "ns", "generation": 1},
+            "spec": {"target": {"goldenImageRef": {"name": "img"}}, "interval": "1h"},
+        }))
+        .unwrap();
+        let now = Utc::now();
+        let mut st = TemplateRetentionStatus {
+            observed_generation: Some(1),
+            planned_at: Some(status::time(now - chrono::Duration::seconds(10))),
+            target_versions: vec![],
+            ..Default::default()
+        };
+        crate::api::common::set_condition(
+            &mut st.conditions,
+            "Ready",
+            ConditionStatus::True,
+            "UpToDate",
+            "0 templates: none; nothing to do",
+            Some(1),
+            status::time(now),
+        );
+        tr.status = Some(st);
+        let policy = Policy::from_spec("ns", &tr.spec).unwrap();
+        // Planned 10 s ago for an image without templates: not due for almost an hour...
+        assert!(not_due(&tr, &policy, &[], now).is_some_and(|d| d.as_secs() > 3500));
+        // ...unless the image has a template now.
+        assert_eq!(not_due(&tr, &policy, &[8024], now), None);
+        // Planned for exactly these versions: not due.
+        tr.status.as_mut().unwrap().target_versions = vec![8024];
+        assert!(not_due(&tr, &policy, &[8024], now).is_some());
+    }
 
     #[test]
     fn spec_errors_name_the_field() {

@@ -237,6 +237,53 @@ pub fn next_build_number(
     Ok(highest + 1)
 }
 
+/// Names this process handed out and whose VM Proxmox may not list yet, per Proxmox cluster.
+/// Two builds started at once (two images with the same os and type, in two namespaces) read
+/// the same listing; without this both would take the same number. Kept two days (a name
+/// carries its date: older ones are never rendered again).
+#[derive(Debug, Default)]
+pub struct Claims(std::sync::Mutex<Vec<Claim>>);
+
+#[derive(Debug)]
+struct Claim {
+    cluster: String,
+    date: NaiveDate,
+    name: String,
+}
+
+/// The claims of this process (the controller's jobs and a CLI run share it).
+pub static CLAIMS: Claims = Claims(std::sync::Mutex::new(Vec::new()));
+
+impl Claims {
+    /// The next build number and name on `date` of `template` for `os`/`type` in the Proxmox
+    /// cluster `cluster` (its URL), after every number in `used` (what Proxmox holds) and every
+    /// name claimed there before; claims it.
+    pub fn next(
+        &self,
+        cluster: &str,
+        template: &NameTemplate,
+        os: &str,
+        image_type: &str,
+        date: NaiveDate,
+        used: impl IntoIterator<Item = (NaiveDate, u16)>,
+    ) -> Result<(u16, String), NamingError> {
+        let mut claimed = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        claimed.retain(|c| (date - c.date).num_days() < 2);
+        let mine = claimed
+            .iter()
+            .filter(|c| c.cluster == cluster)
+            .filter_map(|c| template.parse_name(&c.name, os, image_type));
+        let number = next_build_number(used.into_iter().chain(mine), date)?;
+        let name = template.render(os, image_type, date, number)?;
+        claimed.push(Claim {
+            cluster: cluster.to_string(),
+            date,
+            name: name.clone(),
+        });
+        Ok((number, name))
+    }
+}
+
 /// Checks a name against PVE's `dns-name` format (labels of letters, digits and inner hyphens,
 /// joined by dots) and our length limit.
 pub fn validate_vm_name(name: &str) -> Result<(), NamingError> {
@@ -499,6 +546,66 @@ mod tests {
         }
         assert!(validate_vm_name(&"a".repeat(63)).is_ok());
         assert!(validate_vm_name(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn claims_give_concurrent_builds_distinct_numbers() {
+        let t = NameTemplate::default();
+        let claims = Claims::default();
+        let d = day(2026, 12, 1);
+        // Five images with the same os/type read the same listing (one template, 001).
+        let listing = [(d, 1)];
+        let names: Vec<String> = (0..5)
+            .map(|_| {
+                claims
+                    .next("pve-a", &t, "ubuntu-24.04", "minimal", d, listing)
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "ubuntu-24.04-minimal-20261201-002",
+                "ubuntu-24.04-minimal-20261201-003",
+                "ubuntu-24.04-minimal-20261201-004",
+                "ubuntu-24.04-minimal-20261201-005",
+                "ubuntu-24.04-minimal-20261201-006",
+            ]
+        );
+        // Another os/type has its own sequence.
+        assert_eq!(
+            claims
+                .next("pve-a", &t, "debian-12", "minimal", d, [])
+                .unwrap(),
+            (1, "debian-12-minimal-20261201-001".to_string())
+        );
+        // Another Proxmox cluster has its own names.
+        assert_eq!(
+            claims
+                .next("pve-b", &t, "ubuntu-24.04", "minimal", d, listing)
+                .unwrap()
+                .0,
+            2
+        );
+        // A listing that already shows a claimed VM does not count it twice.
+        assert_eq!(
+            claims
+                .next("pve-a", &t, "ubuntu-24.04", "minimal", d, [(d, 1), (d, 6)])
+                .unwrap()
+                .0,
+            7
+        );
+        // The next day starts over; claims older than two days are dropped.
+        let later = day(2026, 12, 4);
+        assert_eq!(
+            claims
+                .next("pve-a", &t, "ubuntu-24.04", "minimal", later, [])
+                .unwrap()
+                .0,
+            1
+        );
+        assert_eq!(claims.0.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -238,3 +238,24 @@ pub fn pve_client(pve: &FakePve) -> proxmox::Client {
     let config = controller::connection::config_from_secret(&data, "test", false).unwrap();
     proxmox::Client::new(config).unwrap()
 }
+
+/// A kubeconfig for a `sombrero controller` subprocess: the admin one, impersonating the
+/// chart's ServiceAccount (`as:`), as [`controller_client`] does in-process. Written into the
+/// control plane's directory as `kubeconfig-<release>`.
+pub fn kubeconfig_as(cp: &ControlPlane, rbac: &ChartRbac) -> std::path::PathBuf {
+    let mut kc = kube::config::Kubeconfig::read_from(&cp.kubeconfig).expect("read kubeconfig");
+    for user in &mut kc.auth_infos {
+        if let Some(auth) = user.auth_info.as_mut() {
+            auth.impersonate = Some(rbac.username());
+        }
+    }
+    let path = cp
+        .kubeconfig
+        .with_file_name(format!("kubeconfig-{}", rbac.release));
+    std::fs::write(
+        &path,
+        serde_yaml::to_string(&kc).expect("kubeconfig as YAML"),
+    )
+    .expect("write kubeconfig");
+    path
+}
