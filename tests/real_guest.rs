@@ -214,18 +214,27 @@ async fn cli_build(pve: &FakePve, file: &Path) -> CliRun {
     }
 }
 
-/// Figures of one scenario, printed as a table.
-#[derive(Default)]
+/// Figures of one scenario: each printed when measured (a later failed assertion keeps them),
+/// and again as a table when the scenario ends.
 struct Figures {
+    scenario: &'static str,
     rows: Vec<(String, String)>,
 }
 
 impl Figures {
+    fn new(scenario: &'static str) -> Self {
+        Figures {
+            scenario,
+            rows: Vec::new(),
+        }
+    }
     fn secs(&mut self, what: impl Into<String>, s: f64) {
-        self.rows.push((what.into(), format!("{s:.1} s")));
+        self.note(what, format!("{s:.1} s"));
     }
     fn note(&mut self, what: impl Into<String>, v: impl Into<String>) {
-        self.rows.push((what.into(), v.into()));
+        let (what, v) = (what.into(), v.into());
+        println!("[real guest: {}] {what}: {v}", self.scenario);
+        self.rows.push((what, v));
     }
     fn print(&self, title: &str) {
         println!("\n== real guest: {title} ==");
@@ -303,7 +312,7 @@ fn shorten(s: &str, n: usize) -> String {
 
 /// `sombrero build -f`, then validation of its template through a real linked clone.
 async fn cli_build_and_validate(cache: Cache) -> Figures {
-    let mut f = Figures::default();
+    let mut f = Figures::new("cli");
     let (pve, img) = real_pve(&cache).await;
     let c = pve_api(&pve);
     let dir = tempfile::tempdir().unwrap();
@@ -322,7 +331,11 @@ async fn cli_build_and_validate(cache: Cache) -> Figures {
     cli_figures(&mut f, &run);
     f.note("Proxmox requests per build", requests.to_string());
     let hand_off: Value = serde_json::from_str(run.stdout.trim()).expect("the seed's JSON");
-    let vmid = hand_off["template_id"].as_u64().unwrap() as u32;
+    // The seed's JSON: template_id is a string (Terraform's external data source wants strings).
+    let vmid: u32 = hand_off["template_id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("template_id in {hand_off}"));
     let name = hand_off["template_name"].as_str().unwrap().to_string();
     assert_eq!(hand_off["node"], json!(pve.node));
 
@@ -494,7 +507,7 @@ async fn cli_build_and_validate(cache: Cache) -> Figures {
 
 /// The same image through the controller: GoldenImage → Ready, ConfigMap written.
 async fn controller_build_and_validate(cache: Cache) -> Figures {
-    let mut f = Figures::default();
+    let mut f = Figures::new("controller");
     let started = Instant::now();
     let cp = control_plane();
     cp.install_crds();
@@ -571,7 +584,7 @@ async fn controller_build_and_validate(cache: Cache) -> Figures {
 
 /// A package the repository does not have: the build fails at the install step with apt's words.
 async fn missing_package_fails_the_build(cache: Cache) -> Figures {
-    let mut f = Figures::default();
+    let mut f = Figures::new("missing-package");
     let (pve, img) = real_pve(&cache).await;
     let dir = tempfile::tempdir().unwrap();
     let mut spec = debian_spec(&pve, &img, 40, &[MISSING_PACKAGE]);
@@ -624,15 +637,30 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 async fn a_real_debian_12_guest_builds_validates_and_fails_as_it_should() {
     let cache = cache();
     let serial = std::env::var("SOMBRERO_REAL_GUEST_SERIAL").is_ok_and(|v| v == "1");
+    // SOMBRERO_REAL_GUEST_ONLY=cli,controller,missing-package: a subset, one after another
+    // (for working on one scenario; the test run runs them all).
+    let only = std::env::var("SOMBRERO_REAL_GUEST_ONLY").unwrap_or_default();
     let started = Instant::now();
     let mut results = Vec::new();
-    if serial {
+    if !only.is_empty() {
+        for name in only.split(',').map(str::trim) {
+            let r = match name {
+                "cli" => tokio::spawn(cli_build_and_validate(cache.clone())).await,
+                "controller" => tokio::spawn(controller_build_and_validate(cache.clone())).await,
+                "missing-package" => {
+                    tokio::spawn(missing_package_fails_the_build(cache.clone())).await
+                }
+                other => panic!("SOMBRERO_REAL_GUEST_ONLY: no scenario {other:?}"),
+            };
+            results.push((name.to_string(), r));
+        }
+    } else if serial {
         let r = tokio::spawn(cli_build_and_validate(cache.clone())).await;
-        results.push(("cli", r));
+        results.push(("cli".to_string(), r));
         let r = tokio::spawn(controller_build_and_validate(cache.clone())).await;
-        results.push(("controller", r));
+        results.push(("controller".to_string(), r));
         let r = tokio::spawn(missing_package_fails_the_build(cache.clone())).await;
-        results.push(("missing-package", r));
+        results.push(("missing-package".to_string(), r));
     } else {
         // Two lanes, at most two guests at a time on a 2-core machine: the CLI build and its
         // validation; the short failing build, then the controller's build and validation.
@@ -645,15 +673,15 @@ async fn a_real_debian_12_guest_builds_validates_and_fails_as_it_should() {
                 (d, b)
             })
         };
-        results.push(("cli", a.await));
+        results.push(("cli".to_string(), a.await));
         let (d, b) = lane.await.expect("the second lane");
-        results.push(("missing-package", d));
-        results.push(("controller", b));
+        results.push(("missing-package".to_string(), d));
+        results.push(("controller".to_string(), b));
     }
     let mut failed = Vec::new();
     for (name, r) in results {
         match r {
-            Ok(f) => f.print(name),
+            Ok(f) => f.print(&name),
             Err(e) => failed.push(format!("{name}: {}", panic_message(e))),
         }
     }

@@ -417,7 +417,8 @@ class QemuBackend(object):
 
     def disk_sizes(self, vol):
         """(actual bytes on disk, virtual bytes) of a volume, qemu-img's view."""
-        info = json.loads(subprocess.run(['qemu-img', 'info', '--output=json', vol['_qemu_file']], check=True,
+        # -U: a running guest's QEMU holds the image's write lock.
+        info = json.loads(subprocess.run(['qemu-img', 'info', '-U', '--output=json', vol['_qemu_file']], check=True,
                                          capture_output=True).stdout)
         return int(info.get('actual-size') or 0), int(info['virtual-size'])
 
@@ -804,8 +805,9 @@ def real_guest_pve(base):
                         LOG.warning('VM %s started with neither a real disk nor a modelled guest: nothing runs in it',
                                     vm.vmid)
                     return note
-                await self._sync_sizes(vm)
-                if ttype == 'qmtemplate':
+                if ttype == 'resize':
+                    await self._sync_sizes(vm)
+                elif ttype == 'qmtemplate':
                     for _k, volume, _p in drives_of(vm.config, skip_cdrom=True):
                         vol = self.volume_dict(volume)
                         if self.backend.is_real(vol):
