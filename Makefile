@@ -7,7 +7,8 @@ CARGO ?= cargo
 # Extra arguments for `cargo test`, e.g. CARGO_TEST_FLAGS='--test build'.
 CARGO_TEST_FLAGS ?=
 
-.PHONY: test tools venv real-guest-image fmt-check clippy cargo-test crds health-samples image demo bench-build bench-controller
+.PHONY: test tools venv real-guest-image fmt-check clippy cargo-test crds health-samples image demo bench-build bench-controller \
+	bench-real-guest
 
 test: tools venv real-guest-image fmt-check clippy cargo-test
 
@@ -66,3 +67,9 @@ bench-build: venv
 # Proxmox requests per resync, reconcile latency, RSS. See docs/controller.md for the numbers.
 bench-controller: tools venv
 	scripts/bench-controller.sh
+
+# The real Debian 12 guest under QEMU (tests/real_guest.rs) with its scenarios one after another,
+# so the figures are not shared CPU: per stage and step wall time, template disk size, Proxmox
+# requests per build and validation. See docs/build.md and docs/validation.md for the numbers.
+bench-real-guest: tools venv real-guest-image
+	SOMBRERO_REAL_GUEST_SERIAL=1 $(CARGO) test --locked --test real_guest -- --nocapture

@@ -284,7 +284,8 @@ class QemuBackend(object):
         checksums = await loop.run_in_executor(None, sums)
         info = json.loads(await run('qemu-img', 'info', '--output=json', path))
         size = os.path.getsize(path)
-        self.h.images[filename] = {'file': path, 'size': size, 'virtual_size': int(info['virtual-size'])}
+        self.h.images[filename] = {'file': path, 'size': size, 'virtual_size': int(info['virtual-size']),
+                                   'sha256': checksums['sha256']}
         return {'filename': filename, 'size': size, 'virtual_size': int(info['virtual-size']), 'checksums': checksums,
                 'url': 'http://{0}:{1}/images/{2}'.format(self.h.host, self.h.control_port,
                                                           urllib.parse.quote(filename))}
@@ -416,7 +417,8 @@ class QemuBackend(object):
 
     def disk_sizes(self, vol):
         """(actual bytes on disk, virtual bytes) of a volume, qemu-img's view."""
-        info = json.loads(subprocess.run(['qemu-img', 'info', '--output=json', vol['_qemu_file']], check=True,
+        # -U: a running guest's QEMU holds the image's write lock.
+        info = json.loads(subprocess.run(['qemu-img', 'info', '-U', '--output=json', vol['_qemu_file']], check=True,
                                          capture_output=True).stdout)
         return int(info.get('actual-size') or 0), int(info['virtual-size'])
 
@@ -799,9 +801,13 @@ def real_guest_pve(base):
                 if ttype == 'qmclone' and src is not None:
                     await self._real_clone(src, vm)
                 if not self.real_vm(vm):
+                    if ttype == 'qmstart' and self.guest_of(vm) is None:
+                        LOG.warning('VM %s started with neither a real disk nor a modelled guest: nothing runs in it',
+                                    vm.vmid)
                     return note
-                await self._sync_sizes(vm)
-                if ttype == 'qmtemplate':
+                if ttype == 'resize':
+                    await self._sync_sizes(vm)
+                elif ttype == 'qmtemplate':
                     for _k, volume, _p in drives_of(vm.config, skip_cdrom=True):
                         vol = self.volume_dict(volume)
                         if self.backend.is_real(vol):
@@ -820,12 +826,14 @@ def real_guest_pve(base):
 
         def _real_download(self, filename):
             """download-url of a registered real image: the file lands on the storage."""
-            image = self.h.images.get(filename) or {}
-            if not image.get('file'):
-                return
+            # The file is the registered image whose bytes it has (the name is the caller's).
             for sid, store in self.storages.items():
                 for name, vol in store.get('volumes', {}).items():
-                    if name.endswith('/' + filename) and vol.get('_guest') is None and not vol.get('_qemu_file'):
+                    if not name.endswith('/' + filename) or vol.get('_guest') is not None or vol.get('_qemu_file'):
+                        continue
+                    sha = (vol.get('_digests') or {}).get('sha256')
+                    image = next((i for i in self.h.images.values() if i.get('file') and i.get('sha256') == sha), None)
+                    if image is not None:
                         path = os.path.join(self.backend.dir, 'storage', sid, name)
                         os.makedirs(os.path.dirname(path), exist_ok=True)
                         shutil.copyfile(image['file'], path)

@@ -88,6 +88,18 @@
 //! - `POST /nodes/{node}/vzdump` stores a backup volume (`local:backup/vzdump-qemu-...`, with
 //!   notes from `notes-template` and `protected`); [`FakePve::add_backup`] adds one directly.
 //!
+//! # Real guests ([`Options::real_guest`])
+//! With the cache directory of `scripts/real-guest-image.sh`, an image registered with
+//! [`FakePve::add_image_file`] is a real qcow2, and a VM whose disks come from it is a real QEMU
+//! process (`tests/fakepve/qemu_backend.py`, TCG unless a kernel boots under KVM): real disk
+//! files for import/resize/template/clones, a NoCloud drive from the VM's cloud-init keys, the
+//! agent endpoints answered by the real qemu-guest-agent (PVE's wrapping and error texts), SSH
+//! through a hostfwd on the `ipconfig0` loopback address and [`FakePve::ssh_port`] (inside, the
+//! guest is 10.0.2.15; its only reachable server is the cached apt repository), ACPI shutdown.
+//! The API, tasks and locks stay fakepve's; VMs from modelled images keep the model.
+//! [`FakePve::real_guest_status`] reports boots (with the kernel each printed), disk sizes and
+//! timings; tests/real_guest.rs is the user.
+//!
 //! # The control API (this module wraps every call)
 //! Fault injection (fakepve's own: [`FakePve::fail`] with a status or a catalogue error name, see
 //! [`FakePve::errors_for`]), locks, network trouble, node offline, quorum, time scale, guest
