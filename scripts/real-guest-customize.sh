@@ -16,7 +16,7 @@ Signed-By: /etc/apt/keyrings/sombrero-test-repo.gpg
 SRC
 
 # cloud-init: NoCloud (PVE's cloud-init drive) and nothing to probe; keep the apt source above
-# (cloud-init would otherwise write a sources.list for deb.debian.org); hostname in /etc/hosts
+# (cloud-init would otherwise write a sources.list for the public Debian mirror); hostname in /etc/hosts
 # so sudo does not wait for DNS; Debian's default user as on Debian's cloud images.
 cat >"$R/etc/cloud/cloud.cfg.d/01_sombrero_test.cfg" <<'CFG'
 datasource_list: [ NoCloud, None ]

@@ -33,8 +33,6 @@ SELF="$ROOT/scripts/real-guest-image.sh"
 # their closure. Change it and the stamp changes (it hashes this file).
 RECIPE_PACKAGES="qemu-guest-agent cloud-init jq"
 IMAGE_PACKAGES="linux-image-cloud-amd64/bookworm,systemd-sysv,udev,dbus,openssh-server,cloud-init,cloud-guest-utils,fdisk,sudo,ifupdown,isc-dhcp-client,iproute2,netbase,e2fsprogs,procps,initramfs-tools,ca-certificates,locales"
-MIRROR="http://deb.debian.org/debian"
-SECURITY="http://deb.debian.org/debian-security"
 # The guest reaches the repository here: user-mode networking's guestfwd (qemu_backend.py).
 REPO_URL="http://10.0.2.100/"
 DISK_SIZE_MIB=2048
@@ -96,6 +94,15 @@ gpg --batch --quiet --pinentry-mode loopback --passphrase '' \
     --quick-gen-key 'sombrero real-guest test repository' ed25519 sign never 2>&1 >&2
 gpg --batch --export >"$WORK/repo-key.gpg"
 
+# The host's own apt sources (bookworm, -updates, -security as this machine is set up), pasted
+# into the chroot by mmdebstrap (one-line or deb822 files alike).
+HOST_SOURCES=()
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [[ -f "$f" ]] && grep -Eq '^[[:space:]]*[^#[:space:]]' "$f" && HOST_SOURCES+=("$f")
+done
+((${#HOST_SOURCES[@]})) || die "this host has no apt sources (/etc/apt/sources.list[.d]); mmdebstrap \
+needs Debian bookworm's main, bookworm-updates and bookworm-security"
+
 log "mmdebstrap bookworm (takes ~2 minutes)..."
 # The kernel is bookworm's (linux-image-cloud-amd64/bookworm); everything else is the newest from
 # bookworm, -updates and -security, as a published cloud image of today would be.
@@ -107,9 +114,7 @@ mmdebstrap --mode=root --variant=minbase --components=main \
     --customize-hook="chroot \"\$1\" apt-get -y -q -d install $RECIPE_PACKAGES >&2" \
     --customize-hook="mv \"\$1\"/var/cache/apt/archives/*.deb \"$OUT/repo/\"" \
     --customize-hook="$ROOT/scripts/real-guest-customize.sh \"\$1\" \"$WORK/repo-key.gpg\" \"$REPO_URL\" \"$LABEL\"" \
-    bookworm "$ROOTFS" \
-    "deb $MIRROR bookworm main" "deb $MIRROR bookworm-updates main" \
-    "deb $SECURITY bookworm-security main" >&2
+    bookworm "$ROOTFS" "${HOST_SOURCES[@]}" >&2
 
 # --- facts ---------------------------------------------------------------------------------
 old_kernel="$(cd "$ROOTFS/boot" && ls vmlinuz-* | sed 's/^vmlinuz-//' | sort -V | tail -1)"
