@@ -320,9 +320,7 @@ fn build_kind(c: ErrorCategory) -> FailureKind {
         ErrorCategory::Guest
         | ErrorCategory::Checksum
         | ErrorCategory::SourceUnavailable
-        | ErrorCategory::Timeout => {
-            FailureKind::Work
-        }
+        | ErrorCategory::Timeout => FailureKind::Work,
     }
 }
 

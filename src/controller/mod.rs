@@ -178,7 +178,8 @@ fn golden_image_controller(
     };
     // The default Secret may live outside the watched namespace; watch it there too.
     let default_watch = default_secret.as_ref().and_then(|(ns, _)| {
-        (namespace.is_some_and(|w| w != ns)).then(|| Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns))
+        (namespace.is_some_and(|w| w != ns))
+            .then(|| Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns))
     });
     // Secrets are watched by their metadata only: the controller must not hold every Secret's
     // data of the namespace (or cluster) in memory just to notice that a referenced one
