@@ -89,6 +89,7 @@ pub async fn run_build_with(
         progress,
         timeouts,
         timings: Vec::new(),
+        claimed: None,
     };
     let resumed = match resume {
         Some(vm) => run.resume_state(vm).await?,
@@ -221,6 +222,16 @@ struct Run<'a> {
     progress: &'a dyn Progress,
     timeouts: &'a Timeouts,
     timings: Vec<StageTiming>,
+    /// The name this run claimed in [`CLAIMS`]; given back when the run ends.
+    claimed: Option<String>,
+}
+
+impl Drop for Run<'_> {
+    fn drop(&mut self) {
+        if let Some(name) = self.claimed.take() {
+            CLAIMS.release(self.client.base_url().as_str(), &name);
+        }
+    }
 }
 
 impl Run<'_> {
@@ -320,6 +331,7 @@ impl Run<'_> {
                 };
                 BuildError::invalid_spec(e.to_string(), hint).at(Stage::CreateVm)
             })?;
+        self.claimed = Some(name.clone());
         let marker = Marker {
             schema: MARKER_SCHEMA_VERSION,
             owner: req.owner.clone(),

@@ -282,6 +282,13 @@ impl Claims {
         });
         Ok((number, name))
     }
+
+    /// Gives a claim back once its build run ends: by then Proxmox lists its VM (and so its
+    /// number) or the VM is gone and the number is free again.
+    pub fn release(&self, cluster: &str, name: &str) {
+        let mut claimed = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        claimed.retain(|c| !(c.cluster == cluster && c.name == name));
+    }
 }
 
 /// Checks a name against PVE's `dns-name` format (labels of letters, digits and inner hyphens,
@@ -546,6 +553,35 @@ mod tests {
         }
         assert!(validate_vm_name(&"a".repeat(63)).is_ok());
         assert!(validate_vm_name(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn a_released_claim_frees_its_number() {
+        let t = NameTemplate::default();
+        let claims = Claims::default();
+        let d = day(2026, 12, 1);
+        let (n, name) = claims
+            .next("pve-a", &t, "debian-12", "minimal", d, [])
+            .unwrap();
+        assert_eq!(n, 1);
+        // Another cluster's release does not free it.
+        claims.release("pve-b", &name);
+        assert_eq!(
+            claims
+                .next("pve-a", &t, "debian-12", "minimal", d, [])
+                .unwrap()
+                .0,
+            2
+        );
+        claims.release("pve-a", &name);
+        claims.release("pve-a", "debian-12-minimal-20261201-002");
+        assert_eq!(
+            claims
+                .next("pve-a", &t, "debian-12", "minimal", d, [])
+                .unwrap()
+                .0,
+            1
+        );
     }
 
     #[test]
