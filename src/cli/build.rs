@@ -63,12 +63,9 @@ pub async fn run(args: &BuildArgs) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(exit::INVALID_INPUT);
     }
-    let text = match std::fs::read_to_string(&args.file) {
+    let text = match super::read_input(&args.file) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: cannot read {}: {e}", args.file.display());
-            return ExitCode::from(exit::INVALID_INPUT);
-        }
+        Err(code) => return code,
     };
     let admitted = match admit::<GoldenImage>(&text) {
         Ok(a) => a,

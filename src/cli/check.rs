@@ -30,12 +30,9 @@ pub async fn run(args: &CheckArgs) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(exit::INVALID_INPUT);
     }
-    let text = match std::fs::read_to_string(&args.file) {
+    let text = match super::read_input(&args.file) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: cannot read {}: {e}", args.file.display());
-            return ExitCode::from(exit::INVALID_INPUT);
-        }
+        Err(code) => return code,
     };
     let kind = serde_yaml::from_str::<serde_json::Value>(&text)
         .ok()
@@ -43,16 +40,7 @@ pub async fn run(args: &CheckArgs) -> ExitCode {
     let subject = match kind.as_deref() {
         Some("TemplateRetention") => match super::prune::parse(&text) {
             Ok(policy) => Subject::Retention(policy),
-            Err(problems) => {
-                eprintln!(
-                    "error: {} is not a valid TemplateRetention:",
-                    args.file.display()
-                );
-                for p in problems {
-                    eprintln!("  {p}");
-                }
-                return ExitCode::from(exit::INVALID_INPUT);
-            }
+            Err(problems) => return super::refuse_retention(&args.file, &problems),
         },
         _ => match admit::<GoldenImage>(&text) {
             Ok(a) => Subject::Image(Box::new(a.object.spec)),

@@ -7,6 +7,29 @@ pub mod crd;
 pub mod manifest;
 pub mod prune;
 
+use std::path::Path;
+use std::process::ExitCode;
+
+/// The input file's text, or the error printed and the invalid-input exit code.
+fn read_input(path: &Path) -> Result<String, ExitCode> {
+    std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("error: cannot read {}: {e}", path.display());
+        ExitCode::from(exit::INVALID_INPUT)
+    })
+}
+
+/// Prints why a file is not a valid TemplateRetention; the invalid-input exit code.
+fn refuse_retention(path: &Path, problems: &[String]) -> ExitCode {
+    eprintln!(
+        "error: {} is not a valid TemplateRetention:",
+        path.display()
+    );
+    for p in problems {
+        eprintln!("  {p}");
+    }
+    ExitCode::from(exit::INVALID_INPUT)
+}
+
 /// Process exit codes shared by the one-shot commands (`build`, `check`, `prune`), so CI
 /// pipelines can tell failures apart. Documented in docs/build.md.
 pub mod exit {

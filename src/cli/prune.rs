@@ -51,16 +51,7 @@ pub async fn run(args: &PruneArgs) -> ExitCode {
     }
     let policy = match load(&args.file) {
         Ok(p) => p,
-        Err(problems) => {
-            eprintln!(
-                "error: {} is not a valid TemplateRetention:",
-                args.file.display()
-            );
-            for p in problems {
-                eprintln!("  {p}");
-            }
-            return ExitCode::from(exit::INVALID_INPUT);
-        }
+        Err(problems) => return super::refuse_retention(&args.file, &problems),
     };
     let scope = match scope(&policy.target, args.owner_uid.as_deref()) {
         Ok(s) => s,
