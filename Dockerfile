@@ -5,7 +5,7 @@
 # The chart runs it read-only, without capabilities, with `controller` and its flags as args.
 # Without a Docker engine, `make image` builds the same image (scripts/image.sh: an OCI layout of
 # the binary, its glibc/libgcc, CA certificates and the nonroot user); keep USER, ENTRYPOINT, CMD
-# and EXPOSE in step with it (tests/chart.rs compares them).
+# and EXPOSE in step with it (tests/integration/chart.rs compares them).
 
 # Keep in step with rust-version in Cargo.toml.
 FROM docker.io/library/rust:1.95-bookworm AS build

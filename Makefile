@@ -5,7 +5,7 @@
 # runs tests/real_guest.rs.
 
 CARGO ?= cargo
-# Extra arguments for `cargo test`, e.g. CARGO_TEST_FLAGS='--test build'.
+# Extra arguments for `cargo test`, e.g. CARGO_TEST_FLAGS='--test integration build::'.
 CARGO_TEST_FLAGS ?=
 
 .PHONY: test test-real-guest tools venv real-guest-image fmt-check clippy cargo-test crds health-samples image demo bench-build bench-controller \
@@ -45,14 +45,14 @@ crds:
 	$(CARGO) run --quiet -- crd --out-dir charts/sombrero/crds
 
 # tests/health/: GoldenImages and TemplateRetentions in each state, recorded from a real run of
-# the controller (tests/health.rs checks that the samples still match one).
+# the controller (tests/integration/health.rs checks that the samples still match one).
 health-samples: tools venv
-	SOMBRERO_RECORD_HEALTH=1 $(CARGO) test --locked --test health the_samples_are_what_the_controller_writes
+	SOMBRERO_RECORD_HEALTH=1 $(CARGO) test --locked --test integration health::the_samples_are_what_the_controller_writes
 
 # The release image without a container engine: a release build, then an OCI layout
 # (target/image/oci) and the same as one archive, for
 # `skopeo copy oci-archive:target/image/sombrero.oci.tar docker://REGISTRY/sombrero:TAG`.
-# The tests build the same image from their debug binary (tests/chart.rs).
+# The tests build the same image from their debug binary (tests/integration/chart.rs).
 image:
 	$(CARGO) build --release --locked --bin sombrero
 	scripts/image.sh --gzip --archive target/image/sombrero.oci.tar

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the container image test (tests/chart.rs) needs besides scripts/image.sh: Debian's runc
+# What the container image test (tests/integration/chart.rs) needs besides scripts/image.sh: Debian's runc
 # (runs the image; crun 1.8 refuses this machine's hybrid cgroup v1/v2 layout) and umoci
 # (unpacks the OCI layout into a runtime bundle, as a registry client and kubelet would),
 # and the CA bundle the image carries. Installed with apt-get when missing (needs root).

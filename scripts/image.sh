@@ -102,7 +102,7 @@ fi
 read -r layer_digest layer_size < <(blob "$work/layer.tar")
 
 created="$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)"
-# The runtime settings; keep in step with the Dockerfile (tests/chart.rs compares them).
+# The runtime settings; keep in step with the Dockerfile (tests/integration/chart.rs compares them).
 cat >"$work/config.json" <<EOF
 {"architecture":"$arch","os":"linux","created":"$created","config":{"User":"65532:65532","Entrypoint":["/usr/local/bin/sombrero"],"Cmd":["controller"],"ExposedPorts":{"8080/tcp":{}},"Env":["PATH=/usr/local/bin:/usr/bin:/bin","SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"],"Labels":{"org.opencontainers.image.title":"sombrero","org.opencontainers.image.version":"$version"}},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]},"history":[{"created":"$created","created_by":"scripts/image.sh"}]}
 EOF

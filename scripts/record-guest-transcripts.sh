@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-records tests/transcripts/debian-12/{build,clone}.json: what a real Debian 12 guest answers to
 # the commands sombrero's build (over SSH) and validation (through qemu-guest-agent) run. The
-# guest-model replay test (tests/fakepve_harness.rs, `the_model_answers_as_the_recorded_guest`)
+# guest-model replay test (tests/integration/fakepve_harness.rs, `the_model_answers_as_the_recorded_guest`)
 # compares tests/fakepve/guest.py against them, so run this after changing what the build or the
 # validation sends, then fix the model until the replay passes.
 #

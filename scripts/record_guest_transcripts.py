@@ -13,7 +13,7 @@ lines sombrero sends; phase `clone` boots a linked clone of the cleaned disk (ov
 instance-id, new key) and runs validation's commands through the real qemu-guest-agent, with
 PVE's wrapping (out-data/err-data decoded; a QGA error as PVE's "Agent error: <desc>").
 
-Each entry says how a replay against the guest model compares it (tests/fakepve_harness.rs):
+Each entry says how a replay against the guest model compares it (tests/integration/fakepve_harness.rs):
 `exact` (after `normalise`), `exitcode`, `lines` (each regex of `lines` matches both), `json-keys`.
 Also usable as a relay for QEMU's guestfwd: record_guest_transcripts.py --relay HOST PORT.
 """

@@ -104,7 +104,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 build_module k8s "$K8S_LDFLAGS" kube-apiserver=./cmd/kube-apiserver kubectl=./cmd/kubectl
 
-# helm (tests/chart.rs): built from its own cmd/helm through go.mod's `tool`
+# helm (tests/integration/chart.rs): built from its own cmd/helm through go.mod's `tool`
 # directive (a main package cannot be imported). As helm's release Makefile
 # does, stamp its version, and the Kubernetes version `helm template`/`lint`
 # assume without a cluster (the test apiserver's, instead of helm's 1.20).
@@ -116,7 +116,7 @@ for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
     HELM_LDFLAGS+=" -X $pkg.k8sVersionMajor=${BASH_REMATCH[1]} -X $pkg.k8sVersionMinor=${BASH_REMATCH[2]}"
 done
 build_module helm "$HELM_LDFLAGS" helm=helm.sh/helm/v3/cmd/helm
-# Argo CD Lua health scripts (gopher-lua) and Flux's kstatus (tests/health.rs).
+# Argo CD Lua health scripts (gopher-lua) and Flux's kstatus (tests/integration/health.rs).
 build_module health "" sombrero-health=./cmd/sombrero-health
 took=$(( $(now_ms) - total_start ))
 log "done in $((took / 1000)).$(printf '%03d' $((took % 1000)))s; binaries in $BIN"

@@ -1,7 +1,7 @@
 //! Gathering a target's templates from Proxmox, with what protects them (in use, protected,
 //! latest), as [`TemplateVersion`]s for the plan.
 //!
-//! # Requests (measured in `tests/retention.rs`, `gather_request_count`)
+//! # Requests (measured in `tests/integration/retention.rs`, `gather_request_count`)
 //! - 1 `GET /cluster/resources?type=vm` (every guest of the cluster, with tags);
 //! - 1 `GET .../qemu/{vmid}/config` per template carrying the target's tags (the marker, the
 //!   `protection` flag and the disks are only in the config);

@@ -42,7 +42,7 @@
 //!   `Image::contents(json!({"profile": "debian-12"}))` is a Debian 12 cloud image instead, its
 //!   packages, upgrades and repository read from the transcripts recorded on a real Debian 12
 //!   guest (`tests/transcripts/debian-12/`, which the model is checked against:
-//!   `the_model_answers_as_the_recorded_debian_12_guest` in tests/fakepve_harness.rs).
+//!   `the_model_answers_as_the_recorded_debian_12_guest` in tests/integration/fakepve_harness.rs).
 //! - `scsi0: local-lvm:0,import-from=local:import/<file>` (create, or `PUT`/`POST config`) makes a
 //!   disk of the image's virtual size (3.5 GiB by default) carrying a copy of its contents.
 //!   `PUT .../resize` grows it (fakepve alone ignores resize). Template conversion and clones

@@ -1,9 +1,9 @@
 //! The GitOps examples (examples/gitops/): the Argo CD and Flux objects are well-formed, point
 //! at files and objects that exist, and the chart values they carry pass the chart's schema
-//! (rendered by the real `helm`). tests/kube_api.rs applies the other examples; these kinds
+//! (rendered by the real `helm`). tests/integration/kube_api.rs applies the other examples; these kinds
 //! have no CRDs in the test API server.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -173,7 +173,7 @@ fn argo_cd_applications_point_at_the_chart_and_the_examples() {
             .iter()
             .all(|(_, name)| files.iter().any(|f| f.contains(name.as_str())))
     );
-    // The health checks exist for both kinds (tests/health.rs runs them).
+    // The health checks exist for both kinds (tests/integration/health.rs runs them).
     let cm = of_kind(&all, "v1", "ConfigMap")[0];
     for kind in ["GoldenImage", "TemplateRetention"] {
         let key = format!("resource.customizations.health.images.sombrero.dev_{kind}");

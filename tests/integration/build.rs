@@ -2,7 +2,7 @@
 //! provisioning, names and build numbers, tags and description, checksum and command failures,
 //! interruption at every stage, concurrent builds, and a consumer's clone left alone.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,9 +2,9 @@
 //! `status.build` was lost too: it must validate and promote that template, never build a
 //! second one. The crash state is made with `sombrero::build::run_build` (what the controller's
 //! job runs first) before the controller starts; then the controller runs in-process against a
-//! real kube-apiserver and the fake Proxmox, as in tests/controller.rs.
+//! real kube-apiserver and the fake Proxmox, as in tests/integration/controller.rs.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Validation and promotion against the fake Proxmox VE (tests/support/fakepve.rs).
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! TemplateRetention against the fake Proxmox VE: gathering versions and what protects them,
 //! the plan, and its execution (backup / tag / delete), plus `sombrero prune`.
 
-mod support;
+use crate::support;
 use support::fakepve::{Failure, FakePve};
 
 use std::time::Duration;

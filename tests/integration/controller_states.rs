@@ -3,10 +3,10 @@
 //! template that fails validation stalls the object until the spec changes; a guest command
 //! that keeps failing is retried a bounded number of times, then stalls. The controller runs
 //! in-process against a real kube-apiserver (tests/support/kube.rs) and the fake Proxmox
-//! (tests/support/fakepve.rs), set up as in tests/controller.rs: as the chart's ServiceAccount
+//! (tests/support/fakepve.rs), set up as in tests/integration/controller.rs: as the chart's ServiceAccount
 //! (tests/support/rbac.rs), not cluster-admin, and each test fails if any request was refused.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! templated with the keep policy), the Deployment is hardened, and the RBAC grants exactly the
 //! verbs the controller uses.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Output};

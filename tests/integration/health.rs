@@ -4,7 +4,7 @@
 //! the Go-built `sombrero-health` (scripts/test-tools.sh), on the samples in tests/health/.
 //! Each sample names what both tools must say in its `# argocd:` and `# kstatus:` headers.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -240,7 +240,7 @@ fn normalise(obj: &serde_json::Value, replace: &[(String, String)]) -> serde_jso
 
 fn sample_text(r: &Recorded, replace: &[(String, String)]) -> String {
     format!(
-        "# {}\n# Recorded from the controller by tests/health.rs (`make health-samples`); do not edit.\n# argocd: {}\n# kstatus: {}\n{}",
+        "# {}\n# Recorded from the controller by tests/integration/health.rs (`make health-samples`); do not edit.\n# argocd: {}\n# kstatus: {}\n{}",
         r.what,
         r.argocd,
         r.kstatus,

@@ -1,7 +1,7 @@
 //! The Proxmox client against the fake Proxmox VE (tests/fakepve): every endpoint, errors as PVE
 //! words them, TLS trust modes, a flaky network and the token secret's absence from errors and logs.
 
-mod support;
+use crate::support;
 use support::fakepve::{Failure, FakePve, Image, Options};
 
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! The CRDs against a real kube-apiserver: accepted, Established, examples apply, malformed
 //! objects are refused naming the field, printer columns show status.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 
@@ -85,7 +85,7 @@ async fn every_example_is_accepted_by_server_side_apply() {
     cp.install_crds();
     let client = cp.client().await;
     let ns = cp.namespace(&client, "examples").await;
-    // examples/gitops/ holds Argo CD and Flux objects (no CRDs here): tests/gitops.rs checks them.
+    // examples/gitops/ holds Argo CD and Flux objects (no CRDs here): tests/integration/gitops.rs checks them.
     let gitops = repo_root().join("examples/gitops");
     let files: Vec<PathBuf> = yaml_files(&repo_root().join("examples"))
         .into_iter()

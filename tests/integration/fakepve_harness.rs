@@ -2,7 +2,7 @@
 //! TLS verifies against the test CA, the control API round-trips, and the guest model carries a
 //! build from an imported cloud image through agent exec, template and clones.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! against a real kube-apiserver (tests/support/kube.rs) and the fake Proxmox
 //! (tests/support/fakepve.rs).
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
