@@ -82,7 +82,9 @@ fi
 # --- build in a scratch directory, then swap it in ----------------------------------------
 start="$(now_s)"
 WORK="$(mktemp -d "$ROOT/.cache/real-guest.build.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+# --one-file-system: never into a mount mmdebstrap could not take down (its /proc while a process
+# outside held it), so the host's /proc or /dev is never walked.
+trap 'umount -R -l "$WORK/rootfs/proc" "$WORK/rootfs/sys" "$WORK/rootfs/dev" 2>/dev/null; rm -rf --one-file-system "$WORK"' EXIT
 ROOTFS="$WORK/rootfs"
 OUT="$WORK/out"
 mkdir -p "$OUT/repo" "$WORK/gnupg"
@@ -115,6 +117,11 @@ mmdebstrap --mode=root --variant=minbase --components=main \
     --customize-hook="mv \"\$1\"/var/cache/apt/archives/*.deb \"$OUT/repo/\"" \
     --customize-hook="$ROOT/scripts/real-guest-customize.sh \"\$1\" \"$WORK/repo-key.gpg\" \"$REPO_URL\" \"$LABEL\"" \
     bookworm "$ROOTFS" "${HOST_SOURCES[@]}" >&2
+
+# mmdebstrap unmounts what it mounted; if a mount is left (busy), the image would copy it.
+if left="$(findmnt -rn -o TARGET | grep -F "$ROOTFS/")"; then
+    die "still mounted inside the root file system (a process held it): $left"
+fi
 
 # --- facts ---------------------------------------------------------------------------------
 old_kernel="$(cd "$ROOTFS/boot" && ls vmlinuz-* | sed 's/^vmlinuz-//' | sort -V | tail -1)"
