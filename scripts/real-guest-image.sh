@@ -84,7 +84,14 @@ start="$(now_s)"
 WORK="$(mktemp -d "$ROOT/.cache/real-guest.build.XXXXXX")"
 # --one-file-system: never into a mount mmdebstrap could not take down (its /proc while a process
 # outside held it), so the host's /proc or /dev is never walked.
-trap 'umount -R -l "$WORK/rootfs/proc" "$WORK/rootfs/sys" "$WORK/rootfs/dev" 2>/dev/null; rm -rf --one-file-system "$WORK"' EXIT
+cleanup() {
+    local m
+    for m in proc sys dev; do
+        ! mountpoint -q "$WORK/rootfs/$m" 2>/dev/null || umount -R -l "$WORK/rootfs/$m" || true
+    done
+    rm -rf --one-file-system "$WORK" || true
+}
+trap cleanup EXIT
 ROOTFS="$WORK/rootfs"
 OUT="$WORK/out"
 mkdir -p "$OUT/repo" "$WORK/gnupg"
