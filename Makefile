@@ -1,8 +1,9 @@
 # One entry point for people and CI. `make test` installs what the tests need (the Go-built
 # kube-apiserver/etcd/kubectl, cached in .cache/tools; the fake Proxmox in .venv/fakepve; runc
-# and umoci for the image test), then runs formatting, lints and the whole test suite.
-# `make test-real-guest` adds QEMU and the real Debian 12 guest image (.cache/real-guest) and
-# runs tests/real_guest.rs.
+# and umoci for the image test; QEMU and the real Debian 12 guest image with its apt repository,
+# cached in .cache/real-guest), then runs formatting, lints and the whole test suite: the unit
+# tests, tests/integration/ (one binary), then tests/real_guest.rs (real guests under QEMU/TCG,
+# after the others so they do not share the CPU). `make test-real-guest` runs only the last.
 
 CARGO ?= cargo
 # Extra arguments for `cargo test`, e.g. CARGO_TEST_FLAGS='--test integration build::'.
@@ -11,7 +12,7 @@ CARGO_TEST_FLAGS ?=
 .PHONY: test test-real-guest tools venv real-guest-image fmt-check clippy cargo-test crds health-samples image demo bench-build bench-controller \
 	bench-real-guest
 
-test: tools venv fmt-check clippy cargo-test
+test: tools venv real-guest-image fmt-check clippy cargo-test
 
 tools:
 	scripts/test-tools.sh
@@ -25,10 +26,10 @@ venv:
 real-guest-image:
 	scripts/real-guest-image.sh
 
-# The real-guest end-to-end test (tests/real_guest.rs): build, validation and the controller on a
-# real Debian 12 guest under QEMU/TCG. Not yet part of `make test` (see docs/build.md).
+# The real-guest end-to-end test alone (tests/real_guest.rs): build, validation and the controller
+# on a real Debian 12 guest under QEMU/TCG, printing its figures. `make test` runs it too.
 test-real-guest: tools venv real-guest-image
-	$(CARGO) test --locked --features real-guest-tests --test real_guest -- --nocapture
+	$(CARGO) test --locked --all-features --test real_guest -- --nocapture
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -36,8 +37,10 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --all-targets --all-features --locked -- -D warnings
 
+# --all-features turns on tests/real_guest.rs; the same features as clippy's, so the crate is
+# compiled for tests once.
 cargo-test:
-	$(CARGO) test --locked --no-fail-fast $(CARGO_TEST_FLAGS)
+	$(CARGO) test --locked --no-fail-fast --all-features $(CARGO_TEST_FLAGS)
 
 # Regenerate the checked-in CRDs and the Helm chart's copies (tests fail when either is stale).
 crds:
@@ -47,7 +50,7 @@ crds:
 # tests/health/: GoldenImages and TemplateRetentions in each state, recorded from a real run of
 # the controller (tests/integration/health.rs checks that the samples still match one).
 health-samples: tools venv
-	SOMBRERO_RECORD_HEALTH=1 $(CARGO) test --locked --test integration health::the_samples_are_what_the_controller_writes
+	SOMBRERO_RECORD_HEALTH=1 $(CARGO) test --locked --all-features --test integration health::the_samples_are_what_the_controller_writes
 
 # The release image without a container engine: a release build, then an OCI layout
 # (target/image/oci) and the same as one archive, for
@@ -78,4 +81,4 @@ bench-controller: tools venv
 # so the figures are not shared CPU: per stage and step wall time, template disk size, Proxmox
 # requests per build and validation. See docs/build.md and docs/validation.md for the numbers.
 bench-real-guest: tools venv real-guest-image
-	SOMBRERO_REAL_GUEST_SERIAL=1 $(CARGO) test --locked --features real-guest-tests --test real_guest -- --nocapture
+	SOMBRERO_REAL_GUEST_SERIAL=1 $(CARGO) test --locked --all-features --test real_guest -- --nocapture
