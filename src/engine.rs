@@ -7,6 +7,7 @@
 use chrono::NaiveDate;
 
 use crate::api::GoldenImageSpec;
+use crate::api::golden_image::BuildStage;
 use crate::api::golden_image::ProvisioningChannel;
 use crate::build::{self, BuildOutcome, BuildRequest, ErrorCategory};
 use crate::image::marker::{Owner, ValidationRecord};
@@ -35,8 +36,8 @@ pub struct Request {
 
 /// Progress of a run: the build's stages, then `Validate` and `Promote`.
 pub trait Progress: build::Progress {
-    /// A step after the build starts (`Validate`, `Promote`).
-    fn step(&self, name: &'static str);
+    /// A step after the build (`Validate`, `Promote`).
+    fn step(&self, step: BuildStage);
     /// The build finished: the template exists (validation and promotion may follow).
     fn built(&self, _built: &BuildOutcome) {}
 }
@@ -83,11 +84,70 @@ pub enum FailureKind {
     Work,
 }
 
+/// Why a run failed: the controller's condition and Event reason, and with
+/// [`Failure::retryable`] how the controller retries it ([`FailureReason::bounded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    InvalidSpec,
+    InsufficientPrivileges,
+    ProxmoxAuthFailed,
+    ProxmoxUnreachable,
+    ProxmoxError,
+    /// A guest command failed or the guest never became reachable.
+    ProvisioningFailed,
+    ChecksumMismatch,
+    /// The `checksumUrl` list could not be fetched.
+    SourceUnavailable,
+    BuildTimeout,
+    /// Validation could not run (not: the template failed a check).
+    ValidationError,
+    /// The template failed a check, and marking it failed did not work.
+    ValidationFailed,
+    PromotionFailed,
+}
+
+impl FailureReason {
+    /// The condition / Event reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::InvalidSpec => "InvalidSpec",
+            FailureReason::InsufficientPrivileges => REASON_INSUFFICIENT_PRIVILEGES,
+            FailureReason::ProxmoxAuthFailed => "ProxmoxAuthFailed",
+            FailureReason::ProxmoxUnreachable => "ProxmoxUnreachable",
+            FailureReason::ProxmoxError => "ProxmoxError",
+            FailureReason::ProvisioningFailed => "ProvisioningFailed",
+            FailureReason::ChecksumMismatch => "ChecksumMismatch",
+            FailureReason::SourceUnavailable => "SourceUnavailable",
+            FailureReason::BuildTimeout => "BuildTimeout",
+            FailureReason::ValidationError => "ValidationError",
+            FailureReason::ValidationFailed => "ValidationFailed",
+            FailureReason::PromotionFailed => "PromotionFailed",
+        }
+    }
+
+    /// Retryable failures that a spec can cause as well as bad luck: a guest command that
+    /// fails (a mirror mid-sync, or a command that always fails) or a step that times out.
+    /// Retrying them forever would rebuild from scratch every few minutes, so the controller
+    /// bounds them (`controller::memory::MAX_BUILD_ATTEMPTS`). Proxmox being unreachable is
+    /// not bounded: no spec change fixes an outage, and the retries are cheap.
+    pub fn bounded(self) -> bool {
+        matches!(
+            self,
+            FailureReason::ProvisioningFailed | FailureReason::BuildTimeout
+        )
+    }
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub stage: Option<String>,
-    /// The controller's condition / Event reason (`ProvisioningFailed`, ...).
-    pub reason: &'static str,
+    pub reason: FailureReason,
     pub message: String,
     pub retryable: bool,
     /// VMs this run left behind or changed (kept failed builds, the template).
@@ -120,12 +180,12 @@ fn privilege_failure(e: PrivilegeError) -> Failure {
         PrivilegeError::Proxmox(_) => FailureKind::Proxmox,
     };
     let reason = match &e {
-        PrivilegeError::Insufficient(_) => REASON_INSUFFICIENT_PRIVILEGES,
+        PrivilegeError::Insufficient(_) => FailureReason::InsufficientPrivileges,
         PrivilegeError::Proxmox(p) if matches!(p.category(), "unauthenticated" | "forbidden") => {
-            "ProxmoxAuthFailed"
+            FailureReason::ProxmoxAuthFailed
         }
-        PrivilegeError::Proxmox(p) if p.is_retryable() => "ProxmoxUnreachable",
-        PrivilegeError::Proxmox(_) => "ProxmoxError",
+        PrivilegeError::Proxmox(p) if p.is_retryable() => FailureReason::ProxmoxUnreachable,
+        PrivilegeError::Proxmox(_) => FailureReason::ProxmoxError,
     };
     Failure {
         stage: Some("Privileges".into()),
@@ -180,13 +240,13 @@ pub async fn run(req: &Request, progress: &dyn Progress) -> Outcome {
     }
     let passed_before = built.validation.validated_at().is_some();
     let report = if req.validate && !passed_before {
-        progress.step("Validate");
+        progress.step(BuildStage::Validate);
         match validate(req, &built, progress).await {
             Ok(r) => Some(r),
             Err(e) => {
                 return Outcome::Failed(Failure {
                     stage: Some("Validate".into()),
-                    reason: "ValidationError",
+                    reason: FailureReason::ValidationError,
                     message: e.to_string(),
                     retryable: e.is_retryable(),
                     touched: vec![built.vmid],
@@ -213,7 +273,7 @@ pub async fn run(req: &Request, progress: &dyn Progress) -> Outcome {
             // flight); a retryable failure waits for the backoff first.
             return Outcome::Failed(Failure {
                 stage: Some("Validate".into()),
-                reason: "ValidationFailed",
+                reason: FailureReason::ValidationFailed,
                 message: format!(
                     "template {} failed check {check}: {message}; marking it failed did not work ({e})",
                     built.name
@@ -237,7 +297,7 @@ pub async fn run(req: &Request, progress: &dyn Progress) -> Outcome {
             None => Outcome::Built { built },
         };
     }
-    progress.step("Promote");
+    progress.step(BuildStage::Promote);
     let evidence = match &report {
         Some(r) => promote::Evidence::Report(r),
         None if passed_before => promote::Evidence::Recorded,
@@ -251,7 +311,7 @@ pub async fn run(req: &Request, progress: &dyn Progress) -> Outcome {
         },
         Err(e) => Outcome::Failed(Failure {
             stage: Some("Promote".into()),
-            reason: "PromotionFailed",
+            reason: FailureReason::PromotionFailed,
             message: e.to_string(),
             retryable: e.is_retryable(),
             touched: vec![built.vmid],
@@ -324,15 +384,28 @@ fn build_kind(c: ErrorCategory) -> FailureKind {
     }
 }
 
-fn build_reason(e: &build::BuildError) -> &'static str {
+fn build_reason(e: &build::BuildError) -> FailureReason {
     match e.category {
-        ErrorCategory::InvalidSpec => "InvalidSpec",
-        ErrorCategory::ProxmoxAuth => "ProxmoxAuthFailed",
-        ErrorCategory::ProxmoxTransient => "ProxmoxUnreachable",
-        ErrorCategory::Proxmox => "ProxmoxError",
-        ErrorCategory::Guest => "ProvisioningFailed",
-        ErrorCategory::Checksum => "ChecksumMismatch",
-        ErrorCategory::SourceUnavailable => "SourceUnavailable",
-        ErrorCategory::Timeout => "BuildTimeout",
+        ErrorCategory::InvalidSpec => FailureReason::InvalidSpec,
+        ErrorCategory::ProxmoxAuth => FailureReason::ProxmoxAuthFailed,
+        ErrorCategory::ProxmoxTransient => FailureReason::ProxmoxUnreachable,
+        ErrorCategory::Proxmox => FailureReason::ProxmoxError,
+        ErrorCategory::Guest => FailureReason::ProvisioningFailed,
+        ErrorCategory::Checksum => FailureReason::ChecksumMismatch,
+        ErrorCategory::SourceUnavailable => FailureReason::SourceUnavailable,
+        ErrorCategory::Timeout => FailureReason::BuildTimeout,
+    }
+}
+
+impl From<build::Stage> for BuildStage {
+    fn from(s: build::Stage) -> Self {
+        match s {
+            build::Stage::Source => BuildStage::Source,
+            build::Stage::CreateVm => BuildStage::CreateVm,
+            build::Stage::Provision => BuildStage::Provision,
+            build::Stage::Shutdown => BuildStage::Shutdown,
+            build::Stage::Convert => BuildStage::Convert,
+            build::Stage::Finalize => BuildStage::Finalize,
+        }
     }
 }

@@ -566,8 +566,9 @@ pub struct BuildStatus {
     /// VMID of the build VM, once allocated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmid: Option<u32>,
-    /// Stage in flight, e.g. `Download`, `CreateVm`, `Provision`, `Convert`, `Validate`.
-    pub stage: String,
+    /// Stage in flight (`Source`, `CreateVm`, `Provision`, `Shutdown`, `Convert`, `Finalize`,
+    /// `Validate`, `Promote`), or `Failed` after a failed build (`message` says where and why).
+    pub stage: BuildStage,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
     /// Finished stages and their durations.
@@ -578,11 +579,64 @@ pub struct BuildStatus {
     pub message: Option<String>,
 }
 
+/// A step of the controller's job, as `status.build.stage` shows it: the build's stages, then
+/// `Validate` and `Promote`; `Failed` once the job failed. The wire values are the names.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
+)]
+pub enum BuildStage {
+    #[default]
+    Source,
+    CreateVm,
+    Provision,
+    Shutdown,
+    Convert,
+    Finalize,
+    Validate,
+    Promote,
+    Failed,
+}
+
+impl BuildStage {
+    /// The wire value (`CreateVm`, ...), also the metrics label and the Events' text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildStage::Source => "Source",
+            BuildStage::CreateVm => "CreateVm",
+            BuildStage::Provision => "Provision",
+            BuildStage::Shutdown => "Shutdown",
+            BuildStage::Convert => "Convert",
+            BuildStage::Finalize => "Finalize",
+            BuildStage::Validate => "Validate",
+            BuildStage::Promote => "Promote",
+            BuildStage::Failed => "Failed",
+        }
+    }
+}
+
+impl std::fmt::Display for BuildStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Validation state of one template in `status.versions`.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
+)]
+pub enum TemplateValidation {
+    /// Not validated yet (running, not started, or `validation.enabled: false`).
+    #[default]
+    Pending,
+    Passed,
+    Failed,
+}
+
 /// Duration of one build stage.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StageTiming {
-    pub stage: String,
+    pub stage: BuildStage,
     pub seconds: f64,
 }
 
@@ -595,8 +649,8 @@ pub struct TemplateVersionStatus {
     pub node: String,
     pub build_date: String,
     pub build_number: u16,
-    /// `Pending`, `Passed` or `Failed`.
-    pub validation: String,
+    /// `Pending` (not validated yet), `Passed` or `Failed`.
+    pub validation: TemplateValidation,
     /// Holds the channel tag ("latest validated").
     #[serde(default)]
     pub latest: bool,

@@ -332,9 +332,9 @@ impl Progress for TermProgress {
 }
 
 impl engine::Progress for TermProgress {
-    fn step(&self, name: &'static str) {
+    fn step(&self, step: crate::api::golden_image::BuildStage) {
         if let Ok(mut s) = self.state.lock() {
-            *s = (Some(name), "started".into(), None);
+            *s = (Some(step.as_str()), "started".into(), None);
         }
         self.show();
     }

@@ -1,35 +1,51 @@
 //! Background jobs (build -> validate -> promote) per GoldenImage, so a build of many minutes
 //! never blocks the reconcile loop. At most one job per image; a global limit and a per-node
 //! limit on jobs running at once. The reconciler starts a job, reads its progress into
-//! `status.build` while it runs, and takes its outcome once it finished.
+//! `status.build` while it runs, and takes its outcome once it finished. The [`Tracker`] also
+//! keeps the rest of each image's memory ([`super::memory`]), in one map keyed by the object.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use crate::api::golden_image::{BuildStatus, StageTiming, ValidationReport};
+use super::memory::{FailedBuild, ImageKey, ImageMemory, backoff};
+use crate::api::golden_image::{BuildStage, BuildStatus, StageTiming, ValidationReport};
+use crate::engine::FailureReason;
 
 /// Progress of a running job, as `status.build` shows it.
 #[derive(Debug, Clone)]
 pub struct JobProgress {
     pub id: String,
-    pub stage: String,
+    pub stage: BuildStage,
     pub message: Option<String>,
     pub vmid: Option<u32>,
     pub started_at: DateTime<Utc>,
-    pub stages: Vec<(String, f64)>,
+    pub stages: Vec<(BuildStage, f64)>,
     stage_started: Instant,
 }
 
 impl JobProgress {
+    /// A job that starts at `stage` at `started_at`.
+    pub fn new(id: &str, stage: BuildStage, started_at: DateTime<Utc>) -> Self {
+        JobProgress {
+            id: id.to_string(),
+            stage,
+            message: None,
+            vmid: None,
+            started_at,
+            stages: Vec::new(),
+            stage_started: Instant::now(),
+        }
+    }
+
     pub fn to_status(&self) -> BuildStatus {
         BuildStatus {
             id: self.id.clone(),
             vmid: self.vmid,
-            stage: self.stage.clone(),
+            stage: self.stage,
             started_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 super::status::to_timestamp(self.started_at),
             )),
@@ -37,7 +53,7 @@ impl JobProgress {
                 .stages
                 .iter()
                 .map(|(s, secs)| StageTiming {
-                    stage: s.clone(),
+                    stage: *s,
                     seconds: (*secs * 10.0).round() / 10.0,
                 })
                 .collect(),
@@ -51,16 +67,10 @@ impl JobProgress {
 pub struct ProgressHandle(Arc<Mutex<JobProgress>>);
 
 impl ProgressHandle {
-    fn new(id: &str, stage: &str) -> Self {
-        ProgressHandle(Arc::new(Mutex::new(JobProgress {
-            id: id.to_string(),
-            stage: stage.to_string(),
-            message: None,
-            vmid: None,
-            started_at: Utc::now(),
-            stages: Vec::new(),
-            stage_started: Instant::now(),
-        })))
+    fn new(id: &str, stage: BuildStage, started_at: DateTime<Utc>) -> Self {
+        ProgressHandle(Arc::new(Mutex::new(JobProgress::new(
+            id, stage, started_at,
+        ))))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, JobProgress> {
@@ -68,13 +78,13 @@ impl ProgressHandle {
     }
 
     /// A new stage starts: the previous one's duration is recorded.
-    pub fn stage(&self, stage: &str) {
+    pub fn stage(&self, stage: BuildStage) {
         let mut p = self.lock();
         if p.stage == stage {
             return;
         }
         let secs = p.stage_started.elapsed().as_secs_f64();
-        let prev = std::mem::replace(&mut p.stage, stage.to_string());
+        let prev = std::mem::replace(&mut p.stage, stage);
         p.stages.push((prev, secs));
         p.stage_started = Instant::now();
         p.message = None;
@@ -100,10 +110,10 @@ impl ProgressHandle {
     }
 
     /// Finished stages with their durations (the current one closed now).
-    pub fn finished_stages(&self) -> Vec<(String, f64)> {
+    pub fn finished_stages(&self) -> Vec<(BuildStage, f64)> {
         let p = self.lock();
         let mut v = p.stages.clone();
-        v.push((p.stage.clone(), p.stage_started.elapsed().as_secs_f64()));
+        v.push((p.stage, p.stage_started.elapsed().as_secs_f64()));
         v
     }
 }
@@ -128,8 +138,9 @@ pub enum JobOutcome {
     },
     /// The build (or a Proxmox step) failed.
     Failed {
+        /// Where it failed: a stage, or `Privileges` before any.
         stage: Option<String>,
-        reason: &'static str,
+        reason: FailureReason,
         message: String,
         retryable: bool,
         touched: Vec<u32>,
@@ -145,10 +156,20 @@ struct Job {
     handle: tokio::task::JoinHandle<()>,
 }
 
+impl Job {
+    fn running(&self) -> bool {
+        self.outcome.lock().map(|o| o.is_none()).unwrap_or(true)
+    }
+}
+
 /// What the reconciler sees of an image's job.
-pub enum JobView {
-    Running(JobProgress),
-    Finished(JobProgress, JobOutcome),
+#[derive(Debug, Clone)]
+pub struct JobView {
+    pub progress: JobProgress,
+    /// Finished stages (`progress.stages`) already announced as Events.
+    pub announced: usize,
+    /// `None` while it runs.
+    pub outcome: Option<JobOutcome>,
 }
 
 /// Limits on concurrent jobs.
@@ -177,6 +198,24 @@ pub struct Recorded {
 pub struct FinishedHere {
     pub ids: VecDeque<String>,
     pub last: Recorded,
+}
+
+impl FinishedHere {
+    /// With `recorded` as the newest build finished here.
+    pub fn with(finished: Option<&FinishedHere>, recorded: Recorded) -> FinishedHere {
+        let mut f = finished.cloned().unwrap_or_else(|| FinishedHere {
+            ids: VecDeque::new(),
+            last: recorded.clone(),
+        });
+        if !f.ids.contains(&recorded.id) {
+            f.ids.push_back(recorded.id.clone());
+        }
+        while f.ids.len() > REMEMBERED_IDS {
+            f.ids.pop_front();
+        }
+        f.last = recorded;
+        f
+    }
 }
 
 /// Finished build ids remembered per image; builds of one image are minutes apart, and a stale
@@ -217,15 +256,23 @@ pub fn judge_status_build(
             StatusBuild::Stale(f.last.clone())
         };
     }
-    if b.stage == "Failed" {
+    if b.stage == BuildStage::Failed {
         return StatusBuild::AsIs;
     }
     StatusBuild::Resume(b.id.clone())
 }
 
+/// One image's entry: its job and the rest of its memory.
+#[derive(Default)]
+struct ImageState {
+    job: Option<Job>,
+    memory: ImageMemory,
+    /// Failed reconciles in a row, for the error backoff.
+    errors: u32,
+}
+
 pub struct Tracker {
-    jobs: Mutex<HashMap<String, Job>>,
-    finished: Mutex<HashMap<String, FinishedHere>>,
+    images: Mutex<HashMap<ImageKey, ImageState>>,
     limits: Limits,
     running: prometheus_client::metrics::gauge::Gauge,
 }
@@ -233,54 +280,69 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(limits: Limits, running: prometheus_client::metrics::gauge::Gauge) -> Self {
         Tracker {
-            jobs: Mutex::new(HashMap::new()),
-            finished: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
             limits,
             running,
         }
     }
 
-    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Job>> {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    fn images(&self) -> std::sync::MutexGuard<'_, HashMap<ImageKey, ImageState>> {
+        self.images.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts `work` for `key` unless a job of that image exists or a limit is reached; `Err`
-    /// says why it has to wait.
+    /// Whether a job for `key` on `node` could start now; `Err` says why it has to wait.
+    pub fn slot(&self, key: &ImageKey, node: &str) -> Result<(), String> {
+        Self::free_slot(&self.images(), self.limits, key, node)
+    }
+
+    fn free_slot(
+        images: &HashMap<ImageKey, ImageState>,
+        limits: Limits,
+        key: &ImageKey,
+        node: &str,
+    ) -> Result<(), String> {
+        if images.get(key).is_some_and(|i| i.job.is_some()) {
+            return Err("a build of this image is already running".into());
+        }
+        let running: Vec<&Job> = images
+            .values()
+            .filter_map(|i| i.job.as_ref())
+            .filter(|j| j.running())
+            .collect();
+        if running.len() >= limits.global {
+            return Err(format!(
+                "waiting for a build slot: {} builds run (--max-concurrent-builds {})",
+                running.len(),
+                limits.global
+            ));
+        }
+        let on_node = running.iter().filter(|j| j.node == node).count();
+        if on_node >= limits.per_node {
+            return Err(format!(
+                "waiting for a build slot on node {node}: {on_node} builds run there (--max-builds-per-node {})",
+                limits.per_node
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts `work` for `key` (its progress starting at `Source`, `started_at`) unless a job
+    /// of that image exists or a limit is reached; `Err` says why it has to wait.
     pub fn try_start<F, Fut>(
         &self,
-        key: &str,
+        key: &ImageKey,
         node: &str,
         id: &str,
-        first_stage: &str,
+        started_at: DateTime<Utc>,
         work: F,
     ) -> Result<(), String>
     where
         F: FnOnce(ProgressHandle) -> Fut,
         Fut: Future<Output = JobOutcome> + Send + 'static,
     {
-        let mut jobs = self.jobs();
-        if jobs.contains_key(key) {
-            return Err("a build of this image is already running".into());
-        }
-        let running: Vec<&Job> = jobs
-            .values()
-            .filter(|j| j.outcome.lock().map(|o| o.is_none()).unwrap_or(true))
-            .collect();
-        if running.len() >= self.limits.global {
-            return Err(format!(
-                "waiting for a build slot: {} builds run (--max-concurrent-builds {})",
-                running.len(),
-                self.limits.global
-            ));
-        }
-        let on_node = running.iter().filter(|j| j.node == node).count();
-        if on_node >= self.limits.per_node {
-            return Err(format!(
-                "waiting for a build slot on node {node}: {on_node} builds run there (--max-builds-per-node {})",
-                self.limits.per_node
-            ));
-        }
-        let progress = ProgressHandle::new(id, first_stage);
+        let mut images = self.images();
+        Self::free_slot(&images, self.limits, key, node)?;
+        let progress = ProgressHandle::new(id, BuildStage::Source, started_at);
         let outcome = Arc::new(Mutex::new(None));
         let fut = work(progress.clone());
         let slot = outcome.clone();
@@ -291,73 +353,77 @@ impl Tracker {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
             gauge.dec();
         });
-        jobs.insert(
-            key.to_string(),
-            Job {
-                node: node.to_string(),
-                progress,
-                announced: 0,
-                outcome,
-                handle,
-            },
-        );
+        images.entry(key.clone()).or_default().job = Some(Job {
+            node: node.to_string(),
+            progress,
+            announced: 0,
+            outcome,
+            handle,
+        });
         Ok(())
     }
 
-    pub fn view(&self, key: &str) -> Option<JobView> {
-        let jobs = self.jobs();
-        let job = jobs.get(key)?;
-        let progress = job.progress.snapshot();
-        let outcome = job
-            .outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        Some(match outcome {
-            Some(o) => JobView::Finished(progress, o),
-            None => JobView::Running(progress),
+    pub fn view(&self, key: &ImageKey) -> Option<JobView> {
+        let images = self.images();
+        let job = images.get(key)?.job.as_ref()?;
+        Some(JobView {
+            progress: job.progress.snapshot(),
+            announced: job.announced,
+            outcome: job
+                .outcome
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         })
     }
 
-    /// Forgets a finished job whose outcome was recorded as `recorded`, and remembers its id.
-    pub fn remove_finished(&self, key: &str, recorded: Recorded) {
-        let mut jobs = self.jobs();
-        let finished = jobs
+    /// The image's memory: its last failed build and the builds that finished here.
+    pub fn memory(&self, key: &ImageKey) -> ImageMemory {
+        self.images()
             .get(key)
-            .map(|j| j.outcome.lock().map(|o| o.is_some()).unwrap_or(true))
-            .unwrap_or(false);
-        if finished {
-            jobs.remove(key);
-            let mut done = self.finished_map();
-            let entry = done.entry(key.to_string()).or_insert_with(|| FinishedHere {
-                ids: VecDeque::new(),
-                last: recorded.clone(),
-            });
-            if !entry.ids.contains(&recorded.id) {
-                entry.ids.push_back(recorded.id.clone());
-            }
-            while entry.ids.len() > REMEMBERED_IDS {
-                entry.ids.pop_front();
-            }
-            entry.last = recorded;
+            .map(|i| i.memory.clone())
+            .unwrap_or_default()
+    }
+
+    /// Stage Events of `key`'s job were published up to `announced` finished stages.
+    pub fn mark_announced(&self, key: &ImageKey, announced: usize) {
+        if let Some(job) = self.images().get_mut(key).and_then(|i| i.job.as_mut()) {
+            job.announced = job.announced.max(announced);
         }
     }
 
-    fn finished_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, FinishedHere>> {
-        self.finished.lock().unwrap_or_else(|e| e.into_inner())
+    /// Forgets a finished job whose outcome was recorded as `recorded`, and remembers its id.
+    /// A running job stays.
+    pub fn settle(&self, key: &ImageKey, recorded: Recorded) {
+        let mut images = self.images();
+        let Some(image) = images.get_mut(key) else {
+            return;
+        };
+        if image.job.as_ref().is_some_and(|j| !j.running()) {
+            image.job = None;
+            image.memory.finished =
+                Some(FinishedHere::with(image.memory.finished.as_ref(), recorded));
+        }
     }
 
-    /// The builds of `key` that finished in this process.
-    pub fn finished(&self, key: &str) -> Option<FinishedHere> {
-        self.finished_map().get(key).cloned()
+    /// Sets (or with `None` clears) the image's last failed build.
+    pub fn set_failed(&self, key: &ImageKey, failed: Option<FailedBuild>) {
+        let mut images = self.images();
+        match failed {
+            Some(f) => images.entry(key.clone()).or_default().memory.failed = Some(f),
+            None => {
+                if let Some(i) = images.get_mut(key) {
+                    i.memory.failed = None;
+                }
+            }
+        }
     }
 
-    /// Stops the job of `key` (the object is being deleted). The build VM stays with its marker
-    /// and is removed by the cleanup that follows.
-    pub fn abort(&self, key: &str) {
-        self.finished_map().remove(key);
-        if let Some(job) = self.jobs().remove(key) {
-            let running = job.outcome.lock().map(|o| o.is_none()).unwrap_or(false);
+    /// Stops the job of `key` and forgets the image (it is being deleted). The build VM stays
+    /// with its marker and is removed by the cleanup that follows.
+    pub fn forget(&self, key: &ImageKey) {
+        if let Some(job) = self.images().remove(key).and_then(|i| i.job) {
+            let running = job.running();
             job.handle.abort();
             if running {
                 self.running.dec();
@@ -365,21 +431,19 @@ impl Tracker {
         }
     }
 
-    pub fn is_tracked(&self, key: &str) -> bool {
-        self.jobs().contains_key(key)
+    /// Backoff after one more failed reconcile of `key`: 5 s doubling to 5 min.
+    pub fn error_backoff(&self, key: &ImageKey) -> Duration {
+        let mut images = self.images();
+        let i = images.entry(key.clone()).or_default();
+        i.errors = i.errors.saturating_add(1);
+        backoff(i.errors)
     }
 
-    /// Stages of `key`'s job that finished since the last call, with their seconds: each
-    /// becomes one Event, however many stages passed between two reconciles.
-    pub fn take_finished_stages(&self, key: &str) -> Vec<(String, f64)> {
-        let mut jobs = self.jobs();
-        let Some(job) = jobs.get_mut(key) else {
-            return Vec::new();
-        };
-        let stages = job.progress.snapshot().stages;
-        let new = stages.get(job.announced..).unwrap_or_default().to_vec();
-        job.announced = stages.len();
-        new
+    /// A reconcile of `key` succeeded: the error backoff starts over.
+    pub fn reset_errors(&self, key: &ImageKey) {
+        if let Some(i) = self.images().get_mut(key) {
+            i.errors = 0;
+        }
     }
 }
 
@@ -388,7 +452,7 @@ impl Tracker {
 /// resumes them from `status.build` and the markers.
 impl Drop for Tracker {
     fn drop(&mut self) {
-        for (_, job) in self.jobs().drain() {
+        for job in self.images().drain().filter_map(|(_, i)| i.job) {
             job.handle.abort();
         }
     }
@@ -397,16 +461,37 @@ impl Drop for Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn failed() -> JobOutcome {
         JobOutcome::Failed {
             stage: None,
-            reason: "X",
+            reason: FailureReason::ProxmoxUnreachable,
             message: "x".into(),
             retryable: true,
             touched: vec![],
         }
+    }
+
+    fn key(name: &str) -> ImageKey {
+        ImageKey {
+            namespace: "ns".into(),
+            name: name.into(),
+            uid: format!("u-{name}"),
+        }
+    }
+
+    fn finished(t: &Tracker, k: &ImageKey) -> bool {
+        t.view(k).is_some_and(|v| v.outcome.is_some())
+    }
+
+    async fn wait_finished(t: &Tracker, k: &ImageKey) {
+        for _ in 0..200 {
+            if finished(t, k) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the job of {k} did not finish");
     }
 
     #[tokio::test]
@@ -418,57 +503,91 @@ mod tests {
             },
             Default::default(),
         );
+        let now = Utc::now();
+        let (a, b, c, d) = (key("a"), key("b"), key("c"), key("d"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        t.try_start("ns/a", "pve1", "b1", "Source", |p| async move {
-            p.stage("CreateVm");
+        t.try_start(&a, "pve1", "b1", now, |p| async move {
+            p.stage(BuildStage::CreateVm);
             let _ = rx.await;
             failed()
         })
         .unwrap();
-        let again = t.try_start("ns/a", "pve1", "b2", "Source", |_| async { failed() });
+        let again = t.try_start(&a, "pve1", "b2", now, |_| async { failed() });
         assert!(again.unwrap_err().contains("already running"));
-        let node = t.try_start("ns/b", "pve1", "b3", "Source", |_| async { failed() });
+        assert!(t.slot(&b, "pve1").unwrap_err().contains("node pve1"));
+        let node = t.try_start(&b, "pve1", "b3", now, |_| async { failed() });
         assert!(node.unwrap_err().contains("node pve1"));
-        t.try_start("ns/c", "pve2", "b4", "Source", |_| std::future::pending())
+        t.try_start(&c, "pve2", "b4", now, |_| std::future::pending())
             .unwrap();
-        let global = t.try_start("ns/d", "pve3", "b5", "Source", |_| async { failed() });
+        let global = t.try_start(&d, "pve3", "b5", now, |_| async { failed() });
         assert!(global.unwrap_err().contains("--max-concurrent-builds 2"));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        match t.view("ns/a") {
-            Some(JobView::Running(p)) => {
-                assert_eq!(p.stage, "CreateVm");
-                assert_eq!(p.stages.len(), 1);
-            }
-            _ => panic!("expected a running job"),
-        }
-        let stages = t.take_finished_stages("ns/a");
-        assert_eq!(stages.len(), 1);
-        assert_eq!(stages[0].0, "Source");
-        assert!(t.take_finished_stages("ns/a").is_empty(), "announced once");
+        let v = t.view(&a).expect("a running job");
+        assert!(v.outcome.is_none());
+        assert_eq!(v.progress.stage, BuildStage::CreateVm);
+        assert_eq!(v.progress.started_at, now);
+        assert_eq!(v.progress.stages.len(), 1);
+        assert_eq!(v.announced, 0);
+        t.mark_announced(&a, 1);
+        assert_eq!(t.view(&a).unwrap().announced, 1, "announced once");
         tx.send(()).unwrap();
-        for _ in 0..100 {
-            if matches!(t.view("ns/a"), Some(JobView::Finished(..))) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(matches!(t.view("ns/a"), Some(JobView::Finished(..))));
-        // A finished job frees its node slot, and stays until its outcome was taken.
-        t.try_start("ns/b", "pve1", "b3", "Source", |_| std::future::pending())
+        wait_finished(&t, &a).await;
+        // A finished job frees its node slot, and stays until its outcome was settled.
+        t.try_start(&b, "pve1", "b3", now, |_| std::future::pending())
             .unwrap();
-        assert!(t.is_tracked("ns/a"));
-        t.remove_finished("ns/a", recorded("b1", None));
-        assert!(!t.is_tracked("ns/a"));
+        assert!(t.view(&a).is_some());
+        t.settle(&a, recorded("b1", None));
+        assert!(t.view(&a).is_none());
         assert_eq!(
-            t.finished("ns/a")
+            t.memory(&a)
+                .finished
                 .map(|f| f.ids.into_iter().collect::<Vec<_>>()),
             Some(vec!["b1".to_string()])
         );
-        t.remove_finished("ns/b", recorded("b3", None));
-        assert!(t.is_tracked("ns/b"), "a running job is not removed");
-        assert!(t.finished("ns/b").is_none(), "nor remembered as finished");
-        t.abort("ns/c");
-        assert!(!t.is_tracked("ns/c"));
+        t.settle(&b, recorded("b3", None));
+        assert!(t.view(&b).is_some(), "a running job is not settled");
+        assert!(
+            t.memory(&b).finished.is_none(),
+            "nor remembered as finished"
+        );
+        t.forget(&c);
+        assert!(t.view(&c).is_none());
+    }
+
+    #[test]
+    fn one_map_keyed_by_the_object_holds_the_memory() {
+        let t = Tracker::new(
+            Limits {
+                global: 1,
+                per_node: 1,
+            },
+            Default::default(),
+        );
+        let a = key("a");
+        // The same name, another uid: a re-created object starts afresh.
+        let a2 = ImageKey {
+            uid: "u-other".into(),
+            ..a.clone()
+        };
+        let f = FailedBuild {
+            spec_hash: "h1".into(),
+            reason: FailureReason::ProvisioningFailed,
+            message: "m".into(),
+            retry_at: None,
+            attempts: 2,
+        };
+        t.set_failed(&a, Some(f.clone()));
+        assert_eq!(t.memory(&a).failed, Some(f));
+        assert_eq!(t.memory(&a2), ImageMemory::default());
+        let delays: Vec<u64> = (0..3).map(|_| t.error_backoff(&a).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20]);
+        assert_eq!(t.error_backoff(&a2).as_secs(), 5);
+        t.reset_errors(&a);
+        assert_eq!(t.error_backoff(&a).as_secs(), 5);
+        t.set_failed(&a, None);
+        assert!(t.memory(&a).failed.is_none());
+        t.forget(&a);
+        assert_eq!(t.memory(&a), ImageMemory::default());
     }
 
     fn recorded(id: &str, build: Option<BuildStatus>) -> Recorded {
@@ -479,10 +598,10 @@ mod tests {
         }
     }
 
-    fn build(id: &str, stage: &str) -> BuildStatus {
+    fn build(id: &str, stage: BuildStage) -> BuildStatus {
         BuildStatus {
             id: id.into(),
-            stage: stage.into(),
+            stage,
             ..Default::default()
         }
     }
@@ -496,18 +615,19 @@ mod tests {
 
     #[test]
     fn a_build_finished_here_is_never_resumed_from_an_older_status() {
+        use BuildStage::*;
         use StatusBuild::*;
         let promoted = finished_here(&["b1"], recorded("b1", None));
         // The cache still shows b1 in Promote after this process promoted it: stale.
         assert_eq!(
-            judge_status_build(Some(&build("b1", "Promote")), false, Some(&promoted)),
+            judge_status_build(Some(&build("b1", Promote)), false, Some(&promoted)),
             Stale(recorded("b1", None))
         );
         // The same after a failure: the recorded Failed build is written back.
-        let failed = build("b2", "Failed");
+        let failed = build("b2", Failed);
         let after_failure = finished_here(&["b1", "b2"], recorded("b2", Some(failed.clone())));
         assert_eq!(
-            judge_status_build(Some(&build("b2", "Provision")), false, Some(&after_failure)),
+            judge_status_build(Some(&build("b2", Provision)), false, Some(&after_failure)),
             Stale(recorded("b2", Some(failed.clone())))
         );
         assert_eq!(
@@ -517,25 +637,25 @@ mod tests {
         );
         // An even older copy naming an earlier build of this process.
         assert_eq!(
-            judge_status_build(Some(&build("b1", "Validate")), false, Some(&after_failure)),
+            judge_status_build(Some(&build("b1", Validate)), false, Some(&after_failure)),
             Stale(recorded("b2", Some(failed)))
         );
         // A build this process never ran (a previous leader's): resumed.
         assert_eq!(
-            judge_status_build(Some(&build("b0", "Provision")), false, Some(&promoted)),
+            judge_status_build(Some(&build("b0", Provision)), false, Some(&promoted)),
             Resume("b0".into())
         );
         assert_eq!(
-            judge_status_build(Some(&build("b0", "Provision")), false, None),
+            judge_status_build(Some(&build("b0", Provision)), false, None),
             Resume("b0".into())
         );
         // Running here, failed, or no build at all: nothing to decide.
         assert_eq!(
-            judge_status_build(Some(&build("b3", "Provision")), true, Some(&promoted)),
+            judge_status_build(Some(&build("b3", Provision)), true, Some(&promoted)),
             AsIs
         );
         assert_eq!(
-            judge_status_build(Some(&build("b0", "Failed")), false, None),
+            judge_status_build(Some(&build("b0", Failed)), false, None),
             AsIs
         );
         assert_eq!(judge_status_build(None, false, Some(&promoted)), AsIs);
@@ -550,24 +670,20 @@ mod tests {
             },
             Default::default(),
         );
+        let a = key("a");
         for n in 0..(REMEMBERED_IDS + 4) {
             let id = format!("b{n}");
-            t.try_start("ns/a", "pve1", &id, "Source", |_| async { failed() })
+            t.try_start(&a, "pve1", &id, Utc::now(), |_| async { failed() })
                 .unwrap();
-            for _ in 0..100 {
-                if matches!(t.view("ns/a"), Some(JobView::Finished(..))) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            t.remove_finished("ns/a", recorded(&id, None));
+            wait_finished(&t, &a).await;
+            t.settle(&a, recorded(&id, None));
         }
-        let f = t.finished("ns/a").unwrap();
+        let f = t.memory(&a).finished.unwrap();
         assert_eq!(f.ids.len(), REMEMBERED_IDS);
         assert_eq!(f.ids.back().map(String::as_str), Some("b19"));
         assert_eq!(f.last.id, "b19");
-        t.abort("ns/a");
-        assert!(t.finished("ns/a").is_none());
+        t.forget(&a);
+        assert!(t.memory(&a).finished.is_none());
     }
 
     #[tokio::test]
@@ -580,7 +696,7 @@ mod tests {
             Default::default(),
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        t.try_start("ns/a", "pve1", "b1", "Source", |_| async move {
+        t.try_start(&key("a"), "pve1", "b1", Utc::now(), |_| async move {
             let _tx = tx;
             std::future::pending::<JobOutcome>().await
         })

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use super::builds::{JobOutcome, ProgressHandle};
 use super::context::{JobRequest, Pipeline};
 use super::error::Error;
-use crate::api::golden_image::ValidationReport;
+use crate::api::golden_image::{BuildStage, ValidationReport};
 use crate::build;
 use crate::engine::Outcome;
 use crate::image::marker::Owner;
@@ -21,7 +21,7 @@ pub struct Engine;
 
 impl build::Progress for ProgressHandle {
     fn stage(&self, stage: build::Stage) {
-        ProgressHandle::stage(self, stage.as_str());
+        ProgressHandle::stage(self, stage.into());
     }
     fn message(&self, text: &str) {
         ProgressHandle::message(self, text);
@@ -32,8 +32,8 @@ impl build::Progress for ProgressHandle {
 }
 
 impl crate::engine::Progress for ProgressHandle {
-    fn step(&self, name: &'static str) {
-        ProgressHandle::stage(self, name);
+    fn step(&self, step: BuildStage) {
+        ProgressHandle::stage(self, step);
     }
     fn built(&self, built: &build::BuildOutcome) {
         self.vmid(built.vmid);
@@ -92,7 +92,7 @@ fn job_outcome(outcome: Outcome) -> JobOutcome {
         // Promotion is always asked for here; these cannot come back.
         Outcome::Built { built } | Outcome::Validated { built, .. } => JobOutcome::Failed {
             stage: Some("Promote".into()),
-            reason: "PromotionFailed",
+            reason: crate::engine::FailureReason::PromotionFailed,
             message: format!("template {} was not promoted", built.name),
             retryable: true,
             touched: vec![built.vmid],

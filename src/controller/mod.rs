@@ -23,12 +23,14 @@
 pub mod builds;
 pub mod connection;
 pub mod context;
+pub mod decide;
 pub mod engine;
 pub mod error;
 pub mod events;
 pub mod http;
 pub mod inventory;
 pub mod leader;
+pub mod memory;
 pub mod metrics;
 pub mod reconcile;
 pub mod report;
@@ -124,8 +126,7 @@ pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> 
         inventories: Default::default(),
         pipeline,
         settings: opts.settings.clone(),
-        failed: Mutex::new(HashMap::new()),
-        failures: Mutex::new(HashMap::new()),
+        retention_errors: Mutex::new(HashMap::new()),
     });
 
     let mut controllers = Vec::new();

@@ -1,7 +1,10 @@
-//! The GoldenImage reconciler: dereference (Secret, inventory) -> validate (what only the
-//! controller can judge) -> decide (triggers, jobs) -> apply (start jobs, output ConfigMap)
-//! -> status. Errors are categorised: bad spec or credentials give `Stalled=True`, transient
-//! Proxmox trouble `Reconciling=True` and a backoff requeue; never a crash loop.
+//! The GoldenImage reconciler in three steps: [`observe`] (every read: the spec's fields only
+//! the controller can judge, the Proxmox connection, the shared inventory's snapshot, the
+//! image's templates, its job, leftover validation clones, the upstream checksum),
+//! [`decide::decide`] (pure: the plan) and [`act`] (every write: the job, Events, leftovers,
+//! the output ConfigMap, the status). Errors are categorised: bad spec or credentials give
+//! `Stalled=True`, transient Proxmox trouble `Reconciling=True` and a backoff requeue; never a
+//! crash loop. Deletion runs the finalizer ([`cleanup`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,31 +21,25 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::builds::{JobOutcome, JobView, Recorded, StatusBuild, judge_status_build};
+use super::builds::JobOutcome;
 use super::connection;
-use super::context::{Context, FailedBuild, JobRequest, attempt_number, retry_again};
+use super::context::{Context, JobRequest};
+use super::decide::{
+    self, About, Note, Observation, Plan, SourceCheck, Timing, ValidSpec, Version,
+};
 use super::error::{Error, Result};
-use super::inventory::Snapshot;
-use super::status::{self, Cond, FailedValidation, Verdict};
-use super::triggers::{self, Attempt, REBUILD_ANNOTATION, Trigger};
-use crate::api::common::ConditionStatus;
-use crate::api::golden_image::{
-    DeletionPolicy, GoldenImage, GoldenImageStatus, TemplateRef, TemplateVersionStatus,
-};
-use crate::image::marker::{
-    Marker, Owner, Ownership, Role, SourceInfo, ValidationRecord, ownership,
-};
-use crate::image::version::{TemplateVersion, VmFacts};
+use super::inventory::{ClusterInventory, Snapshot};
+use super::memory::ImageKey;
+use super::status;
+use super::triggers::{self, Attempt, REBUILD_ANNOTATION};
+use crate::api::golden_image::{DeletionPolicy, GoldenImage, GoldenImageStatus};
+use crate::image::marker::{Owner, Ownership, Role, SourceInfo, ownership};
+use crate::image::version::{TemplateVersion, ValidationStatus, VmFacts};
 use crate::proxmox;
 use crate::retention::{self, Purpose, Scope, Target};
 
 pub const FINALIZER: &str = "images.sombrero.dev/cleanup";
 const KIND: &str = "GoldenImage";
-
-/// `namespace/name`.
-pub fn key_of(gi: &GoldenImage) -> String {
-    format!("{}/{}", gi.namespace().unwrap_or_default(), gi.name_any())
-}
 
 fn owner_of(gi: &GoldenImage) -> Owner {
     Owner {
@@ -53,7 +50,7 @@ fn owner_of(gi: &GoldenImage) -> Owner {
 }
 
 /// Entry point for kube-runtime: metrics, finalizer dispatch, and the error's status.
-#[tracing::instrument(skip(gi, ctx), fields(object = %key_of(&gi)))]
+#[tracing::instrument(skip(gi, ctx), fields(object = %ImageKey::of(&gi)))]
 pub async fn reconcile(gi: Arc<GoldenImage>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(KIND);
     let ns = gi.namespace().unwrap_or_default();
@@ -67,7 +64,7 @@ pub async fn reconcile(gi: Arc<GoldenImage>, ctx: Arc<Context>) -> Result<Action
     .await;
     match result {
         Ok(action) => {
-            ctx.reset_backoff(&key_of(&gi));
+            ctx.tracker.reset_errors(&ImageKey::of(&gi));
             Ok(action)
         }
         Err(kube::runtime::finalizer::Error::ApplyFailed(e))
@@ -88,45 +85,16 @@ pub fn error_policy(gi: Arc<GoldenImage>, error: &Error, ctx: Arc<Context>) -> A
     let delay = if error.is_stalled() {
         Duration::from_secs(300)
     } else {
-        ctx.backoff(&key_of(&gi))
+        ctx.tracker.error_backoff(&ImageKey::of(&gi))
     };
     Action::requeue(delay)
 }
 
-async fn event(
-    ctx: &Context,
-    gi: &GoldenImage,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    event_about(ctx, gi, type_, reason, action, note, None).await
-}
-
-/// What an Event is about besides the GoldenImage: a build or a Proxmox template.
-enum About<'a> {
-    Build(&'a str),
-    Stage(&'a str, &'a str),
-    Template(u32),
-}
-
-/// kube's Recorder folds Events with the same type, reason, action and objects into one series
-/// that keeps the first note, so a second build's `BuildStarted` would show the first one's
-/// text. Naming the build (or template) as the related object keeps one Event per thing that
-/// happened; a repeated error (same reason, no related object) still folds into a series.
-async fn event_about(
-    ctx: &Context,
-    gi: &GoldenImage,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-    about: Option<About<'_>>,
-) {
-    let related = about.map(|a| {
+/// Publishes one Event about `gi`.
+async fn publish(ctx: &Context, gi: &GoldenImage, note: &Note) {
+    let related = note.about.as_ref().map(|a| {
         let (kind, name) = match a {
-            About::Build(id) => ("SombreroBuild", id.to_string()),
+            About::Build(id) => ("SombreroBuild", id.clone()),
             About::Stage(id, stage) => ("SombreroBuildStage", format!("{id}.{stage}")),
             About::Template(vmid) => ("ProxmoxTemplate", vmid.to_string()),
         };
@@ -137,31 +105,33 @@ async fn event_about(
         }
     });
     let ev = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note.chars().take(1000).collect()),
-        action: action.to_string(),
+        type_: note.type_,
+        reason: note.reason.clone(),
+        note: Some(note.text.chars().take(1000).collect()),
+        action: note.action.to_string(),
         secondary: related,
     };
     if let Err(e) = ctx.recorder.publish(&ev, &gi.object_ref(&())).await {
-        warn!(error = %e, reason, "cannot publish Event");
+        warn!(error = %e, reason = note.reason, "cannot publish Event");
     }
 }
 
-/// One Event per build stage that finished since the last reconcile (with its duration).
-async fn announce_stages(ctx: &Context, gi: &GoldenImage, key: &str, build_id: &str) {
-    for (stage, secs) in ctx.tracker.take_finished_stages(key) {
-        event_about(
-            ctx,
-            gi,
-            EventType::Normal,
-            "StageFinished",
-            "Build",
-            format!("build {build_id}: stage {stage} finished in {secs:.1}s"),
-            Some(About::Stage(build_id, &stage)),
-        )
-        .await;
-    }
+async fn event(
+    ctx: &Context,
+    gi: &GoldenImage,
+    type_: EventType,
+    reason: &str,
+    action: &'static str,
+    text: String,
+) {
+    let note = Note {
+        type_,
+        reason: reason.to_string(),
+        action,
+        text,
+        about: None,
+    };
+    publish(ctx, gi, &note).await
 }
 
 /// Writes the error into the conditions and an Event.
@@ -200,19 +170,36 @@ pub fn current_spec_hash(gi: &GoldenImage) -> Result<String> {
         .map_err(|e| Error::invalid_spec("", format!("cannot hash the spec: {e}")))
 }
 
+/// What the schema cannot judge: the cron schedule, the check interval, the spec hash.
+pub fn validate_spec(gi: &GoldenImage) -> Result<ValidSpec> {
+    let schedule = gi
+        .spec
+        .rebuild
+        .schedule
+        .as_deref()
+        .map(triggers::parse_schedule)
+        .transpose()?;
+    let check_interval =
+        crate::retention::duration::parse_duration(&gi.spec.rebuild.source_check_interval)
+            .map_err(|e| Error::invalid_spec("rebuild.sourceCheckInterval", e.to_string()))?;
+    Ok(ValidSpec {
+        spec_hash: current_spec_hash(gi)?,
+        schedule,
+        check_interval,
+    })
+}
+
 /// Templates of this image (ours, role template, this owner), newest first.
-fn versions(snap: &Snapshot, uid: &str) -> Vec<(TemplateVersion, Attempt)> {
-    let mut out: Vec<(TemplateVersion, Attempt)> = snap
+fn versions(snap: &Snapshot, uid: &str) -> Vec<Version> {
+    let mut out: Vec<Version> = snap
         .of_owner(uid)
         .filter(|v| v.vm.template)
         .filter_map(|v| {
             let m = v.marker.as_ref()?;
-            if ownership(Some(m), v.vm.vmid)
-                != crate::image::marker::Ownership::Ours(Role::Template)
-            {
+            if ownership(Some(m), v.vm.vmid) != Ownership::Ours(Role::Template) {
                 return None;
             }
-            let tv = TemplateVersion::from_vm(VmFacts {
+            let template = TemplateVersion::from_vm(VmFacts {
                 vmid: v.vm.vmid,
                 node: &v.vm.node,
                 name: v
@@ -232,231 +219,130 @@ fn versions(snap: &Snapshot, uid: &str) -> Vec<(TemplateVersion, Attempt)> {
             };
             let attempt = Attempt {
                 spec_hash: m.metadata.spec_hash.clone(),
-                created: tv.created_at(),
+                created: template.created_at(),
                 source_checksum,
-                awaiting_validation: tv.validation
-                    == crate::image::version::ValidationStatus::Pending
-                    && !tv.latest
-                    && !tv.archived,
+                awaiting_validation: template.validation == ValidationStatus::Pending
+                    && !template.latest
+                    && !template.archived,
             };
-            Some((tv, attempt))
+            Some(Version {
+                template,
+                attempt,
+                marker: m.clone(),
+            })
         })
         .collect();
-    out.sort_by(|a, b| a.0.cmp_newest_first(&b.0));
+    out.sort_by(|a, b| a.template.cmp_newest_first(&b.template));
     out
 }
 
-fn template_ref(v: &TemplateVersion, snap: &Snapshot) -> TemplateRef {
-    let marker = marker_of(snap, v.vmid);
-    TemplateRef {
-        vmid: v.vmid,
-        name: v.name.clone(),
-        node: v.node.clone(),
-        build_date: v.build_date.format("%Y-%m-%d").to_string(),
-        build_number: v.build_number,
-        source_checksum: marker.and_then(|m| match &m.metadata.source {
-            Some(SourceInfo::CloudImage { checksum, .. }) => checksum.clone(),
-            _ => None,
-        }),
-        spec_hash: marker.map(|m| m.metadata.spec_hash.clone()),
-        validated_at: marker
-            .and_then(|m| m.metadata.validation.validated_at())
-            .map(status::time),
-    }
+/// The Proxmox side of one reconcile: the cluster's shared inventory and a client.
+struct Proxmox {
+    inv: Arc<ClusterInventory>,
+    client: proxmox::Client,
 }
 
-async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
-    let key = key_of(gi);
-    let owner = owner_of(gi);
-    let now = Utc::now();
-
-    // Validate what the schema cannot.
-    let schedule = gi
-        .spec
-        .rebuild
-        .schedule
-        .as_deref()
-        .map(triggers::parse_schedule)
-        .transpose()?;
-    let check_interval =
-        crate::retention::duration::parse_duration(&gi.spec.rebuild.source_check_interval)
-            .map_err(|e| Error::invalid_spec("rebuild.sourceCheckInterval", e.to_string()))?;
-    let spec_hash = current_spec_hash(gi)?;
-
-    // Dereference: connection and the shared inventory.
+/// Every read of a reconcile: the connection, the inventory snapshot (fresh for VMs a job
+/// that finished just touched), the image's templates, its job, leftover validation clones,
+/// and the upstream checksum when a check is due.
+async fn observe(
+    gi: &GoldenImage,
+    ctx: &Context,
+    key: &ImageKey,
+    spec: &ValidSpec,
+    now: DateTime<Utc>,
+) -> Result<(Proxmox, Observation)> {
     let conn = connection::resolve(&ctx.client, &ctx.settings.default_connection, gi).await?;
     let inv = ctx.inventories.get(&conn).await?;
     let client = inv.client().await;
-    let mut snap = inv.snapshot(ctx.settings.resync).await?;
-
-    let mut st = gi.status.clone().unwrap_or_default();
-    let mut requeue = ctx.settings.requeue;
-    let mut reconciling: Option<(String, String)> = None;
-    let mut stalled: Option<(String, String)> = None;
-
-    // A finished job: record its outcome.
-    if let Some(JobView::Finished(progress, outcome)) = ctx.tracker.view(&key) {
-        announce_stages(ctx, gi, &key, &progress.id).await;
-        for (stage, secs) in &progress.stages {
-            ctx.metrics
-                .build_stage_duration
-                .get_or_create(&super::metrics::StageLabels {
-                    stage: stage.clone(),
-                })
-                .observe(*secs);
-        }
-        let checks = match &outcome {
-            JobOutcome::Promoted { report, .. } => report.as_ref(),
-            JobOutcome::ValidationFailed { report, .. } => Some(report),
-            JobOutcome::Failed { .. } => None,
+    let job = ctx.tracker.view(key);
+    // A finished job changed VMs (the new template, the previous latest): read them again.
+    if let Some(outcome) = job.as_ref().and_then(|j| j.outcome.as_ref()) {
+        let touched = match outcome {
+            JobOutcome::Promoted { vmid, touched, .. } => {
+                touched.iter().copied().chain([*vmid]).collect()
+            }
+            JobOutcome::ValidationFailed { vmid, .. } => vec![*vmid],
+            JobOutcome::Failed { touched, .. } => touched.clone(),
         };
-        for c in checks.map(|r| r.checks.as_slice()).unwrap_or_default() {
-            ctx.metrics
-                .validation_check_duration
-                .get_or_create(&super::metrics::StageLabels {
-                    stage: c.name.clone(),
-                })
-                .observe(c.seconds);
-        }
-        let mut touched = Vec::new();
-        match &outcome {
-            JobOutcome::Promoted {
-                vmid,
-                name,
-                report,
-                touched: t,
-            } => {
-                touched.extend(t.iter().copied());
-                touched.push(*vmid);
-                st.last_validation = report.clone();
-                st.build = None;
-                ctx.failed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
-                info!(vmid, name, "template promoted");
-                event_about(
-                    ctx,
-                    gi,
-                    EventType::Normal,
-                    "Promoted",
-                    "Promote",
-                    format!(
-                        "template {name} (VMID {vmid}) is now the latest{}",
-                        if report.is_some() {
-                            " after passing validation"
-                        } else {
-                            " (validation disabled)"
-                        }
-                    ),
-                    Some(About::Template(*vmid)),
-                )
-                .await;
-            }
-            JobOutcome::ValidationFailed {
-                vmid,
-                name,
-                failed_check,
-                message,
-                report,
-            } => {
-                touched.push(*vmid);
-                st.last_validation = Some(report.clone());
-                st.build = None;
-                // The build worked: a retry series of earlier build failures ends here (left
-                // behind, its due retry would rebuild the failed spec in a loop).
-                ctx.failed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
-                warn!(vmid, name, failed_check, "validation failed");
-                event_about(ctx, gi, EventType::Warning, "ValidationFailed", "Validate",
-                    format!("template {name} (VMID {vmid}) failed check {failed_check}: {message}; it is tagged failed-validation and not promoted, the previous latest stays; change the spec or request a rebuild"),
-                    Some(About::Template(*vmid))).await;
-            }
-            JobOutcome::Failed {
-                stage,
-                reason,
-                message,
-                retryable,
-                touched: t,
-            } => {
-                touched.extend(t.iter().copied());
-                let stage_text = stage.clone().unwrap_or_else(|| progress.stage.clone());
-                let mut b = progress.to_status();
-                b.stage = "Failed".into();
-                b.message = Some(format!("{stage_text}: {message}"));
-                st.build = Some(b);
-                let attempt = {
-                    let failed = ctx.failed.lock().unwrap_or_else(|e| e.into_inner());
-                    attempt_number(failed.get(&key), &spec_hash)
-                };
-                let again = retry_again(*retryable, reason, attempt);
-                let gave_up = *retryable && !again;
-                let what_now = if again {
-                    format!("retrying with backoff (attempt {attempt} failed)")
-                } else if gave_up {
-                    format!(
-                        "gave up after {attempt} failed attempts of this spec: fix the spec or request a rebuild"
-                    )
-                } else {
-                    "fix the cause and change the spec or request a rebuild".to_string()
-                };
-                ctx.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                    key.clone(),
-                    FailedBuild {
-                        spec_hash: spec_hash.clone(),
-                        reason,
-                        message: if gave_up {
-                            format!("build failed in stage {stage_text}: {message}\n{what_now}")
-                        } else {
-                            format!("build failed in stage {stage_text}: {message}")
-                        },
-                        retry_at: again.then(|| {
-                            std::time::Instant::now() + ctx.backoff(&format!("build:{key}"))
-                        }),
-                        attempts: attempt,
-                    },
-                );
-                if !again {
-                    ctx.reset_backoff(&format!("build:{key}"));
-                }
-                warn!(stage = %stage_text, reason, attempt, error = %message, "build failed");
-                event_about(
-                    ctx,
-                    gi,
-                    EventType::Warning,
-                    reason,
-                    "Build",
-                    format!(
-                        "build {} failed in stage {stage_text}: {message}; {what_now}",
-                        progress.id,
-                    ),
-                    Some(About::Build(&progress.id)),
-                )
-                .await;
-            }
-        }
-        ctx.tracker.remove_finished(
-            &key,
-            Recorded {
-                id: progress.id.clone(),
-                build: st.build.clone(),
-                last_validation: st.last_validation.clone(),
-            },
-        );
         inv.invalidate(&touched).await;
-        snap = inv.snapshot(ctx.settings.resync).await?;
+    }
+    let snap = inv.snapshot(ctx.settings.resync).await?;
+    let leftovers = snap
+        .of_owner(&key.uid)
+        .any(|v| ownership(v.marker.as_ref(), v.vm.vmid) == Ownership::Ours(Role::Validation));
+    let source_check = match decide::source_check_due(gi, spec, now) {
+        Some((url, image_url)) => Some(
+            match super::source::upstream_checksum(url, image_url).await {
+                Ok(sum) => SourceCheck::Read(sum),
+                Err(message) => SourceCheck::Failed {
+                    url: url.to_string(),
+                    message,
+                },
+            },
+        ),
+        None => None,
+    };
+    let obs = Observation {
+        versions: versions(&snap, &key.uid),
+        slot: ctx.tracker.slot(key, &gi.spec.placement.node),
+        job,
+        leftovers,
+        source_check,
+    };
+    Ok((Proxmox { inv, client }, obs))
+}
+
+async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
+    let key = ImageKey::of(gi);
+    let now = Utc::now();
+    let spec = validate_spec(gi)?;
+    let (pve, mut obs) = observe(gi, ctx, &key, &spec, now).await?;
+    let timing = Timing {
+        requeue: ctx.settings.requeue,
+        poll: ctx.settings.poll,
+    };
+    let memory = ctx.tracker.memory(&key);
+    let plan = decide::decide(gi, &spec, &obs, &memory, now, timing);
+    act(gi, ctx, &key, &pve, plan, |why| {
+        // Another reconcile took the last slot since `observe`: the same decision, waiting.
+        obs.slot = Err(why);
+        decide::decide(gi, &spec, &obs, &memory, now, timing)
+    })
+    .await
+}
+
+/// Every write of a reconcile, in this order: the finished job settled into the memory, leftover
+/// validation clones destroyed, the job started (when the last slot went meanwhile, `replan`
+/// gives the plan without it), the failed-build memory, Events, metrics, the rebuild annotation
+/// removed, the output ConfigMap, the status.
+async fn act(
+    gi: &GoldenImage,
+    ctx: &Context,
+    key: &ImageKey,
+    pve: &Proxmox,
+    mut plan: Plan,
+    replan: impl FnOnce(String) -> Plan,
+) -> Result<Action> {
+    let owner = owner_of(gi);
+    if let Some(view) = ctx.tracker.view(key) {
+        observe_metrics(ctx, &view);
+    }
+    if let Some(n) = plan.announced {
+        ctx.tracker.mark_announced(key, n);
+    }
+    if let Some(recorded) = plan.settle.clone() {
+        ctx.tracker.settle(key, recorded);
+    }
+    if let Some(id) = &plan.not_resumed {
+        info!(build_id = %id, "the cached status predates this build's outcome; not resuming it");
     }
 
     // A validation clone of this image left by a crash or a failed destroy goes on the next
     // reconcile, found by its marker in the shared inventory (no request when there is none).
     // Only while no job of the image runs here: a job's own clone is its business.
-    let leftover = |v: &&super::inventory::OurVm| {
-        ownership(v.marker.as_ref(), v.vm.vmid) == Ownership::Ours(Role::Validation)
-    };
-    if !ctx.tracker.is_tracked(&key) && snap.of_owner(&owner.uid).any(|v| leftover(&v)) {
-        match crate::validate::cleanup_stale_validation_vms(&client, &owner).await {
+    if plan.remove_leftovers {
+        match crate::validate::cleanup_stale_validation_vms(&pve.client, &owner).await {
             Ok(removed) if !removed.is_empty() => {
                 info!(?removed, "destroyed leftover validation clones");
                 event(
@@ -468,8 +354,7 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
                     format!("destroyed leftover validation clones {removed:?}"),
                 )
                 .await;
-                inv.invalidate(&removed).await;
-                snap = inv.snapshot(ctx.settings.resync).await?;
+                pve.inv.invalidate(&removed).await;
             }
             Ok(_) => {}
             // Retried on the next reconcile; it does not block the image.
@@ -477,257 +362,45 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         }
     }
 
-    let versions = versions(&snap, &owner.uid);
-    let latest = versions.iter().find(|(v, _)| v.latest && v.owned);
-    let newest = versions.first();
-
-    // Upstream checksum, at most once per interval.
-    let mut upstream: Option<String> = None;
-    if gi.spec.rebuild.on_source_change
-        && let Some(ci) = &gi.spec.source.cloud_image
-        && let Some(url) = &ci.checksum_url
-    {
-        let due = st
-            .last_source_check
-            .as_ref()
-            .map(|t| {
-                let last = DateTime::<Utc>::from_timestamp(t.0.as_second(), 0).unwrap_or_default();
-                now - last >= check_interval
-            })
-            .unwrap_or(true);
-        if due {
-            match super::source::upstream_checksum(url, &ci.url).await {
-                Ok(sum) => {
-                    st.source_checksum = Some(sum);
-                    st.last_source_check = Some(status::time(now));
-                }
-                Err(msg) => {
-                    st.last_source_check = Some(status::time(now));
-                    event(
-                        ctx,
-                        gi,
-                        EventType::Warning,
-                        "SourceCheckFailed",
-                        "CheckSource",
-                        format!(
-                            "cannot read {url}: {msg}; retrying after rebuild.sourceCheckInterval"
-                        ),
-                    )
-                    .await;
-                }
-            }
-        }
-        upstream = st.source_checksum.clone();
-    }
-
-    // Decide.
-    let annotation = gi.annotations().contains_key(REBUILD_ANNOTATION);
-    let inputs = triggers::Inputs {
-        spec_hash: &spec_hash,
-        newest: newest.map(|(_, a)| a),
-        schedule: schedule.as_ref(),
-        now,
-        requested_at: gi.spec.rebuild.requested_at.as_deref(),
-        handled_request: st.handled_rebuild_request.as_deref(),
-        annotation,
-        upstream_checksum: upstream.as_deref(),
-    };
-    let mut trigger = triggers::decide(&inputs);
-    // Resume a build the previous controller process left running; a status older than this
-    // process's last finish of the image (the cache lags the status write) is corrected, never
-    // resumed.
-    let resume_id = match judge_status_build(
-        st.build.as_ref(),
-        ctx.tracker.is_tracked(&key),
-        ctx.tracker.finished(&key).as_ref(),
-    ) {
-        StatusBuild::Resume(id) => Some(id),
-        StatusBuild::Stale(recorded) => {
-            info!(build_id = %recorded.id, "the cached status predates this build's outcome; not resuming it");
-            st.build = recorded.build;
-            st.last_validation = recorded.last_validation;
-            None
-        }
-        StatusBuild::AsIs => None,
-    };
-
-    // An automatic retry of the same spec after a failed build: its attempt count goes on.
-    let mut retrying = false;
-    match ctx.tracker.view(&key) {
-        Some(JobView::Running(p)) => {
-            announce_stages(ctx, gi, &key, &p.id).await;
-            st.build = Some(p.to_status());
-            let msg = format!(
-                "build {} in stage {}{}",
-                p.id,
-                p.stage,
-                p.message
-                    .as_deref()
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default()
-            );
-            reconciling = Some(("Building".into(), msg));
-            requeue = ctx.settings.poll;
-            trigger = None;
-        }
-        _ => {
-            let failed = ctx
-                .failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&key)
-                .cloned();
-            // A rebuild request, whichever trigger `decide` named first (with no template at all,
-            // or the spec changed since the newest one, that is not `Manual`).
-            let manual = trigger == Some(Trigger::Manual)
-                || (trigger.is_some()
-                    && (annotation
-                        || (gi.spec.rebuild.requested_at.is_some()
-                            && gi.spec.rebuild.requested_at != st.handled_rebuild_request)));
-            if let Some(f) = failed.filter(|f| f.spec_hash == spec_hash && !manual) {
-                retrying = f.retry_at.is_some();
-                match f.retry_at {
-                    None => {
-                        stalled = Some((f.reason.to_string(), f.message.clone()));
-                        trigger = None;
-                    }
-                    Some(at) if at > std::time::Instant::now() => {
-                        reconciling = Some(("RetryingBuild".into(), f.message.clone()));
-                        requeue = at - std::time::Instant::now();
-                        trigger = None;
-                    }
-                    Some(_) => {
-                        trigger = trigger.or(Some(Trigger::SpecChanged));
-                    }
-                }
-            }
-            if resume_id.is_some()
-                && trigger.is_none()
-                && stalled.is_none()
-                && reconciling.is_none()
-            {
-                trigger = Some(Trigger::SpecChanged);
-            }
-        }
-    }
-
-    if let Some(t) = trigger {
-        let build_id = resume_id
-            .clone()
-            // Milliseconds: two builds of one image within a second (a fast failure and a
-            // manual rebuild) must not share an id, or the second would find the first's
-            // finished template by its marker and "resume" it.
-            .unwrap_or_else(|| format!("b-{}", now.format("%Y%m%d%H%M%S%3f")));
+    if let Some(start) = plan.start.clone() {
         let request = JobRequest {
-            client: client.clone(),
+            client: pve.client.clone(),
             spec: gi.spec.clone(),
             owner: owner.clone(),
-            build_id: build_id.clone(),
-            today: now.date_naive(),
+            build_id: start.build_id.clone(),
+            today: start.today,
         };
         let pipeline = ctx.pipeline.clone();
         match ctx.tracker.try_start(
-            &key,
+            key,
             &gi.spec.placement.node,
-            &build_id,
-            "Source",
+            &start.build_id,
+            start.started_at,
             move |p| pipeline.run(request, p),
         ) {
             Ok(()) => {
-                if !retrying {
-                    ctx.failed
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&key);
-                }
-                let why = if resume_id.is_some() {
-                    "ResumingBuild"
-                } else {
-                    t.reason()
-                };
-                info!(build_id, trigger = why, "build started");
-                event_about(
-                    ctx,
-                    gi,
-                    EventType::Normal,
-                    "BuildStarted",
-                    "Build",
-                    format!(
-                        "{why}: build {build_id} of {}-{} started on node {}",
-                        gi.spec.os, gi.spec.type_, gi.spec.placement.node
-                    ),
-                    Some(About::Build(&build_id)),
-                )
-                .await;
-                if let Some(v) = ctx.tracker.view(&key)
-                    && let JobView::Running(p) = v
-                {
-                    st.build = Some(p.to_status());
-                }
-                if let Some(r) = &gi.spec.rebuild.requested_at {
-                    st.handled_rebuild_request = Some(r.clone());
-                }
-                if annotation {
+                info!(
+                    build_id = start.build_id,
+                    trigger = start.why,
+                    "build started"
+                );
+                if start.remove_annotation {
                     remove_rebuild_annotation(ctx, gi).await?;
                 }
-                reconciling = Some((
-                    "Building".into(),
-                    format!("{why}: build {build_id} started"),
-                ));
-                requeue = ctx.settings.poll;
             }
-            Err(wait) => {
-                reconciling = Some(("WaitingForBuildSlot".into(), wait));
-                requeue = ctx.settings.poll.max(Duration::from_secs(5));
-            }
+            Err(why) => plan = replan(why),
         }
     }
+    ctx.tracker.set_failed(key, plan.failed.clone());
 
-    // The newest template failed validation and nothing is building or due: the same spec is
-    // deliberately not rebuilt, so the object cannot progress without a person (kstatus
-    // `Stalled`, Argo CD `Degraded`). A spec change or a rebuild request starts a build, which
-    // clears it.
-    let failed_validation = match newest {
-        Some((v, _))
-            if v.validation == crate::image::version::ValidationStatus::Failed
-                && reconciling.is_none()
-                && stalled.is_none() =>
-        {
-            Some(FailedValidation {
-                name: &v.name,
-                vmid: v.vmid,
-                check: failed_check(&st, v.vmid, marker_of(&snap, v.vmid)),
-                serving: latest.map(|(l, _)| (l.name.as_str(), l.vmid)),
-            })
+    for note in &plan.events {
+        match note.type_ {
+            EventType::Warning => warn!(reason = note.reason, "{}", note.text),
+            EventType::Normal => info!(reason = note.reason, "{}", note.text),
         }
-        _ => None,
-    };
-    if let Some(f) = &failed_validation {
-        stalled = Some(f.stalled());
+        publish(ctx, gi, note).await;
     }
 
-    // Output ConfigMap for the latest, from its marker: stable at steady state, and changed
-    // only when a promotion lands.
-    if let (Some(out), Some((l, _))) = (&gi.spec.output, latest)
-        && let Some(marker) = marker_of(&snap, l.vmid)
-    {
-        write_config_map(ctx, gi, &out.config_map_name, l, marker).await?;
-    }
-
-    // Status.
-    st.latest = latest.map(|(v, _)| template_ref(v, &snap));
-    st.versions = versions
-        .iter()
-        .map(|(v, _)| TemplateVersionStatus {
-            vmid: v.vmid,
-            name: v.name.clone(),
-            node: v.node.clone(),
-            build_date: v.build_date.format("%Y-%m-%d").to_string(),
-            build_number: v.build_number,
-            validation: format!("{:?}", v.validation),
-            latest: v.latest,
-        })
-        .collect();
     let image = super::metrics::ImageLabels {
         namespace: owner.namespace.clone(),
         name: owner.name.clone(),
@@ -735,75 +408,47 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     ctx.metrics
         .templates
         .get_or_create(&image)
-        .set(versions.len() as i64);
-    if let Some((l, _)) = latest {
+        .set(plan.status.versions.len() as i64);
+    if let Some(age) = plan.latest_age_seconds {
         ctx.metrics
             .latest_age_seconds
             .get_or_create(&image)
-            .set((now - l.created_at()).num_seconds());
+            .set(age);
     }
 
-    let ready = match (&st.latest, &stalled) {
-        _ if let Some(f) = &failed_validation => f.ready(),
-        (Some(l), _) => Cond::new(
-            ConditionStatus::True,
-            "TemplateAvailable",
-            format!("template {} (VMID {}) on {}", l.name, l.vmid, l.node),
-        ),
-        (None, Some((r, m))) => Cond::new(ConditionStatus::False, r, m.clone()),
-        (None, None) => Cond::new(
-            ConditionStatus::False,
-            "NoTemplateYet",
-            "no validated template yet; the first build runs",
-        ),
-    };
-    let validated = newest.map(|(v, _)| match v.validation {
-        crate::image::version::ValidationStatus::Passed => Cond::new(
-            ConditionStatus::True,
-            "ValidationPassed",
-            format!("template {} (VMID {}) passed validation", v.name, v.vmid),
-        ),
-        crate::image::version::ValidationStatus::Failed => {
-            let check = failed_check(&st, v.vmid, marker_of(&snap, v.vmid));
-            Cond::new(
-                ConditionStatus::False,
-                "ValidationFailed",
-                format!("template {} (VMID {}): {check}", v.name, v.vmid),
-            )
-        }
-        crate::image::version::ValidationStatus::Pending => Cond::new(
-            ConditionStatus::Unknown,
-            "ValidationPending",
-            format!("template {} (VMID {}) is not validated yet", v.name, v.vmid),
-        ),
-    });
-    let up_to_date = match (&reconciling, &stalled) {
-        (None, None) => Cond::new(
-            ConditionStatus::True,
-            "UpToDate",
-            "the newest template matches the spec; no rebuild is due",
-        ),
-        (Some((r, m)), _) | (None, Some((r, m))) => Cond::new(ConditionStatus::False, r, m.clone()),
-    };
-    let verdict = Verdict {
-        ready,
-        reconciling,
-        stalled,
-        validated,
-        up_to_date: Some(up_to_date),
-    };
-    status::apply(&mut st.conditions, &verdict, gi.metadata.generation, now);
-    st.observed_generation = gi.metadata.generation;
-    write_status(ctx, gi, &st).await?;
-
-    // Wake up for the next scheduled rebuild.
-    if let (Some(cron), Some((_, a))) = (&schedule, newest)
-        && let Some(due) = triggers::next_due(cron, a.created)
-        && let Ok(d) = (due - now).to_std()
-    {
-        requeue = requeue.min(d.max(Duration::from_secs(1)));
+    if let Some(cm) = &plan.config_map {
+        write_config_map(ctx, gi, &cm.name, cm.data.clone()).await?;
     }
-    Ok(Action::requeue(requeue))
+    write_status(ctx, gi, &plan.status).await?;
+    Ok(Action::requeue(plan.requeue))
+}
+
+/// A finished job's stage and check durations into the histograms.
+fn observe_metrics(ctx: &Context, view: &super::builds::JobView) {
+    let Some(outcome) = &view.outcome else {
+        return;
+    };
+    for (stage, secs) in &view.progress.stages {
+        ctx.metrics
+            .build_stage_duration
+            .get_or_create(&super::metrics::StageLabels {
+                stage: stage.to_string(),
+            })
+            .observe(*secs);
+    }
+    let report = match outcome {
+        JobOutcome::Promoted { report, .. } => report.as_ref(),
+        JobOutcome::ValidationFailed { report, .. } => Some(report),
+        JobOutcome::Failed { .. } => None,
+    };
+    for c in report.map(|r| r.checks.as_slice()).unwrap_or_default() {
+        ctx.metrics
+            .validation_check_duration
+            .get_or_create(&super::metrics::StageLabels {
+                stage: c.name.clone(),
+            })
+            .observe(c.seconds);
+    }
 }
 
 async fn remove_rebuild_annotation(ctx: &Context, gi: &GoldenImage) -> Result<()> {
@@ -819,32 +464,6 @@ async fn remove_rebuild_annotation(ctx: &Context, gi: &GoldenImage) -> Result<()
     Ok(())
 }
 
-/// Our marker of the VM `vmid` in the inventory.
-fn marker_of(snap: &Snapshot, vmid: u32) -> Option<&Marker> {
-    snap.ours
-        .iter()
-        .find(|o| o.vm.vmid == vmid)
-        .and_then(|o| o.marker.as_ref())
-}
-
-/// Which check failed on template `vmid`: from `status.lastValidation` when it is that
-/// template's report, else the reason its marker records (the status may be older than it).
-fn failed_check(st: &GoldenImageStatus, vmid: u32, marker: Option<&Marker>) -> String {
-    let from_report = st
-        .last_validation
-        .as_ref()
-        .filter(|r| r.vmid == vmid)
-        .and_then(|r| r.checks.iter().find(|c| !c.passed))
-        .map(|c| format!("check {} failed: {}", c.name, c.message));
-    let from_marker = || match marker.map(|m| &m.metadata.validation) {
-        Some(ValidationRecord::Failed { reason, .. }) => Some(reason.clone()),
-        _ => None,
-    };
-    from_report
-        .or_else(from_marker)
-        .unwrap_or_else(|| "a check failed (see status.lastValidation)".to_string())
-}
-
 /// The Terraform hand-off, `promote::config_map_data` of the latest template's marker:
 /// `template_id`, `template_name`, `node`, and a Packer-compatible `manifest.json` whose run
 /// uuid derives from the template's build id. Owned by the GoldenImage (garbage-collected with
@@ -857,10 +476,8 @@ async fn write_config_map(
     ctx: &Context,
     gi: &GoldenImage,
     name: &str,
-    latest: &TemplateVersion,
-    marker: &Marker,
+    data: BTreeMap<String, String>,
 ) -> Result<()> {
-    let data = crate::promote::config_map_data(latest.vmid, &latest.node, marker);
     let owner_ref: Option<OwnerReference> = gi.controller_owner_ref(&());
     let cm = ConfigMap {
         metadata: ObjectMeta {
@@ -898,30 +515,14 @@ async fn write_config_map(
 /// stalls the deletion with the credential hint; other Proxmox errors are retried; templates
 /// that are protected, locked or in use stay, and the Event names them.
 async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
-    let key = key_of(gi);
     let owner = owner_of(gi);
-    ctx.tracker.abort(&key);
+    ctx.tracker.forget(&ImageKey::of(gi));
     ctx.metrics.forget_image(&owner.namespace, &owner.name);
-    ctx.failed
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&key);
     let conn = match connection::resolve(&ctx.client, &ctx.settings.default_connection, gi).await {
         Ok(c) => c,
         Err(e) if e.is_stalled() => {
             // Without a connection nothing can be cleaned; do not block the deletion forever.
-            event(
-                ctx,
-                gi,
-                EventType::Warning,
-                "CleanupSkipped",
-                "Delete",
-                format!(
-                    "{}; the templates and any leftover build VM stay on Proxmox",
-                    e.message()
-                ),
-            )
-            .await;
+            publish(ctx, gi, &decide::cleanup_skipped(&e.message())).await;
             return Ok(Action::await_change());
         }
         Err(e) => return Err(e),
@@ -931,15 +532,7 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     let removed = ctx.pipeline.cleanup(client.clone(), owner.clone()).await?;
     inv.invalidate(&removed).await;
     if gi.spec.deletion_policy != DeletionPolicy::Delete {
-        event(
-            ctx,
-            gi,
-            EventType::Normal,
-            "TemplatesRetained",
-            "Delete",
-            "deletionPolicy Retain: the templates stay on Proxmox".to_string(),
-        )
-        .await;
+        publish(ctx, gi, &decide::retained()).await;
         return Ok(Action::await_change());
     }
     let snap = inv.snapshot(Duration::ZERO).await?;
@@ -967,48 +560,7 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     let executed = retention::execute_detailed(&client, &plan, None, false, &progress).await;
     inv.invalidate(&executed.iter().map(|e| e.record.vmid).collect::<Vec<_>>())
         .await;
-    // A Proxmox error fails the finalizer: the object stays until its templates are dealt with.
-    // A refused token first, as no retry fixes it.
-    let errors: Vec<&proxmox::Error> = executed.iter().filter_map(|e| e.error.as_ref()).collect();
-    if let Some(e) = errors
-        .iter()
-        .find(|e| Error::Proxmox((**e).clone()).is_stalled())
-        .or(errors.first())
-    {
-        return Err(Error::Proxmox((*e).clone()));
-    }
-    let deleted: Vec<u32> = executed
-        .iter()
-        .filter(|e| e.record.succeeded)
-        .map(|e| e.record.vmid)
-        .collect();
-    let kept: Vec<String> = plan
-        .decisions
-        .iter()
-        .filter(|d| d.action == retention::Action::Keep)
-        .map(|d| format!("{} ({})", d.vmid, d.reason.describe()))
-        .chain(
-            executed
-                .iter()
-                .filter(|e| !e.record.succeeded)
-                .map(|e| format!("{} ({})", e.record.vmid, e.record.message)),
-        )
-        .collect();
-    event(
-        ctx,
-        gi,
-        EventType::Normal,
-        "TemplatesDeleted",
-        "Delete",
-        format!(
-            "deletionPolicy Delete: deleted templates {deleted:?}{}",
-            if kept.is_empty() {
-                String::new()
-            } else {
-                format!("; kept {}", kept.join(", "))
-            }
-        ),
-    )
-    .await;
+    let note = decide::deleted(&plan, &executed).map_err(Error::Proxmox)?;
+    publish(ctx, gi, &note).await;
     Ok(Action::await_change())
 }

@@ -129,7 +129,7 @@ pub async fn reconcile(tr: Arc<TemplateRetention>, ctx: Arc<Context>) -> Result<
     };
     match apply(&tr, &ctx).await {
         Ok(action) => {
-            ctx.reset_backoff(&key_of(&tr));
+            ctx.reset_retention_backoff(&tr);
             Ok(action)
         }
         Err(e) => {
@@ -144,7 +144,7 @@ pub fn error_policy(tr: Arc<TemplateRetention>, error: &Error, ctx: Arc<Context>
     if error.is_stalled() {
         Action::requeue(Duration::from_secs(300))
     } else {
-        Action::requeue(ctx.backoff(&key_of(&tr)))
+        Action::requeue(ctx.retention_backoff(&tr))
     }
 }
 

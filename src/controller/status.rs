@@ -47,21 +47,21 @@ pub struct Verdict {
 
 /// The newest template of the current spec failed validation and nothing will rebuild it: the
 /// controller does not retry the same spec, so only a person can move the object on.
-#[derive(Debug, Clone)]
-pub struct FailedValidation<'a> {
-    pub name: &'a str,
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedValidation {
+    pub name: String,
     pub vmid: u32,
     /// Which check failed and why, e.g. `check cloudInit failed: cloud-init status: degraded`.
     pub check: String,
     /// The latest template that still serves, if any: (name, VMID).
-    pub serving: Option<(&'a str, u32)>,
+    pub serving: Option<(String, u32)>,
 }
 
 pub const VALIDATION_FAILED: &str = "ValidationFailed";
 
-impl FailedValidation<'_> {
+impl FailedValidation {
     fn serving_text(&self) -> String {
-        match self.serving {
+        match &self.serving {
             Some((name, vmid)) => {
                 format!("the previous latest {name} (VMID {vmid}) still serves")
             }
@@ -86,7 +86,7 @@ impl FailedValidation<'_> {
     /// `Ready`: still True while a previous latest serves (consumers keep working; `Stalled`
     /// says something needs a person), else False with the same reason.
     pub fn ready(&self) -> Cond {
-        match self.serving {
+        match &self.serving {
             Some((name, vmid)) => Cond::new(
                 ConditionStatus::True,
                 "TemplateAvailable",
@@ -154,7 +154,7 @@ mod tests {
     #[test]
     fn a_failed_validation_stalls_and_says_what_serves() {
         let mut f = FailedValidation {
-            name: "ubuntu-002",
+            name: "ubuntu-002".into(),
             vmid: 8031,
             check: "check cloudInit failed: cloud-init status: degraded".into(),
             serving: None,
@@ -177,7 +177,7 @@ mod tests {
         );
         assert!(ready.message.contains("no earlier template serves"));
 
-        f.serving = Some(("ubuntu-001", 8024));
+        f.serving = Some(("ubuntu-001".into(), 8024));
         assert!(
             f.stalled()
                 .1

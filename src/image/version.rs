@@ -30,6 +30,16 @@ impl From<&ValidationRecord> for ValidationStatus {
     }
 }
 
+impl From<ValidationStatus> for crate::api::golden_image::TemplateValidation {
+    fn from(v: ValidationStatus) -> Self {
+        match v {
+            ValidationStatus::Pending => Self::Pending,
+            ValidationStatus::Passed => Self::Passed,
+            ValidationStatus::Failed => Self::Failed,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateVersion {
