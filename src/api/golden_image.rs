@@ -620,12 +620,12 @@ impl std::fmt::Display for BuildStage {
     }
 }
 
-/// Validation state of one template in `status.versions`.
+/// Validation state of one template in `status.versions`: `Pending` (not validated yet: running,
+/// not started, or `validation.enabled: false`), `Passed` or `Failed`.
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
 )]
 pub enum TemplateValidation {
-    /// Not validated yet (running, not started, or `validation.enabled: false`).
     #[default]
     Pending,
     Passed,
