@@ -21,7 +21,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::builds::JobOutcome;
+use super::builds::{JobOutcome, JobView};
 use super::connection;
 use super::context::{Context, JobRequest};
 use super::decide::{
@@ -304,7 +304,8 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     };
     let memory = ctx.tracker.memory(&key);
     let plan = decide::decide(gi, &spec, &obs, &memory, now, timing);
-    act(gi, ctx, &key, &pve, plan, |why| {
+    let job = obs.job.clone();
+    act(gi, ctx, &key, &pve, job.as_ref(), plan, |why| {
         // Another reconcile took the last slot since `observe`: the same decision, waiting.
         obs.slot = Err(why);
         decide::decide(gi, &spec, &obs, &memory, now, timing)
@@ -312,21 +313,23 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     .await
 }
 
-/// Every write of a reconcile, in this order: the finished job settled into the memory, leftover
-/// validation clones destroyed, the job started (when the last slot went meanwhile, `replan`
-/// gives the plan without it), the failed-build memory, Events, metrics, the rebuild annotation
-/// removed, the output ConfigMap, the status.
+/// Every write of a reconcile, in this order: the finished job (`job`, as observed) settled
+/// into the memory and its durations into the metrics, leftover validation clones destroyed,
+/// the job started (when the last slot went meanwhile, `replan` gives the plan without it),
+/// the failed-build memory, Events, the rebuild annotation removed, the output ConfigMap, the
+/// status.
 async fn act(
     gi: &GoldenImage,
     ctx: &Context,
     key: &ImageKey,
     pve: &Proxmox,
+    job: Option<&JobView>,
     mut plan: Plan,
     replan: impl FnOnce(String) -> Plan,
 ) -> Result<Action> {
     let owner = owner_of(gi);
-    if let Some(view) = ctx.tracker.view(key) {
-        observe_metrics(ctx, &view);
+    if let Some(view) = job {
+        observe_metrics(ctx, view);
     }
     if let Some(n) = plan.announced {
         ctx.tracker.mark_announced(key, n);
@@ -362,6 +365,7 @@ async fn act(
         }
     }
 
+    let mut remove_annotation = false;
     if let Some(start) = plan.start.clone() {
         let request = JobRequest {
             client: pve.client.clone(),
@@ -384,9 +388,7 @@ async fn act(
                     trigger = start.why,
                     "build started"
                 );
-                if start.remove_annotation {
-                    remove_rebuild_annotation(ctx, gi).await?;
-                }
+                remove_annotation = start.remove_annotation;
             }
             Err(why) => plan = replan(why),
         }
@@ -399,6 +401,9 @@ async fn act(
             EventType::Normal => info!(reason = note.reason, "{}", note.text),
         }
         publish(ctx, gi, note).await;
+    }
+    if remove_annotation {
+        remove_rebuild_annotation(ctx, gi).await?;
     }
 
     let image = super::metrics::ImageLabels {
@@ -424,7 +429,7 @@ async fn act(
 }
 
 /// A finished job's stage and check durations into the histograms.
-fn observe_metrics(ctx: &Context, view: &super::builds::JobView) {
+fn observe_metrics(ctx: &Context, view: &JobView) {
     let Some(outcome) = &view.outcome else {
         return;
     };
