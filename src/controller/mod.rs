@@ -1,12 +1,18 @@
 //! The Kubernetes controller (`sombrero controller`): kube-runtime wiring for `GoldenImage`.
 //!
-//! - [`reconcile`]: dereference (Secret, shared inventory) -> validate -> decide (rebuild
-//!   triggers, background jobs) -> apply (jobs, output ConfigMap) -> status (server-side apply
-//!   of `status` with `observedGeneration`, `Ready`/`Reconciling`/`Stalled` as kstatus reads
-//!   them, `Validated`, `UpToDate`, `build`, `versions`, `latest`, `lastValidation`), and a
-//!   finalizer that honours `deletionPolicy`.
+//! - [`reconcile`]: observe (the spec's fields only the controller judges, the Secret, the
+//!   shared inventory, the image's templates, its job, leftovers, the upstream checksum) ->
+//!   [`decide`] (pure: a [`decide::Plan`] with the [`decide::Phase`], the status and its
+//!   conditions, Events, the job to start, the output ConfigMap, the requeue) -> act (the
+//!   writes: jobs, Events, ConfigMap, server-side apply of `status` with
+//!   `observedGeneration`, `Ready`/`Reconciling`/`Stalled` as kstatus reads them, `Validated`,
+//!   `UpToDate`, `build`, `versions`, `latest`, `lastValidation`), and a finalizer that
+//!   honours `deletionPolicy`. [`triggers`] (pure) says when a build is due.
 //! - [`builds`]: the build -> validate -> promote job runs in the background, one per image,
 //!   with a global and a per-node limit; a restarted controller resumes from `status.build`.
+//!   Its [`builds::Tracker`] holds each image's memory ([`memory`]: keyed by namespace, name
+//!   and uid; the job, builds finished here, the last failed build and its retry policy, the
+//!   error backoff).
 //! - [`inventory`]: one `cluster/resources` list per Proxmox cluster per resync interval,
 //!   shared by every object of that cluster.
 //! - [`connection`]: the Proxmox connection from a Secret or the controller's default; Secrets
