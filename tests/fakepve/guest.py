@@ -88,10 +88,6 @@ DURATIONS = {'apt-get update': 5, 'apt-get upgrade': 30, 'apt-get dist-upgrade':
              'apt-get install': 10, 'apt-get autoremove': 3, 'apt-get remove': 3, 'apt-get purge': 3}
 
 
-# linux-image-cloud-amd64's upgrade in the test repository and the NEW package it needs.
-DEBIAN_KERNEL_UPGRADE = ({'linux-image-cloud-amd64': '6.1.192-3'}, {'linux-image-6.1.0-57-cloud-amd64': '6.1.192-3'})
-
-
 def _debian_12_profile():
     """The Debian 12 profile, read from what the real guest answered (tests/transcripts/debian-12/
     build.json, scripts/record-guest-transcripts.sh): the image's packages (its `dpkg-query` before
@@ -116,10 +112,6 @@ def _debian_12_profile():
         m = inst.match(line)
         if m:
             (upgrades if m.group(2) else new)[m.group(1)] = m.group(3)
-    if not upgrades:
-        # Recorded before the recorder simulated a full-upgrade: the kernel upgrade the cached
-        # repository offers (its Packages index, scripts/real-guest-image.sh), the only one.
-        upgrades, new = dict(DEBIAN_KERNEL_UPGRADE[0]), dict(DEBIAN_KERNEL_UPGRADE[1])
     needs = {}
     if new:
         owner = 'linux-image-cloud-amd64' if 'linux-image-cloud-amd64' in upgrades else sorted(upgrades)[0]

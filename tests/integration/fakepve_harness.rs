@@ -690,20 +690,26 @@ async fn the_model_answers_as_the_recorded_debian_12_guest() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // One connection for the whole recipe, as the build (and the recorder) keep one.
+    let lines: Vec<&str> = build
+        .entries
+        .iter()
+        .map(|rec| rec.command.as_str().expect("an SSH entry is a line"))
+        .collect();
+    let outs = pve
+        .ssh_run_all(&ip, "sombrero", &key, &lines)
+        .await
+        .unwrap_or_else(|e| panic!("build.json over SSH: {e}"));
     let mut mismatches = Vec::new();
-    for (i, rec) in build.entries.iter().enumerate() {
-        let line = rec.command.as_str().expect("an SSH entry is a line");
-        let got = match pve.ssh_run(&ip, "sombrero", &key, line).await {
-            Ok(out) => Observed {
-                exitcode: Some(out.exitcode),
-                stdout: out.stdout,
-                stderr: out.stderr,
-                ..Default::default()
-            },
-            Err(e) => panic!("build.json[{i}] {line:?}: SSH failed: {e}"),
+    for (i, (rec, out)) in build.entries.iter().zip(outs).enumerate() {
+        let got = Observed {
+            exitcode: Some(out.exitcode),
+            stdout: out.stdout,
+            stderr: out.stderr,
+            ..Default::default()
         };
         if let Err(why) = compare(rec, &got) {
-            mismatches.push(format!("build.json[{i}] `{line}`: {why}"));
+            mismatches.push(format!("build.json[{i}] `{}`: {why}", lines[i]));
         }
     }
 

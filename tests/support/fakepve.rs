@@ -1021,6 +1021,50 @@ impl FakePve {
         serde_json::from_value(v).map_err(|e| e.to_string())
     }
 
+    /// Runs `commands` one after another on ONE SSH connection, as the build does (it outlives
+    /// the removal of the guest's host keys, which refuses new connections). `Err` for a
+    /// connection or authentication failure.
+    pub async fn ssh_run_all(
+        &self,
+        ip: &str,
+        user: &str,
+        key: &SshKey,
+        commands: &[&str],
+    ) -> Result<Vec<SshOutput>, String> {
+        use tokio::io::AsyncWriteExt;
+        let port = self.ssh_port.expect("the harness serves no SSH endpoint");
+        let mut child = Command::new(venv_python())
+            .arg(repo_root().join("tests/fakepve/ssh_client.py"))
+            .args(["run-all", ip, &port.to_string(), user])
+            .arg(&key.private_key_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("run ssh_client.py: {e}"))?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(&serde_json::to_vec(commands).unwrap())
+            .await
+            .map_err(|e| format!("write to ssh_client.py: {e}"))?;
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| format!("run ssh_client.py: {e}"))?;
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "ssh_client.py said ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if let Some(err) = v.get("error") {
+            return Err(err.as_str().unwrap_or_default().to_string());
+        }
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+
     /// Where the CA certificate is, for tools that take a file.
     pub fn ca_path(&self) -> &Path {
         &self.ca_cert_path
