@@ -106,18 +106,48 @@ pub fn number_taken_by_template(vms: &[TaggedVm], owner: &Owner, build: &TaggedV
     })
 }
 
-/// A VM still being created that may be this image's build VM: Proxmox writes its tags and
-/// description only when the create (or clone) task ends, so until then it is anonymous. One
-/// carrying another image's tags is not ours.
-pub fn may_be_ours_being_created(vm: &ClusterVm, tag: &str) -> bool {
+/// The names this image's VMs take: its name template, os and type.
+#[derive(Debug, Clone)]
+pub struct ImageNames {
+    pub template: NameTemplate,
+    pub os: String,
+    pub image_type: String,
+}
+
+impl ImageNames {
+    /// A name this image's build (or template) would carry.
+    pub fn matches(&self, name: &str) -> bool {
+        self.template
+            .parse_name(name, &self.os, &self.image_type)
+            .is_some()
+    }
+}
+
+/// A VM that may be this image's build VM cloned from a base template and not configured yet:
+/// a clone copies the base's tags (the clone call cannot set tags) until our first config
+/// write, but carries our name and marker from the moment it exists (both go into the clone
+/// call). The listing's names lag for a fresh VM, so a VM without a name counts too.
+pub fn may_be_our_clone(vm: &ClusterVm, names: Option<&ImageNames>) -> bool {
+    vm.is_qemu()
+        && !vm.template
+        && names.is_some_and(|n| vm.name.as_deref().is_none_or(|name| n.matches(name)))
+}
+
+/// A VM still being created that may be this image's build VM: Proxmox writes a created VM's
+/// tags and description only when the create task ends, so until then it is anonymous. One
+/// carrying another image's tags is not ours, unless it may be our clone (see
+/// [`may_be_our_clone`]).
+pub fn may_be_ours_being_created(vm: &ClusterVm, tag: &str, names: Option<&ImageNames>) -> bool {
     let tags = vm.tag_list();
     vm.is_qemu()
         && is_creation_lock(vm.lock.as_deref())
-        && (tags.is_empty() || tags.iter().any(|t| t == tag))
+        && (tags.is_empty() || tags.iter().any(|t| t == tag) || may_be_our_clone(vm, names))
 }
 
 /// Lists the VMs tagged for this owner's image and reads their configs (one list + one config
-/// per tagged VM; the image's templates are few).
+/// per tagged VM; the image's templates are few). With `names`, also the VMs that may be our
+/// clone not configured yet ([`may_be_our_clone`]: one config read each), kept only when their
+/// marker names them and this owner.
 ///
 /// First it waits (at most `wait`) until no VM that may be ours is being created: a run that
 /// died during a create leaves a VM without marker until its task ends, and deciding before
@@ -125,6 +155,7 @@ pub fn may_be_ours_being_created(vm: &ClusterVm, tag: &str) -> bool {
 pub async fn scan(
     client: &Client,
     owner: &Owner,
+    names: Option<&ImageNames>,
     wait: Duration,
 ) -> Result<Vec<TaggedVm>, BuildError> {
     let tag = image_tag(&owner.namespace, &owner.name);
@@ -138,7 +169,7 @@ pub async fn scan(
             .map_err(|e| BuildError::proxmox("list VMs", &e))?;
         let pending: Vec<u32> = vms
             .iter()
-            .filter(|v| may_be_ours_being_created(v, &tag))
+            .filter(|v| may_be_ours_being_created(v, &tag, names))
             .map(|v| v.vmid)
             .collect();
         if pending.is_empty() {
@@ -164,7 +195,8 @@ pub async fn scan(
     };
     let mut out = Vec::new();
     for vm in vms.into_iter().filter(|v| v.is_qemu()) {
-        if !vm.tag_list().contains(&tag) {
+        let tagged = vm.tag_list().contains(&tag);
+        if !tagged && !may_be_our_clone(&vm, names) {
             continue;
         }
         let config = match client.vm_config(&vm.node, vm.vmid).await {
@@ -176,14 +208,18 @@ pub async fn scan(
         let marker = parse_description(config.description.as_deref().unwrap_or(""))
             .ok()
             .flatten();
-        out.push(TaggedVm {
+        let found = TaggedVm {
             vmid: vm.vmid,
             node: vm.node.clone(),
             name: config.name.clone().or(vm.name.clone()).unwrap_or_default(),
             running: vm.status.as_deref() == Some("running"),
             config,
             marker,
-        });
+        };
+        // Untagged, only our own clone is of interest: a look-alike is nobody's business here.
+        if tagged || found.owned_by(owner) {
+            out.push(found);
+        }
     }
     Ok(out)
 }
@@ -350,5 +386,58 @@ mod tests {
             }),
         ];
         assert!(unvalidated_template(&superseded, &owner, &hash).is_none());
+    }
+
+    #[test]
+    fn which_vms_may_be_ours_being_created_or_cloned() {
+        let names = ImageNames {
+            template: NameTemplate::default(),
+            os: "ubuntu-24.04".into(),
+            image_type: "minimal".into(),
+        };
+        let ours = "ubuntu-24.04-minimal-20261202-001";
+        let tag = "sombrero.ci.crash";
+        let vm = |name: Option<&str>, tags: &str, lock: Option<&str>, template: bool| ClusterVm {
+            kind: "qemu".into(),
+            vmid: 200,
+            name: name.map(str::to_string),
+            tags: (!tags.is_empty()).then(|| tags.to_string()),
+            lock: lock.map(str::to_string),
+            template,
+            ..ClusterVm::default()
+        };
+        // (vm, may be our clone, may be ours being created): with names / without.
+        let cases = [
+            (vm(Some(ours), "base", None, false), true, false),
+            (vm(Some(ours), "base", Some("clone"), false), true, true),
+            (vm(None, "base", Some("clone"), false), true, true),
+            (vm(Some(ours), "base", None, true), false, false),
+            (
+                vm(Some("someone-elses-db"), "base", Some("clone"), false),
+                false,
+                false,
+            ),
+            (
+                vm(Some("ubuntu-24.04-other-20261202-001"), "", None, false),
+                false,
+                false,
+            ),
+            (vm(Some("x"), "", Some("create"), false), false, true),
+            (vm(Some("x"), tag, Some("create"), false), false, true),
+            (
+                vm(Some("x"), "sombrero.ci.other", Some("create"), false),
+                false,
+                false,
+            ),
+        ];
+        for (i, (v, clone, creating)) in cases.iter().enumerate() {
+            assert_eq!(may_be_our_clone(v, Some(&names)), *clone, "case {i}");
+            assert!(!may_be_our_clone(v, None), "case {i}: no names, no clone");
+            assert_eq!(
+                may_be_ours_being_created(v, tag, Some(&names)),
+                *creating,
+                "case {i}"
+            );
+        }
     }
 }

@@ -71,7 +71,7 @@ mod inventory;
 mod pipeline;
 mod plan;
 mod provision;
-mod readback;
+pub(crate) mod readback;
 mod source;
 
 use std::fmt;
@@ -84,7 +84,8 @@ use crate::api::GoldenImageSpec;
 use crate::image::marker::{Owner, ValidationRecord};
 
 pub use error::{BuildError, ErrorCategory};
-pub use pipeline::{cleanup_abandoned_builds, run_build, run_build_with};
+pub use inventory::ImageNames;
+pub use pipeline::{cleanup_abandoned_builds, clone_names, run_build, run_build_with};
 pub use plan::{cli_owner_uid, normalize_file_name};
 pub(crate) use plan::{first_ipv4, hardware_config, static_ip};
 

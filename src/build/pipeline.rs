@@ -6,7 +6,7 @@ use chrono::Utc;
 
 use super::commands::{self, Step};
 use super::error::{BuildError, ErrorCategory};
-use super::inventory::{self, TaggedVm};
+use super::inventory::{self, ImageNames, TaggedVm};
 use super::plan::{first_ipv4, hardware_config, static_ip};
 use super::provision::{self, AgentWait, Channel};
 use super::readback::{TaskCall, run_task, settled_config};
@@ -51,7 +51,8 @@ pub async fn run_build_with(
     let names = name_template(spec)?;
     let hash = spec_hash(spec)
         .map_err(|e| BuildError::invalid_spec(e.to_string(), "the spec must serialize to JSON"))?;
-    let vms = inventory::scan(client, &req.owner, timeouts.task).await?;
+    let clones = clone_names(spec);
+    let vms = inventory::scan(client, &req.owner, clones.as_ref(), timeouts.task).await?;
     // Finished already: the process died after Finalize, before the outcome was recorded.
     if let Some((done, marker)) = inventory::finished_build(&vms, &req.owner, &req.build_id, &hash)
     {
@@ -180,14 +181,16 @@ fn destroys_on_failure(err: &BuildError) -> bool {
 }
 
 /// Destroys every build VM (role `build`, written for its own VMID, this owner) and answers
-/// their VMIDs. Templates are never touched.
+/// their VMIDs. Templates are never touched. `names` ([`clone_names`] of the spec) also finds a
+/// build VM cloned from a base template that still carries the base's tags.
 pub async fn cleanup_abandoned_builds(
     client: &Client,
     owner: &Owner,
+    names: Option<&ImageNames>,
 ) -> Result<Vec<u32>, BuildError> {
     let timeouts = Timeouts::default();
     let mut removed = Vec::new();
-    for vm in inventory::scan(client, owner, timeouts.task).await? {
+    for vm in inventory::scan(client, owner, names, timeouts.task).await? {
         if vm.is_our_build(owner) {
             destroy_vm(client, &vm.node, vm.vmid, vm.running, &timeouts)
                 .await
@@ -196,6 +199,18 @@ pub async fn cleanup_abandoned_builds(
         }
     }
     Ok(removed)
+}
+
+/// For a template source: the names that find our build VM between the clone and its first
+/// config write, when it still carries the base template's tags
+/// ([`inventory::may_be_our_clone`]). A cloud image's create carries our tags, so `None`.
+pub fn clone_names(spec: &GoldenImageSpec) -> Option<ImageNames> {
+    spec.source.template.as_ref()?;
+    Some(ImageNames {
+        template: name_template(spec).ok()?,
+        os: spec.os.clone(),
+        image_type: spec.type_.clone(),
+    })
 }
 
 fn name_template(spec: &GoldenImageSpec) -> Result<NameTemplate, BuildError> {
@@ -302,7 +317,8 @@ impl Run<'_> {
 
         let t = self.begin(Stage::CreateVm);
         // Numbers are read again right before the VM (which reserves the number) is created.
-        let vms = inventory::scan(self.client, &req.owner, self.timeouts.task)
+        let clones = clone_names(self.spec);
+        let vms = inventory::scan(self.client, &req.owner, clones.as_ref(), self.timeouts.task)
             .await
             .map_err(|e| e.at(Stage::CreateVm))?;
         let in_cluster = inventory::cluster_names(self.client)

@@ -38,10 +38,12 @@ pub trait Pipeline: Send + Sync + 'static {
     /// Destroys the owner's abandoned build VMs and stale validation clones; returns their VMIDs.
     /// A refused token is a stalled error (`Error::ProxmoxAuth`, `Error::Proxmox`), anything
     /// else transient.
+    /// `names`: [`crate::build::clone_names`] of the spec (a clone still carrying its base's tags).
     fn cleanup(
         &self,
         client: proxmox::Client,
         owner: Owner,
+        names: Option<crate::build::ImageNames>,
     ) -> BoxFuture<'static, Result<Vec<u32>, super::error::Error>>;
 }
 

@@ -109,11 +109,12 @@ impl Pipeline for Engine {
         &self,
         client: proxmox::Client,
         owner: Owner,
+        names: Option<build::ImageNames>,
     ) -> BoxFuture<'static, Result<Vec<u32>, Error>> {
         async move {
             // A revoked token or a missing privilege must stall the deletion with the hint, not
             // be retried as if Proxmox were busy.
-            let mut removed = build::cleanup_abandoned_builds(&client, &owner)
+            let mut removed = build::cleanup_abandoned_builds(&client, &owner, names.as_ref())
                 .await
                 .map_err(|e| match e.category {
                     build::ErrorCategory::ProxmoxAuth => Error::ProxmoxAuth(e.to_string()),

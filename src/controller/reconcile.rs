@@ -534,7 +534,14 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     };
     let inv = ctx.inventories.get(&conn).await?;
     let client = inv.client().await;
-    let removed = ctx.pipeline.cleanup(client.clone(), owner.clone()).await?;
+    let removed = ctx
+        .pipeline
+        .cleanup(
+            client.clone(),
+            owner.clone(),
+            crate::build::clone_names(&gi.spec),
+        )
+        .await?;
     inv.invalidate(&removed).await;
     if gi.spec.deletion_policy != DeletionPolicy::Delete {
         publish(ctx, gi, &decide::retained()).await;

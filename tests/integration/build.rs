@@ -887,7 +887,7 @@ async fn a_consumers_clone_is_never_adopted_changed_or_deleted() {
     assert_ne!(second.vmid, 777);
     assert_eq!(second.build_number, 2);
     assert_eq!(
-        sombrero::build::cleanup_abandoned_builds(&c, &o)
+        sombrero::build::cleanup_abandoned_builds(&c, &o, None)
             .await
             .unwrap(),
         Vec::<u32>::new()
@@ -921,7 +921,7 @@ async fn cleanup_removes_only_build_vms() {
         _ = hit.notified() => {}
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let removed = sombrero::build::cleanup_abandoned_builds(&c, &o)
+    let removed = sombrero::build::cleanup_abandoned_builds(&c, &o, None)
         .await
         .unwrap();
     assert_eq!(removed.len(), 1);
@@ -1056,6 +1056,8 @@ async fn cli_builds_against_the_fake_and_prints_the_seed_json() {
 struct CliBuild<'a> {
     pve: &'a FakePve,
     file: std::path::PathBuf,
+    /// Built from the base template [`BASE_VMID`].
+    base: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -1064,17 +1066,34 @@ impl<'a> CliBuild<'a> {
     const NAMESPACE: &'static str = "ci";
 
     fn new(pve: &'a FakePve, img: &ImageInfo) -> Self {
+        Self::with_spec(pve, example_spec(pve, img, 20), false)
+    }
+
+    /// A full clone of the base template [`BASE_VMID`] (see [`crash_start`]), over the agent.
+    fn from_template(pve: &'a FakePve, img: &ImageInfo) -> Self {
+        let mut spec = example_spec(pve, img, 20);
+        spec.source.cloud_image = None;
+        spec.source.template = Some(TemplateSource {
+            vmid: Some(BASE_VMID),
+            name: None,
+        });
+        spec.provisioning.via = ProvisioningChannel::GuestAgent;
+        Self::with_spec(pve, spec, true)
+    }
+
+    fn with_spec(pve: &'a FakePve, spec: GoldenImageSpec, base: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let doc = json!({
             "apiVersion": "images.sombrero.dev/v1alpha1", "kind": "GoldenImage",
             "metadata": {"name": Self::NAME, "namespace": Self::NAMESPACE},
-            "spec": example_spec(pve, img, 20),
+            "spec": spec,
         });
         let file = dir.path().join("image.yaml");
         std::fs::write(&file, serde_yaml::to_string(&doc).unwrap()).unwrap();
         CliBuild {
             pve,
             file,
+            base,
             _dir: dir,
         }
     }
@@ -1138,9 +1157,19 @@ fn killed(out: &std::process::Output) -> bool {
     out.status.signal() == Some(9)
 }
 
-/// The VMs present before a run: a stranger's VM and a consumer's clone of one of our
-/// templates (our tags, a copied marker naming another VMID). Answers their configs.
-async fn foreign_vms(pve: &FakePve, c: &Client, consumer_marker: &Marker) -> Vec<VmConfig> {
+/// The base template of [`CliBuild::from_template`]: a clone copies its tags.
+const BASE_VMID: u32 = 9000;
+
+/// The VMs present before a run: a stranger's VM, a consumer's clone of one of our templates
+/// (our tags, a copied marker naming another VMID), a look-alike (a name our build could take,
+/// a marker naming its own VMID and another owner uid: a second cluster's build VM) and, with
+/// `base`, the base template (tagged). Answers (VMID, config, running) of each.
+async fn foreign_vms(
+    pve: &FakePve,
+    c: &Client,
+    consumer_marker: &Marker,
+    base: bool,
+) -> Vec<(u32, VmConfig, bool)> {
     pve.add_vm(json!({"vmid": 100, "name": "someone-elses-db", "status": "running"}))
         .await;
     let desc = render_description("a consumer's clone", consumer_marker).unwrap();
@@ -1153,9 +1182,30 @@ async fn foreign_vms(pve: &FakePve, c: &Client, consumer_marker: &Marker) -> Vec
                       "config": {"tags": tags, "description": desc}}),
     )
     .await;
+    let mut other = consumer_marker.clone();
+    other.vmid = 102;
+    other.role = Role::Build;
+    other.owner.uid = "a-second-cluster".into();
+    other.metadata.build_number = 50;
+    let look_alike = other.metadata.name.rsplit_once('-').unwrap().0.to_string() + "-050";
+    other.metadata.name = look_alike.clone();
+    let desc = render_description("", &other).unwrap();
+    pve.add_vm(json!({"vmid": 102, "name": look_alike, "status": "stopped",
+                      "config": {"tags": "base;noble", "description": desc}}))
+        .await;
+    let mut vmids = vec![100, 101, 102];
+    if base {
+        pve.add_vm(
+            json!({"vmid": BASE_VMID, "name": "base-noble", "template": true,
+                          "agent": true, "config": {"agent": "1", "tags": "base;noble"}}),
+        )
+        .await;
+        vmids.push(BASE_VMID);
+    }
     let mut out = Vec::new();
-    for vmid in [100, 101] {
-        out.push(config(c, pve, vmid).await);
+    for vmid in vmids {
+        let running = c.vm_status(&pve.node, vmid).await.unwrap().status == "running";
+        out.push((vmid, config(c, pve, vmid).await, running));
     }
     out
 }
@@ -1164,24 +1214,23 @@ async fn foreign_vms(pve: &FakePve, c: &Client, consumer_marker: &Marker) -> Vec
 async fn assert_no_duplicate_no_leak(
     pve: &FakePve,
     c: &Client,
-    foreign: &[VmConfig],
+    foreign: &[(u32, VmConfig, bool)],
     when: &str,
 ) -> Vec<String> {
     let o = CliBuild::owner();
     let mut names = Vec::new();
     for vm in c.cluster_vms().await.unwrap() {
         let cfg = config(c, pve, vm.vmid).await;
-        if vm.vmid == 100 || vm.vmid == 101 {
-            let before = &foreign[(vm.vmid - 100) as usize];
+        if let Some((_, before, running)) = foreign.iter().find(|f| f.0 == vm.vmid) {
             assert_eq!(
                 cfg.digest, before.digest,
                 "{when}: VM {} was changed",
                 vm.vmid
             );
             assert_eq!(
-                c.vm_status(&pve.node, vm.vmid).await.unwrap().status,
-                "running",
-                "{when}: VM {} was stopped",
+                c.vm_status(&pve.node, vm.vmid).await.unwrap().status == "running",
+                *running,
+                "{when}: VM {} was started or stopped",
                 vm.vmid
             );
             continue;
@@ -1204,9 +1253,9 @@ async fn assert_no_duplicate_no_leak(
         );
         names.push(m.metadata.name);
     }
-    for vmid in [100, 101] {
+    for (vmid, ..) in foreign {
         assert!(
-            c.vm_status(&pve.node, vmid).await.is_ok(),
+            c.vm_status(&pve.node, *vmid).await.is_ok(),
             "{when}: VM {vmid} is gone"
         );
     }
@@ -1225,10 +1274,15 @@ async fn assert_no_duplicate_no_leak(
 
 /// A fresh fake with the image and the foreign VMs; answers their configs and the first
 /// request's sequence number.
-async fn crash_start(pve: &FakePve, c: &Client, consumer_marker: &Marker) -> (Vec<VmConfig>, u64) {
+async fn crash_start(
+    pve: &FakePve,
+    c: &Client,
+    consumer_marker: &Marker,
+    base: bool,
+) -> (Vec<(u32, VmConfig, bool)>, u64) {
     pve.reset().await;
     pve.add_image(Image::new(IMAGE)).await;
-    let foreign = foreign_vms(pve, c, consumer_marker).await;
+    let foreign = foreign_vms(pve, c, consumer_marker, base).await;
     let seq = pve.requests().await.last().map_or(0, |r| r.seq);
     (foreign, seq)
 }
@@ -1255,7 +1309,7 @@ async fn consumer_marker(pve: &FakePve, c: &Client, img: &ImageInfo) -> Marker {
 
 /// Counts the requests (and the writes) of one complete run from the crash tests' start.
 async fn count_requests(pve: &FakePve, c: &Client, cli: &CliBuild<'_>, m: &Marker) -> (u64, u64) {
-    let (foreign, seq) = crash_start(pve, c, m).await;
+    let (foreign, seq) = crash_start(pve, c, m, cli.base).await;
     let out = cli.run().await;
     assert_eq!(
         out.status.code(),
@@ -1275,11 +1329,25 @@ async fn cli_killed_after_every_request_never_builds_twice_nor_leaks() {
     let c = client(&pve);
     let img = pve.add_image(Image::new(IMAGE)).await;
     let m = consumer_marker(&pve, &c, &img).await;
-    let cli = CliBuild::new(&pve, &img);
-    let (n, _) = count_requests(&pve, &c, &cli, &m).await;
+    killed_after_every_request(&pve, &c, &m, &CliBuild::new(&pve, &img)).await;
+}
+
+/// The template source: between the clone and the config write that tags it, the clone
+/// carries the base's tags but our name and marker (both in the clone call).
+#[tokio::test]
+async fn cli_from_a_template_killed_after_every_request_never_builds_twice_nor_leaks() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let m = consumer_marker(&pve, &c, &img).await;
+    killed_after_every_request(&pve, &c, &m, &CliBuild::from_template(&pve, &img)).await;
+}
+
+async fn killed_after_every_request(pve: &FakePve, c: &Client, m: &Marker, cli: &CliBuild<'_>) {
+    let (n, _) = count_requests(pve, c, cli, m).await;
     assert!(n > 20, "a build makes more requests than {n}");
     for k in 1..=n {
-        let (foreign, _) = crash_start(&pve, &c, &m).await;
+        let (foreign, _) = crash_start(pve, c, m, cli.base).await;
         let out = cli
             .run_with(support::fakepve::Trap::new(TrapAction::Kill { pid: 0 }, k))
             .await;
@@ -1297,7 +1365,7 @@ async fn cli_killed_after_every_request_never_builds_twice_nor_leaks() {
             "{when}: {}",
             String::from_utf8_lossy(&again.stderr)
         );
-        let names = assert_no_duplicate_no_leak(&pve, &c, &foreign, &when).await;
+        let names = assert_no_duplicate_no_leak(pve, c, &foreign, &when).await;
         assert!(names.len() <= 2, "{when}: {names:?}");
     }
 }
@@ -1312,7 +1380,7 @@ async fn cli_losing_the_answer_to_every_write_reads_back_and_finishes() {
     let (_, writes) = count_requests(&pve, &c, &cli, &m).await;
     assert!(writes > 8, "a build makes more writes than {writes}");
     for k in 1..=writes {
-        let (foreign, seq) = crash_start(&pve, &c, &m).await;
+        let (foreign, seq) = crash_start(&pve, &c, &m, cli.base).await;
         let out = cli
             .run_with(support::fakepve::Trap::new(TrapAction::Drop, k).writes_only())
             .await;
@@ -1363,7 +1431,7 @@ async fn slow_create_survives_a_kill_and_a_node_blip_inside_it() {
     };
 
     // Killed while the create task runs.
-    let (foreign, seq) = crash_start(&pve, &c, &m).await;
+    let (foreign, seq) = crash_start(&pve, &c, &m, cli.base).await;
     pve.set_task_secs("qmcreate", 50.0).await;
     let out = cli
         .run_with(support::fakepve::Trap::new(TrapAction::Kill { pid: 0 }, 1).on("POST", "/qemu$"))
@@ -1387,7 +1455,7 @@ async fn slow_create_survives_a_kill_and_a_node_blip_inside_it() {
     assert_eq!(creates(&reqs), 1, "a second VM was created");
 
     // The node unreachable for 3 s while the create task runs.
-    let (foreign, seq) = crash_start(&pve, &c, &m).await;
+    let (foreign, seq) = crash_start(&pve, &c, &m, cli.base).await;
     pve.set_task_secs("qmcreate", 50.0).await;
     let out = cli
         .run_with(
