@@ -224,6 +224,8 @@ where
     C: Fn(&VmConfig, &Marker) -> Result<(), PromoteError>,
     F: FnMut(&mut TagSet, &mut Marker),
 {
+    // Set when a write's answer was lost: the next read shows whether it ran.
+    let mut lost = false;
     for attempt in 1..=WRITE_ATTEMPTS {
         let config = match client.vm_config(node, vmid).await {
             Ok(c) => c,
@@ -250,7 +252,7 @@ where
         let (mut tags, mut new_marker) = (old_tags.clone(), marker.clone());
         change(&mut tags, &mut new_marker);
         if tags == old_tags && new_marker == marker {
-            return Ok((false, marker));
+            return Ok((lost, marker));
         }
         let mut set = QemuConfig::new();
         let mut update_delete = None;
@@ -281,6 +283,11 @@ where
             Ok(()) => return Ok((true, new_marker)),
             Err(e) if is_digest_conflict(&e) && attempt < WRITE_ATTEMPTS => {
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            }
+            // A digest write is never repeated blindly: read again (the digest changed if it
+            // ran, and then there is nothing left to change), then decide.
+            Err(e) if e.outcome_unknown() && attempt < WRITE_ATTEMPTS => {
+                lost = true;
             }
             Err(e) => {
                 return Err(PromoteError::proxmox(

@@ -132,6 +132,30 @@ impl Client {
         command: &[S],
         input_data: Option<&str>,
     ) -> Result<i64> {
+        self.agent_exec_as(node, vmid, command, input_data, Idempotency::Unsafe)
+            .await
+    }
+
+    /// [`Client::agent_exec`] of a command that only reads (a check): run twice it answers the
+    /// same, so a lost answer is followed by running it again.
+    pub async fn agent_exec_read_only<S: AsRef<str>>(
+        &self,
+        node: &str,
+        vmid: u32,
+        command: &[S],
+    ) -> Result<i64> {
+        self.agent_exec_as(node, vmid, command, None, Idempotency::Safe)
+            .await
+    }
+
+    async fn agent_exec_as<S: AsRef<str>>(
+        &self,
+        node: &str,
+        vmid: u32,
+        command: &[S],
+        input_data: Option<&str>,
+        idem: Idempotency,
+    ) -> Result<i64> {
         let mut p = Params::new();
         // Repeated `command` keys make the array PVE 8.0.1+ requires.
         for arg in command {
@@ -142,7 +166,7 @@ impl Client {
             .post(
                 &["nodes", node, "qemu", &vmid.to_string(), "agent", "exec"],
                 &p,
-                Idempotency::Unsafe,
+                idem,
             )
             .await?;
         Ok(pid)

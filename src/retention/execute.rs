@@ -25,6 +25,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::template_retention::ExecutedAction;
+use crate::build::readback::{TaskCall, run_task};
 use crate::image::tags::TagSet;
 use crate::proxmox::{self, ConfigUpdate, DeleteVm, QemuConfig, Vzdump, client::Client};
 
@@ -181,16 +182,25 @@ async fn destroy(client: &Client, vmid: u32, node: &str) -> Result<String, Failu
         purge: true,
         destroy_unreferenced_disks: false,
     };
-    let upid = match client.delete_vm(node, vmid, opts).await {
-        Ok(u) => u,
+    // A lost answer is read back in the node's task list: the delete found is waited for;
+    // none, the call is made again (and finds the VM gone if the first one did it after all).
+    let what = TaskCall {
+        node,
+        vmid: Some(vmid),
+        task_type: "qmdestroy",
+        id: vmid.to_string(),
+    };
+    let outcome = match run_task(client, &what, DELETE_TIMEOUT, move || async move {
+        client.delete_vm(node, vmid, opts).await.map(Some)
+    })
+    .await
+    {
+        Ok(Some(o)) => o,
+        Ok(None) => return Ok(format!("deleted from {node}")),
         // Gone between the re-check and the call: what we wanted.
         Err(e) if e.is_not_found() => return Ok("already gone".into()),
         Err(e) => return Err(failed("delete failed", e, "")),
     };
-    let outcome = client
-        .wait_task(&upid, DELETE_TIMEOUT)
-        .await
-        .map_err(|e| failed("delete failed", e, ""))?;
     Ok(if outcome.warnings > 0 {
         format!("deleted from {node} ({} warnings)", outcome.warnings)
     } else {
@@ -211,10 +221,21 @@ async fn tag(client: &Client, plan: &Plan, d: &Decision) -> Result<String, Failu
         // Someone changing the template meanwhile makes PVE refuse; the next run re-plans.
         update = update.digest(digest);
     }
-    client
-        .update_vm_config(&c.node, d.vmid, &update)
-        .await
-        .map_err(|e| failed("tagging failed", e, ""))?;
+    match client.update_vm_config(&c.node, d.vmid, &update).await {
+        Ok(()) => {}
+        // A write with a digest is not repeated blindly: after a lost answer the config says
+        // whether it ran; if not, the next run re-plans (nothing destructive happened).
+        Err(e) if e.outcome_unknown() => {
+            let now = client
+                .vm_config(&c.node, d.vmid)
+                .await
+                .map_err(|e| failed("tagging: could not read the result back", e, ""))?;
+            if !TagSet::parse(now.tags.as_deref().unwrap_or("")).is_archived() {
+                return Err(failed("tagging failed", e, ""));
+            }
+        }
+        Err(e) => return Err(failed("tagging failed", e, "")),
+    }
     Ok(format!("tagged archived (tags: {tags})"))
 }
 
@@ -256,14 +277,20 @@ async fn backup(
             request.compress = Some("zstd".into());
             request.notes_template =
                 Some(format!("{notes} (VMID {{{{vmid}}}}, node {{{{node}}}})"));
-            let upid = client
-                .vzdump(&c.node, &request)
-                .await
-                .map_err(|e| failed("backup failed", e, nothing))?;
-            client
-                .wait_task(&upid, BACKUP_TIMEOUT)
-                .await
-                .map_err(|e| failed("backup failed", e, nothing))?;
+            // After a lost answer the vzdump task is looked for (the UPID of a one-VM backup
+            // names the VM); none found, it is started once more.
+            let what = TaskCall {
+                node: &c.node,
+                vmid: Some(d.vmid),
+                task_type: "vzdump",
+                id: d.vmid.to_string(),
+            };
+            let (node, request) = (c.node.as_str(), &request);
+            run_task(client, &what, BACKUP_TIMEOUT, move || async move {
+                client.vzdump(node, request).await.map(Some)
+            })
+            .await
+            .map_err(|e| failed("backup failed", e, nothing))?;
             let known: BTreeSet<&String> = before.iter().map(|(v, _)| v).collect();
             let after = backups_of(client, &c.node, storage, d.vmid)
                 .await

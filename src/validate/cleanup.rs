@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::VALIDATION_TAG;
 use super::error::ValidateError;
+use crate::build::readback::{TaskCall, run_task};
 use crate::image::marker::{Owner, Ownership, Role, ownership, parse_description};
 use crate::image::tags::OWNER_TAG;
 use crate::proxmox::{self, Client, ConfigUpdate, DeleteVm, QemuConfig};
@@ -105,12 +106,20 @@ pub async fn destroy_validation_vm(
         return Ok(false);
     }
     let gone = |e: &proxmox::Error| e.is_not_found();
+    // A lost answer is read back in the node's task list (found: waited for; not found: asked
+    // again, and a VM gone meanwhile is what the first call did).
+    let task = |task_type| TaskCall {
+        node,
+        vmid: Some(vmid),
+        task_type,
+        id: vmid.to_string(),
+    };
     match client.vm_status(node, vmid).await {
         Ok(s) if s.is_running() => {
-            let stop = async {
-                let upid = client.stop_vm(node, vmid).await?;
-                client.wait_task(&upid, TASK_TIMEOUT).await
-            };
+            let what = task("qmstop");
+            let stop = run_task(client, &what, TASK_TIMEOUT, move || async move {
+                client.stop_vm(node, vmid).await.map(Some)
+            });
             match stop.await {
                 Ok(_) => {}
                 Err(e) if gone(&e) => return Ok(false),
@@ -128,14 +137,14 @@ pub async fn destroy_validation_vm(
             return Err(ValidateError::proxmox(during("unprotecting"), e));
         }
     }
-    let delete = async {
-        let opts = DeleteVm {
-            purge: true,
-            destroy_unreferenced_disks: true,
-        };
-        let upid = client.delete_vm(node, vmid, opts).await?;
-        client.wait_task(&upid, TASK_TIMEOUT).await
+    let opts = DeleteVm {
+        purge: true,
+        destroy_unreferenced_disks: true,
     };
+    let what = task("qmdestroy");
+    let delete = run_task(client, &what, TASK_TIMEOUT, move || async move {
+        client.delete_vm(node, vmid, opts).await.map(Some)
+    });
     match delete.await {
         Ok(_) => Ok(true),
         Err(e) if gone(&e) => Ok(false),

@@ -13,6 +13,7 @@ use super::drift::{PackageDrift, compute_drift, dpkg_query, parse_installed};
 use super::error::ValidateError;
 use super::report::{CheckOutcome, ValidationReport};
 use super::{ProgressEvent, SshProbe, VALIDATION_TAG, ValidationProgress, ValidationRequest};
+use crate::build::readback::{TaskCall, run_task};
 use crate::build::{first_ipv4, static_ip};
 use crate::image::marker::{Ownership, Role, ownership, parse_description, render_description};
 use crate::image::tags::{OWNER_TAG, TagSet, image_tag};
@@ -243,10 +244,18 @@ async fn create_clone(
             storage: (!linked).then(|| req.storage.clone()),
             pool: req.pool.clone(),
         };
-        let result = async {
-            let upid = client.clone_vm(node, tvmid, &request).await?;
-            client.wait_task(&upid, TASK_TIMEOUT).await
-        }
+        // A lost answer is read back: the clone task found in the node's list (a clone's
+        // UPID names the template) is waited for, never a second clone made beside it.
+        let what = TaskCall {
+            node,
+            vmid: Some(tvmid),
+            task_type: "qmclone",
+            id: tvmid.to_string(),
+        };
+        let request = &request;
+        let result = run_task(client, &what, TASK_TIMEOUT, move || async move {
+            client.clone_vm(node, tvmid, request).await.map(Some)
+        })
         .await;
         match result {
             Ok(_) => return Ok((vmid, linked)),
@@ -431,10 +440,26 @@ async fn run_checks(
         .vm_config(node, vmid)
         .await
         .map_err(|e| ValidateError::proxmox(format!("reading clone {vmid}"), e))?;
-    client
+    let configuring = |e| ValidateError::proxmox(format!("configuring clone {vmid}"), e);
+    match client
         .update_vm_config(node, vmid, &clone_config(req, &clone, key))
         .await
-        .map_err(|e| ValidateError::proxmox(format!("configuring clone {vmid}"), e))?;
+    {
+        Ok(()) => {}
+        // The write may add a cloud-init drive, so it is not repeated blindly: read what is
+        // there, then write again without what the lost write added already.
+        Err(e) if e.outcome_unknown() => {
+            let now = client
+                .vm_config(node, vmid)
+                .await
+                .map_err(|e| ValidateError::proxmox(format!("reading clone {vmid}"), e))?;
+            client
+                .update_vm_config(node, vmid, &clone_config(req, &now, key))
+                .await
+                .map_err(configuring)?;
+        }
+        Err(e) => return Err(configuring(e)),
+    }
     let mut run = Run {
         client,
         req,
@@ -492,12 +517,18 @@ impl Run<'_> {
     /// Starts the clone and waits until Proxmox reports it running.
     async fn start(&self) -> Result<Result<(), String>, ValidateError> {
         let (client, node, vmid) = (self.client, self.node, self.vmid);
-        let started = async {
-            let upid = client.start_vm(node, vmid).await?;
-            client
-                .wait_task(&upid, TASK_TIMEOUT.min(self.remaining()))
-                .await
-        }
+        let what = TaskCall {
+            node,
+            vmid: Some(vmid),
+            task_type: "qmstart",
+            id: vmid.to_string(),
+        };
+        let started = run_task(
+            client,
+            &what,
+            TASK_TIMEOUT.min(self.remaining()),
+            move || async move { client.start_vm(node, vmid).await.map(Some) },
+        )
         .await;
         match started {
             Ok(_) => {}
@@ -608,7 +639,8 @@ impl Run<'_> {
             |e| ValidateError::proxmox(format!("running `{line}` in clone {}", self.vmid), e);
         let pid = match self
             .client
-            .agent_exec(self.node, self.vmid, command, None)
+            // Every check command only reads: a lost answer is followed by running it again.
+            .agent_exec_read_only(self.node, self.vmid, command)
             .await
         {
             Ok(pid) => pid,

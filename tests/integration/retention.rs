@@ -1817,3 +1817,99 @@ mod controller_e2e {
         super::client(pve)
     }
 }
+
+/// A fresh fake for one retention run: 1301 and 1302 old, 1303 the latest, and a second
+/// cluster's old template of the same image (1304: another owner uid). Answers the look-alike's
+/// config digest and the last request's sequence number.
+async fn lost_answer_start(pve: &FakePve, c: &Client) -> (Option<String>, u64) {
+    pve.reset().await;
+    add_template(pve, 1301, 200, T::default()).await;
+    add_template(pve, 1302, 150, T::default()).await;
+    add_template(
+        pve,
+        1303,
+        5,
+        T {
+            latest: true,
+            ..T::default()
+        },
+    )
+    .await;
+    let other = Owner {
+        uid: "a-second-cluster".into(),
+        ..ours()
+    };
+    add_template(
+        pve,
+        1304,
+        300,
+        T {
+            owner: Some(other),
+            ..T::default()
+        },
+    )
+    .await;
+    let digest = c.vm_config(&pve.node, 1304).await.unwrap().digest;
+    (digest, last_seq(pve).await)
+}
+
+/// The answer to each write of a retention run lost in turn, in each archive mode (the fake
+/// runs the request, then closes the connection): the run reads back what happened and
+/// reports the truth: every removal succeeded, one backup per archived template, nothing else
+/// touched.
+#[tokio::test]
+async fn losing_the_answer_to_every_write_of_a_retention_run() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let rules = RetentionRules {
+        keep_last: 1,
+        archive_after: chrono::Duration::days(30),
+        retain_at_least: 1,
+    };
+    for mode in [ArchiveMode::Delete, ArchiveMode::Backup, ArchiveMode::Tag] {
+        let storage = (mode == ArchiveMode::Backup).then_some("local");
+        let (_, seq) = lost_answer_start(&pve, &c).await;
+        run(&pve, rules, mode, storage).await;
+        let writes = writes_since(&pve, seq).await.len() as u64;
+        assert!(writes >= 2, "{mode:?}: {writes} writes");
+        for k in 1..=writes {
+            let (digest, seq) = lost_answer_start(&pve, &c).await;
+            pve.arm_trap(
+                support::fakepve::Trap::new(support::fakepve::TrapAction::Drop, k).writes_only(),
+            )
+            .await;
+            let (_, results) = run(&pve, rules, mode, storage).await;
+            let made = writes_since(&pve, seq).await;
+            let when = format!(
+                "{mode:?}: the answer to write {k} of {writes} ({}) lost",
+                made.get((k - 1) as usize).cloned().unwrap_or_default()
+            );
+            assert!(
+                pve.trap_state().await.fired,
+                "{when}: the trap did not fire"
+            );
+            let done: Vec<(u32, bool)> = results.iter().map(|r| (r.vmid, r.succeeded)).collect();
+            assert_eq!(done, [(1301, true), (1302, true)], "{when}: {results:#?}");
+            for vmid in [1301, 1302] {
+                let archived = match mode {
+                    ArchiveMode::Tag => tags(&c, &pve, vmid).await.contains("archived"),
+                    _ => !exists(&c, &pve, vmid).await,
+                };
+                assert!(archived, "{when}: {vmid} not removed");
+                if mode == ArchiveMode::Backup {
+                    let backups = c
+                        .storage_content(&pve.node, "local", Some("backup"), Some(vmid))
+                        .await
+                        .unwrap();
+                    assert_eq!(backups.len(), 1, "{when}: backups of {vmid}: {backups:?}");
+                }
+            }
+            assert!(exists(&c, &pve, 1303).await, "{when}: the latest is gone");
+            assert_eq!(
+                c.vm_config(&pve.node, 1304).await.unwrap().digest,
+                digest,
+                "{when}: the second cluster's template was touched"
+            );
+        }
+    }
+}

@@ -707,3 +707,113 @@ async fn mark_failed_keeps_the_previous_latest() {
         "not_ours"
     );
 }
+
+/// A fresh fake for one validate + promote run: the previous latest 9001, the new template
+/// 9002, a stranger's running VM 100. Answers the stranger's config digest, the baseline and
+/// the last request's sequence number.
+async fn validate_start(
+    pve: &FakePve,
+    c: &Client,
+    o: &Owner,
+) -> (Option<String>, Vec<String>, u64) {
+    pve.reset().await;
+    add_template(
+        pve,
+        o,
+        9001,
+        true,
+        &[LATEST_TAG, VALIDATED_TAG],
+        json!({"status": "passed", "at": "2025-01-17T10:00:00Z"}),
+    )
+    .await;
+    add_template(pve, o, 9002, true, &[], json!({"status": "pending"})).await;
+    pve.add_vm(json!({"vmid": 100, "name": "someone-elses-db", "status": "running"}))
+        .await;
+    let digest = c.vm_config(&pve.node, 100).await.unwrap().digest;
+    let baseline = pve.guest(9002).await.packages();
+    let seq = pve.requests().await.last().map_or(0, |r| r.seq);
+    (digest, baseline, seq)
+}
+
+/// One validation of 9002 and its promotion; answers the writes it made.
+async fn validate_and_promote(
+    pve: &FakePve,
+    c: &Client,
+    o: &Owner,
+    baseline: Vec<String>,
+    seq: u64,
+    when: &str,
+) -> Vec<support::fakepve::RecordedRequest> {
+    let req = request(pve, o, 9002, baseline);
+    let report = validate::validate_template(c, &req, &NoProgress)
+        .await
+        .unwrap_or_else(|e| panic!("{when}: validation: {e}"));
+    assert!(report.passed, "{when}: {:#?}", report.checks);
+    promote::promote(c, o, 9002, Evidence::Report(&report))
+        .await
+        .unwrap_or_else(|e| panic!("{when}: promotion: {e}"));
+    pve.requests_since(seq)
+        .await
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .collect()
+}
+
+/// The answer to each write of a validate + promote run lost in turn (the fake runs the
+/// request, then closes the connection): the run looks at what happened and finishes: one
+/// clone made and destroyed, the new template validated and the only holder of the channel
+/// tag, the stranger untouched.
+#[tokio::test]
+async fn losing_the_answer_to_every_write_of_a_validate_and_promote_run() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let o = owner("ubuntu");
+    let (_, baseline, seq) = validate_start(&pve, &c, &o).await;
+    let writes = validate_and_promote(&pve, &c, &o, baseline, seq, "the counting run")
+        .await
+        .len() as u64;
+    assert!(
+        writes >= 5,
+        "clone, configure, start, stop, destroy, tags: {writes}"
+    );
+    for k in 1..=writes {
+        let (digest, baseline, seq) = validate_start(&pve, &c, &o).await;
+        pve.arm_trap(
+            support::fakepve::Trap::new(support::fakepve::TrapAction::Drop, k).writes_only(),
+        )
+        .await;
+        let when = format!("the answer to write {k} of {writes} lost");
+        let made = validate_and_promote(&pve, &c, &o, baseline, seq, &when).await;
+        let lost = made
+            .get((k - 1) as usize)
+            .map(|r| format!("{} {}", r.method, r.path))
+            .unwrap_or_default();
+        let when = format!("{when} ({lost})");
+        assert!(
+            pve.trap_state().await.fired,
+            "{when}: the trap did not fire"
+        );
+        let clones = made
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/clone"))
+            .count();
+        assert_eq!(clones, 1, "{when}: a second clone was made");
+        assert_eq!(
+            vmids(&c).await,
+            [100, 9001, 9002],
+            "{when}: a clone is left"
+        );
+        assert_eq!(holders(&c, &o).await, [9002], "{when}");
+        assert!(
+            tags_of(&c, &pve.node, 9002)
+                .await
+                .contains(&VALIDATED_TAG.to_string()),
+            "{when}"
+        );
+        assert_eq!(
+            c.vm_config(&pve.node, 100).await.unwrap().digest,
+            digest,
+            "{when}: the stranger was changed"
+        );
+    }
+}
