@@ -22,6 +22,18 @@ pub enum Error {
     /// A build or validation step failed for a reason that retrying may fix.
     #[error("{0}")]
     Transient(String),
+    /// The token lacks privileges the next writes need (checked before the first one).
+    #[error("{0}")]
+    Privileges(Box<crate::privileges::Refusal>),
+}
+
+impl From<crate::privileges::PrivilegeError> for Error {
+    fn from(e: crate::privileges::PrivilegeError) -> Self {
+        match e {
+            crate::privileges::PrivilegeError::Insufficient(r) => Error::Privileges(Box::new(r)),
+            crate::privileges::PrivilegeError::Proxmox(e) => Error::Proxmox(e),
+        }
+    }
 }
 
 impl Error {
@@ -47,13 +59,17 @@ impl Error {
             },
             Error::Kube(_) => "kubernetes",
             Error::Transient(_) => "transient",
+            Error::Privileges(_) => "insufficient_privileges",
         }
     }
 
     /// Whether retrying without a change cannot help (kstatus `Stalled=True`).
     pub fn is_stalled(&self) -> bool {
         match self {
-            Error::InvalidSpec { .. } | Error::Connection(_) | Error::ProxmoxAuth(_) => true,
+            Error::InvalidSpec { .. }
+            | Error::Connection(_)
+            | Error::ProxmoxAuth(_)
+            | Error::Privileges(_) => true,
             Error::Proxmox(e) => matches!(
                 e,
                 proxmox::Error::Unauthenticated { .. }
@@ -82,6 +98,7 @@ impl Error {
             },
             Error::Kube(_) => "KubernetesApiError",
             Error::Transient(_) => "RetryingAfterError",
+            Error::Privileges(_) => crate::engine::REASON_INSUFFICIENT_PRIVILEGES,
         }
     }
 
@@ -107,6 +124,7 @@ impl Error {
             Error::Proxmox(_) => "retrying with backoff",
             Error::Kube(_) => "retrying with backoff",
             Error::Transient(_) => "retrying with backoff",
+            Error::Privileges(_) => "nothing was changed; grant them as shown",
         }
     }
 

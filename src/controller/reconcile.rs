@@ -534,6 +534,25 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     };
     let inv = ctx.inventories.get(&conn).await?;
     let client = inv.client().await;
+    // Before the first write, the privileges of what this deletion will remove: a missing one
+    // stalls it (InsufficientPrivileges, naming privilege and path) with nothing changed.
+    let snap = inv.snapshot(Duration::ZERO).await?;
+    let leftovers: Vec<u32> = snap
+        .ours
+        .iter()
+        .filter(|o| {
+            o.marker.as_ref().is_some_and(|m| {
+                m.vmid == o.vm.vmid
+                    && matches!(m.role, Role::Build | Role::Validation)
+                    && m.owner.namespace == owner.namespace
+                    && m.owner.name == owner.name
+            })
+        })
+        .map(|o| o.vm.vmid)
+        .collect();
+    if !leftovers.is_empty() {
+        crate::privileges::check(&client, &crate::privileges::cleanup_needs(&leftovers)).await?;
+    }
     let removed = ctx
         .pipeline
         .cleanup(
@@ -568,6 +587,12 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     )
     .await?;
     let plan = retention::plan_image_deletion(&found.versions, &scope);
+    let acting: Vec<u32> = plan.removals().map(|d| d.vmid).collect();
+    if !acting.is_empty() {
+        let needs =
+            crate::privileges::retention_needs(retention::ArchiveMode::Delete, None, Some(&acting));
+        crate::privileges::check(&client, &needs).await?;
+    }
     let progress = |line: &str| info!("{line}");
     let executed = retention::execute_detailed(&client, &plan, None, false, &progress).await;
     inv.invalidate(&executed.iter().map(|e| e.record.vmid).collect::<Vec<_>>())

@@ -232,6 +232,16 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(policy.interval));
     }
 
+    // The privileges of exactly what the plan does, before its first write: a missing one is
+    // Stalled (InsufficientPrivileges) naming it and its path, and nothing is changed.
+    let acting: Vec<u32> = plan.removals().map(|d| d.vmid).collect();
+    let needs = crate::privileges::retention_needs(
+        policy.mode,
+        policy.backup_storage.as_deref(),
+        Some(&acting),
+    );
+    crate::privileges::check(&client, &needs).await?;
+
     // Show the plan before the (possibly long) backups run.
     set_conditions(
         tr,

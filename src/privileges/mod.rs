@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::proxmox::{self, Client};
-pub use table::{Grant, ImageRun, Need, image_needs, retention_needs, role_command};
+pub use table::{Grant, ImageRun, Need, cleanup_needs, image_needs, retention_needs, role_command};
 
 /// Privileges held, by path.
 pub type Held = BTreeMap<String, BTreeSet<String>>;

@@ -423,6 +423,35 @@ pub fn retention_needs(
     needs
 }
 
+/// What removing leftover build VMs and validation clones (`vmids`, on deletion of their
+/// GoldenImage) needs: each is re-read, stopped when running, and destroyed.
+pub fn cleanup_needs(vmids: &[u32]) -> Vec<Need> {
+    let mut needs = vec![Need::on(
+        "/vms",
+        "VM.Audit",
+        "list the image's VMs (without it Proxmox lists none)",
+    )];
+    for id in vmids {
+        let path = format!("/vms/{id}");
+        needs.push(Need::on(
+            &path,
+            "VM.Audit",
+            "re-read the VM right before acting",
+        ));
+        needs.push(Need::on(
+            &path,
+            "VM.PowerMgmt",
+            "stop a leftover VM still running",
+        ));
+        needs.push(Need::on(
+            &path,
+            "VM.Allocate",
+            "destroy leftover build VMs and validation clones",
+        ));
+    }
+    needs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

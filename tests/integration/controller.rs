@@ -1080,6 +1080,135 @@ async fn a_leftover_validation_clone_goes_on_the_next_reconcile() {
     rbac.assert_nothing_denied();
 }
 
+/// The finalizer checks the token's privileges before its first write: a token without
+/// `VM.Allocate` cannot remove a leftover build VM nor (deletionPolicy Delete) a template, so the
+/// deletion is Stalled (InsufficientPrivileges) naming the privilege and the VM's path, and
+/// nothing is written; the full token lets it finish.
+#[tokio::test]
+async fn a_deletion_the_token_may_not_do_stalls_insufficient_privileges_before_any_write() {
+    let cp = control_plane();
+    cp.install_crds();
+    let client = cp.client().await;
+    let ns = cp.namespace(&client, "ctl-del-privs").await;
+    let (rbac, sa) = controller_client(cp, &ns).await;
+    let pve = FakePve::start().await;
+    let role =
+        sombrero::privileges::table::role_privileges(proxmox::PveVersion { major: 9, minor: 0 });
+    let privs: Vec<&str> = role.into_iter().filter(|p| *p != "VM.Allocate").collect();
+    let (token_id, token_secret) = pve.add_token(&privs).await;
+    put_secret(&client, &ns, "pve", &pve, &token_secret).await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .patch(
+            "pve",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"stringData": {"tokenId": token_id}})),
+        )
+        .await
+        .unwrap();
+    let gi = create_image_with(
+        &client,
+        &ns,
+        "img",
+        &pve,
+        "pve",
+        json!({"deletionPolicy": "Delete"}),
+    )
+    .await;
+    let uid = gi.uid().unwrap();
+    // A template of this image and a build VM a crashed run left (markers naming this object).
+    for (vmid, role, template) in [(950, "template", true), (951, "build", false)] {
+        let marker: sombrero::image::Marker = serde_json::from_value(json!({
+            "schema": 1,
+            "owner": {"namespace": ns, "name": "img", "uid": uid},
+            "build_id": format!("b-{vmid}"), "role": role, "vmid": vmid,
+            "metadata": {
+                "name": format!("ubuntu-24.04-minimal-20250118-{:03}", vmid - 900),
+                "os": "ubuntu-24.04", "type": "minimal", "builder": "sombrero",
+                "builder_version": "0.1.0", "build_date": "2025-01-18",
+                "build_number": vmid - 900, "spec_hash": "0123456789abcdef",
+                "validation": {"status": "pending"},
+            }
+        }))
+        .unwrap();
+        pve.add_vm(json!({
+            "vmid": vmid, "name": marker.metadata.name, "template": template,
+            "config": {"tags": format!("{OWNER_TAG};sombrero.{ns}.img"),
+                       "description": render_description("", &marker).unwrap()},
+        }))
+        .await;
+    }
+    let ctl = start(&sa, options(&rbac, "a", false));
+    // The build is refused first (it needs VM.Allocate too); the finalizer is on by then.
+    wait_for(
+        &client,
+        &ns,
+        "img",
+        "the build refused",
+        Duration::from_secs(60),
+        |gi| {
+            condition(gi, "Stalled")
+                .is_some_and(|(s, r, _)| s == "True" && r == "InsufficientPrivileges")
+                && gi
+                    .metadata
+                    .finalizers
+                    .as_ref()
+                    .is_some_and(|f| !f.is_empty())
+        },
+    )
+    .await;
+    let api: Api<GoldenImage> = Api::namespaced(client.clone(), &ns);
+    api.delete("img", &DeleteParams::default())
+        .await
+        .expect("delete GoldenImage");
+    let gi = wait_for(
+        &client,
+        &ns,
+        "img",
+        "the deletion Stalled on the leftover build VM",
+        Duration::from_secs(60),
+        |gi| {
+            condition(gi, "Stalled").is_some_and(|(s, _, m)| s == "True" && m.contains("/vms/951"))
+        },
+    )
+    .await;
+    let (_, reason, message) = condition(&gi, "Stalled").unwrap();
+    assert_eq!(reason, "InsufficientPrivileges", "{message}");
+    assert!(
+        message.contains("  VM.Allocate on /vms/951: to destroy leftover build VMs"),
+        "{message}"
+    );
+    assert!(!message.contains(&token_secret));
+    let writes: Vec<_> = pve
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r.token_id.as_deref() == Some(token_id.as_str()) && r.method != "GET")
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    let c = pve_client(&pve);
+    assert!(c.vm_status(&pve.node, 950).await.is_ok());
+    assert!(c.vm_status(&pve.node, 951).await.is_ok());
+    // The full token: the deletion finishes, both go.
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    let start_t = Instant::now();
+    while api.get_opt("img").await.expect("get").is_some() {
+        assert!(
+            start_t.elapsed() < Duration::from_secs(120),
+            "not released after the Secret was fixed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for vmid in [950, 951] {
+        assert!(
+            c.vm_status(&pve.node, vmid).await.is_err(),
+            "{vmid} is left"
+        );
+    }
+    ctl.abort();
+    rbac.assert_nothing_denied();
+}
+
 /// Text logs written to a pipe (a pod's stdout) carry no colour codes.
 #[test]
 fn text_logs_to_a_pipe_have_no_colour_codes() {

@@ -1705,6 +1705,110 @@ mod controller_e2e {
         rbac.assert_nothing_denied();
     }
 
+    /// A token without `VM.Allocate` (the README's role otherwise): the run that would delete
+    /// is Stalled (InsufficientPrivileges) naming the privilege and the template's path, and
+    /// makes no write; the full token then lets it finish.
+    #[tokio::test]
+    async fn a_token_missing_a_privilege_the_plan_needs_stalls_before_any_write() {
+        let cp = control_plane();
+        cp.install_crds();
+        let client = cp.client().await;
+        let ns = cp.namespace(&client, "retention-privs").await;
+        let (rbac, sa) = controller_client(cp, &ns).await;
+        let pve = FakePve::start().await;
+        add_template(&pve, 2301, 200, in_ns(&ns)).await;
+        add_template(
+            &pve,
+            2302,
+            5,
+            T {
+                latest: true,
+                ..in_ns(&ns)
+            },
+        )
+        .await;
+        let role = sombrero::privileges::table::role_privileges(sombrero::proxmox::PveVersion {
+            major: 9,
+            minor: 0,
+        });
+        let privs: Vec<&str> = role.into_iter().filter(|p| *p != "VM.Allocate").collect();
+        let (token_id, token_secret) = pve.add_token(&privs).await;
+        put_secret(&client, &ns, "pve", &pve, &token_secret).await;
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+        secrets
+            .patch(
+                "pve",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"stringData": {"tokenId": token_id}})),
+            )
+            .await
+            .unwrap();
+        let api: Api<TemplateRetention> = Api::namespaced(client.clone(), &ns);
+        let tr: TemplateRetention = serde_json::from_value(json!({
+            "apiVersion": "images.sombrero.dev/v1alpha1",
+            "kind": "TemplateRetention",
+            "metadata": {"name": "ubuntu"},
+            "spec": {
+                "target": {"tagSelector": [format!("sombrero.{NS}.{IMAGE}")]},
+                "proxmox": {"secretRef": {"name": "pve"}},
+                "keepLast": 1,
+                "archiveAfter": "30d",
+                "archive": {"mode": "delete"},
+            }
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &tr)
+            .await
+            .expect("create");
+        let handle = start(&sa, options(&rbac, "retention-test", false));
+        let tr = wait_for(&api, "ubuntu", "Stalled", |tr| {
+            tr.status
+                .as_ref()
+                .and_then(|st| find_condition(&st.conditions, "Stalled"))
+                .is_some_and(|c| c.status == "True")
+        })
+        .await;
+        let st = tr.status.unwrap();
+        let stalled = find_condition(&st.conditions, "Stalled").unwrap();
+        assert_eq!(
+            stalled.reason, "InsufficientPrivileges",
+            "{}",
+            stalled.message
+        );
+        assert!(
+            stalled
+                .message
+                .contains("  VM.Allocate on /vms/2301: to delete templates"),
+            "{}",
+            stalled.message
+        );
+        assert!(!stalled.message.contains(&token_secret));
+        let writes: Vec<_> = pve
+            .requests()
+            .await
+            .into_iter()
+            .filter(|r| r.token_id.as_deref() == Some(token_id.as_str()) && r.method != "GET")
+            .collect();
+        assert!(writes.is_empty(), "{writes:?}");
+        assert!(exists(&client_for(&pve), &pve, 2301).await);
+        // The full token (and a touch, so the stalled policy runs now): the deletion runs.
+        put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+        api.patch(
+            "ubuntu",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"token": "fixed"}}})),
+        )
+        .await
+        .unwrap();
+        wait_for(&api, "ubuntu", "Executed", |tr| {
+            ready_reason(tr).is_some_and(|(s, r)| s == "True" && r == "Executed")
+        })
+        .await;
+        assert!(!exists(&client_for(&pve), &pve, 2301).await);
+        handle.abort();
+        rbac.assert_nothing_denied();
+    }
+
     /// Two namespaces' images carry the same tags; a `tagSelector` policy in each (each
     /// namespace with its own controller, as two teams' namespaced installs run) acts on its own
     /// namespace's templates only and lists the other's as not ours.
