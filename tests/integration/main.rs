@@ -11,6 +11,7 @@ mod support;
 mod build;
 mod chart;
 mod controller;
+mod controller_crash;
 mod controller_resume;
 mod controller_states;
 mod fakepve_harness;

@@ -259,3 +259,88 @@ pub fn kubeconfig_as(cp: &ControlPlane, rbac: &ChartRbac) -> std::path::PathBuf 
     .expect("write kubeconfig");
     path
 }
+
+/// `sombrero controller` as a subprocess, so it can be SIGKILLed, as the chart runs it
+/// ([`kubeconfig_as`]: the chart's ServiceAccount; watching the chart's namespace; no leader
+/// election) with short resync, requeue and poll. It is held at a `read` in `sh` until
+/// [`ControllerProcess::go`]: its pid is known (and a trap armed with it) before it sends
+/// anything; `exec` keeps the pid. Its log goes to `log`.
+pub struct ControllerProcess {
+    pub child: tokio::process::Child,
+    pub pid: u32,
+}
+
+impl ControllerProcess {
+    /// `bin`: the `sombrero` binary (`env!("CARGO_BIN_EXE_sombrero")` in a test).
+    pub fn spawn(
+        bin: &str,
+        kubeconfig: &std::path::Path,
+        rbac: &ChartRbac,
+        log: &std::path::Path,
+    ) -> Self {
+        let ns = &rbac.namespace;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("controller log");
+        let child = tokio::process::Command::new("sh")
+            .args(["-c", "read _ && exec \"$0\" \"$@\""])
+            .arg(bin)
+            .args([
+                "controller",
+                "--namespace",
+                ns,
+                "--controller-namespace",
+                ns,
+                "--leader-election",
+                "false",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--identity",
+                "crash-test",
+                "--resync-seconds",
+                "2",
+                "--requeue-seconds",
+                "5",
+                "--poll-seconds",
+                "1",
+                "--log-format",
+                "text",
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "sombrero=info,kube=warn")
+            .env_remove("PROXMOX_URL")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start sombrero controller");
+        let pid = child.id().expect("pid");
+        ControllerProcess { child, pid }
+    }
+
+    /// Lets it run.
+    pub async fn go(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = self.child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"go\n")
+            .await
+            .expect("start the controller");
+    }
+
+    /// Waits (at most `timeout`) for it to end; whether it was SIGKILLed.
+    pub async fn killed_within(&mut self, timeout: Duration) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait").signal() == Some(9),
+            Err(_) => false,
+        }
+    }
+
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
