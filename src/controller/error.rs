@@ -157,6 +157,22 @@ mod tests {
         assert!(!down.is_stalled());
         assert_eq!(down.reason(), "ProxmoxUnreachable");
         assert_eq!(down.category(), "proxmox_transient");
+        let privs = Error::from(crate::privileges::PrivilegeError::Insufficient(
+            crate::privileges::Refusal {
+                token_id: "ci@pve!t".into(),
+                version: proxmox::PveVersion { major: 9, minor: 1 },
+                missing: vec![crate::privileges::Missing {
+                    privilege: "VM.Allocate".into(),
+                    path: "/vms/951".into(),
+                    needed_for: vec!["destroy leftover build VMs".into()],
+                    alternatives: vec![],
+                }],
+            },
+        ));
+        assert!(privs.is_stalled());
+        assert_eq!(privs.reason(), "InsufficientPrivileges");
+        assert_eq!(privs.category(), "insufficient_privileges");
+        assert!(privs.message().contains("VM.Allocate on /vms/951"));
         let spec = Error::invalid_spec("rebuild.schedule", "not a cron expression");
         assert!(spec.is_stalled());
         assert!(spec.message().starts_with("spec.rebuild.schedule: "));

@@ -486,6 +486,26 @@ mod tests {
     }
 
     #[test]
+    fn cleanup_needs_audit_stop_and_destroy_on_each_leftover() {
+        assert_eq!(
+            first_options(&cleanup_needs(&[951, 960])),
+            [
+                ("/vms".to_string(), "VM.Audit"),
+                ("/vms/951".into(), "VM.Allocate"),
+                ("/vms/951".into(), "VM.Audit"),
+                ("/vms/951".into(), "VM.PowerMgmt"),
+                ("/vms/960".into(), "VM.Allocate"),
+                ("/vms/960".into(), "VM.Audit"),
+                ("/vms/960".into(), "VM.PowerMgmt"),
+            ]
+        );
+        assert_eq!(
+            first_options(&cleanup_needs(&[])),
+            [("/vms".to_string(), "VM.Audit")]
+        );
+    }
+
+    #[test]
     fn config_keys_map_to_qemu_servers_privileges() {
         for (key, value, want) in [
             ("cores", "2", Some("VM.Config.CPU")),
