@@ -23,11 +23,12 @@ pub(crate) const CLONE_NAME_PREFIX: &str = "sombrero-validate-";
 const TASK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Finds validation clones of `owner` left behind (by marker: role `validation`, written for
-/// its own VMID, owner namespace and name equal) and destroys them. Returns their VMIDs.
+/// its own VMID, owner namespace, name and uid equal) and destroys them. Returns their VMIDs.
 ///
-/// The owner's `uid` is not compared: a validation clone is garbage once its run is over,
-/// whichever incarnation of the object made it. Call it only while no validation of this owner
-/// runs (the controller runs at most one per GoldenImage).
+/// The uid is compared too: a same-named GoldenImage of a second cluster (or of an earlier
+/// incarnation of this object) is not ours, and its clone may belong to a validation running
+/// right now. Such a leftover is `sombrero prune --owner-uid`'s to remove. Call it only while
+/// no validation of this owner runs (the controller runs at most one per GoldenImage).
 ///
 /// Cost: one inventory list, plus one config read per candidate (a non-template VM named
 /// `sombrero-validate-*` or tagged `sombrero-validation`, or a nameless fresh VM with our tag).
@@ -81,8 +82,7 @@ pub(crate) fn is_validation_clone_of(
         return false;
     };
     ownership(Some(&marker), vmid) == Ownership::Ours(Role::Validation)
-        && owner
-            .is_none_or(|o| marker.owner.namespace == o.namespace && marker.owner.name == o.name)
+        && owner.is_none_or(|o| marker.owner == *o)
 }
 
 /// Stops and destroys `vmid` after checking, right before, that it is our validation clone.

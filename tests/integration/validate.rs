@@ -411,12 +411,21 @@ async fn leftover_validation_clones_are_cleaned_and_consumer_clones_untouched() 
         .await;
     pve.add_vm(json!({"vmid": 9503, "name": "sombrero-validate-1", "config": {"tags": tags}}))
         .await;
+    // A second cluster's clone of a same-named image: namespace and name equal, another uid.
+    let twin = Owner {
+        uid: "uid-of-another-cluster".into(),
+        ..o.clone()
+    };
+    let theirs = marker(&twin, "validation", 9505, 1, json!({"status": "pending"}));
+    pve.add_vm(json!({"vmid": 9505, "name": "sombrero-validate-9000", "status": "running",
+        "config": {"description": description(&theirs), "tags": tags}}))
+        .await;
 
     let destroyed = validate::cleanup_stale_validation_vms(&c, &o)
         .await
         .unwrap();
     assert_eq!(destroyed, [9500]);
-    assert_eq!(vmids(&c).await, [9000, 9501, 9502, 9503]);
+    assert_eq!(vmids(&c).await, [9000, 9501, 9502, 9503, 9505]);
     // Idempotent.
     assert!(
         validate::cleanup_stale_validation_vms(&c, &o)
@@ -430,7 +439,7 @@ async fn leftover_validation_clones_are_cleaned_and_consumer_clones_untouched() 
             .await
             .unwrap()
     );
-    assert_eq!(vmids(&c).await, [9000, 9501, 9502, 9503]);
+    assert_eq!(vmids(&c).await, [9000, 9501, 9502, 9503, 9505]);
 
     // A validation run also clears leftovers first.
     let again = marker(&o, "validation", 9504, 1, json!({"status": "pending"}));
@@ -443,7 +452,7 @@ async fn leftover_validation_clones_are_cleaned_and_consumer_clones_untouched() 
         .await
         .unwrap();
     assert!(report.passed);
-    assert_eq!(vmids(&c).await, [9000, 9501, 9502, 9503]);
+    assert_eq!(vmids(&c).await, [9000, 9501, 9502, 9503, 9505]);
 }
 
 #[tokio::test]
