@@ -417,9 +417,11 @@ async fn leftover_validation_clones_are_cleaned_and_consumer_clones_untouched() 
         ..o.clone()
     };
     let theirs = marker(&twin, "validation", 9505, 1, json!({"status": "pending"}));
-    pve.add_vm(json!({"vmid": 9505, "name": "sombrero-validate-9000", "status": "running",
-        "config": {"description": description(&theirs), "tags": tags}}))
-        .await;
+    pve.add_vm(
+        json!({"vmid": 9505, "name": "sombrero-validate-9000", "status": "running",
+        "config": {"description": description(&theirs), "tags": tags}}),
+    )
+    .await;
 
     let destroyed = validate::cleanup_stale_validation_vms(&c, &o)
         .await
