@@ -173,6 +173,17 @@ impl Default for PollSchedule {
 }
 
 impl PollSchedule {
+    /// How a task's status is polled after the first look (made right after the task-starting
+    /// call, which catches tasks PVE ends at once): after half a second, then every second. At
+    /// most one poll per second once the task runs longer than that, and its end is noticed half
+    /// a second late on average (PVE's own durations are whole seconds often enough that the
+    /// half-second phase matters: a 2 s task is seen at 2.5 s, not at 3 s).
+    pub const TASK: PollSchedule = PollSchedule {
+        initial: Duration::from_millis(500),
+        factor: 2.0,
+        max: Duration::from_secs(1),
+    };
+
     /// The delay after `previous` (or the first delay).
     pub fn next(&self, previous: Option<Duration>) -> Duration {
         match previous {
@@ -184,6 +195,9 @@ impl PollSchedule {
 
 /// What [`Client::wait_task_observing`] hands new log lines to.
 type LogObserver<'a> = dyn FnMut(&[String]) + Send + 'a;
+
+/// How often a running task's log is read by [`Client::wait_task_observing`].
+pub const LOG_READ_EVERY: Duration = Duration::from_secs(5);
 
 /// Lines of the log kept in [`Error::TaskFailed`].
 const LOG_TAIL: usize = 20;
@@ -229,8 +243,7 @@ impl Client {
     /// Wait until the task stops, at most `timeout`. `OK` and `WARNINGS: n` are success; any
     /// other exit status is [`Error::TaskFailed`] with PVE's text and the log's last lines.
     pub async fn wait_task(&self, upid: &Upid, timeout: Duration) -> Result<TaskOutcome> {
-        self.wait_task_with(upid, timeout, PollSchedule::default())
-            .await
+        self.wait_task_with(upid, timeout, PollSchedule::TASK).await
     }
 
     pub async fn wait_task_with(
@@ -246,13 +259,15 @@ impl Client {
     /// (and once more when the task has stopped) `observe` gets the lines added since the last
     /// call, in order. A failed log read is skipped (the next poll catches up); it never fails
     /// the wait. For progress from a task's log, e.g. wget's percentages in `download-url`.
+    /// While the task runs the log is read at most every [`LOG_READ_EVERY`] (progress needs no
+    /// more), so a long download does not double its requests.
     pub async fn wait_task_observing(
         &self,
         upid: &Upid,
         timeout: Duration,
         mut observe: impl FnMut(&[String]) + Send,
     ) -> Result<TaskOutcome> {
-        self.wait_task_inner(upid, timeout, PollSchedule::default(), Some(&mut observe))
+        self.wait_task_inner(upid, timeout, PollSchedule::TASK, Some(&mut observe))
             .await
     }
 
@@ -296,6 +311,7 @@ impl Client {
         let deadline = started + timeout;
         let mut delay = None;
         let mut next_line = 0;
+        let mut log_read: Option<Instant> = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let status = match tokio::time::timeout(remaining, self.task_status(upid)).await {
@@ -322,7 +338,10 @@ impl Client {
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(wait_timeout(upid, started)),
             };
-            if let Some(observe) = observe.as_mut() {
+            let log_due =
+                !status.is_running() || log_read.is_none_or(|at| at.elapsed() >= LOG_READ_EVERY);
+            if let Some(observe) = observe.as_mut().filter(|_| log_due) {
+                log_read = Some(Instant::now());
                 // Read after the status, so a stopped task's log is complete here.
                 if let Some(lines) = self.new_log_lines(upid, &mut next_line, deadline).await
                     && !lines.is_empty()
@@ -540,6 +559,46 @@ mod tests {
         assert!(seen_after(Duration::from_secs(1)) < Duration::from_millis(1600));
         assert!(seen_after(Duration::from_millis(100)) <= Duration::from_millis(150));
         assert!(seen_after(Duration::from_secs(10)) <= Duration::from_secs(12));
+    }
+
+    #[test]
+    fn task_polls_come_at_most_once_a_second_half_a_second_out_of_phase() {
+        let s = PollSchedule::TASK;
+        let mut d = None;
+        let mut at = Duration::ZERO;
+        let mut polls = vec![at];
+        for _ in 0..10 {
+            let n = s.next(d);
+            d = Some(n);
+            at += n;
+            polls.push(at);
+        }
+        assert_eq!(polls[1], Duration::from_millis(500));
+        assert!(
+            polls
+                .windows(2)
+                .skip(1)
+                .all(|w| w[1] - w[0] == Duration::from_secs(1))
+        );
+        // A task of whole seconds (as PVE's often are) ends just after a poll would come on the
+        // second: seen half a second later, never a whole one.
+        for secs in 1..9u64 {
+            let end = Duration::from_secs(secs) + Duration::from_millis(1);
+            let seen = *polls.iter().find(|p| **p >= end).unwrap();
+            assert!(
+                seen - end < Duration::from_millis(500),
+                "{secs} s: {seen:?}"
+            );
+        }
+        // Polls of a task of D seconds: the first look, then about one per second.
+        let count = |d: u64| {
+            polls
+                .iter()
+                .filter(|p| **p <= Duration::from_secs(d))
+                .count()
+                + 1
+        };
+        assert_eq!(count(8), 10);
     }
 
     #[test]
