@@ -136,9 +136,16 @@ for upid, times in polls.items():
 if late:
     ls = sorted(late.values())
     n = [len(polls[u]) for u in late]
-    # Per PVE second of the task's run (start from the UPID's starttime is whole seconds: use
-    # the first poll instead, which comes right after the task started).
-    rates = [len(polls[u]) / max(1.0, (polls[u][-1] - polls[u][0]) + 1.0) for u in late]
-    print('  task waits: %d tasks, %.1f status polls per task (max %d), at most %.2f polls per second per task; end noticed after median %.3f s, worst %.3f s (wall)'
-          % (len(ls), sum(n) / len(n), max(n), max(rates), statistics.median(ls), ls[-1]))
+    # Steady poll rate of tasks longer than 2 s: polls after their first second per second (the
+    # first poll comes right after the task started).
+    rates = []
+    for u in late:
+        ts = polls[u]
+        span = ts[-1] - ts[0] - 1.0
+        if span >= 1.0:
+            rates.append(sum(1 for t in ts if t > ts[0] + 1.0) / span)
+    print('  task waits: %d tasks, %.1f status polls per task (max %d), %s; end noticed after median %.3f s, worst %.3f s (wall)'
+          % (len(ls), sum(n) / len(n), max(n),
+             'at most %.2f polls per second per task after its first second' % max(rates) if rates else 'no task ran longer than 2 s',
+             statistics.median(ls), ls[-1]))
 PYEOF
