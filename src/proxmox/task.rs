@@ -196,9 +196,6 @@ impl PollSchedule {
 /// What [`Client::wait_task_observing`] hands new log lines to.
 type LogObserver<'a> = dyn FnMut(&[String]) + Send + 'a;
 
-/// How often a running task's log is read by [`Client::wait_task_observing`].
-pub const LOG_READ_EVERY: Duration = Duration::from_secs(5);
-
 /// Lines of the log kept in [`Error::TaskFailed`].
 const LOG_TAIL: usize = 20;
 
@@ -259,8 +256,6 @@ impl Client {
     /// (and once more when the task has stopped) `observe` gets the lines added since the last
     /// call, in order. A failed log read is skipped (the next poll catches up); it never fails
     /// the wait. For progress from a task's log, e.g. wget's percentages in `download-url`.
-    /// While the task runs the log is read at most every [`LOG_READ_EVERY`] (progress needs no
-    /// more), so a long download does not double its requests.
     pub async fn wait_task_observing(
         &self,
         upid: &Upid,
@@ -311,7 +306,6 @@ impl Client {
         let deadline = started + timeout;
         let mut delay = None;
         let mut next_line = 0;
-        let mut log_read: Option<Instant> = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let status = match tokio::time::timeout(remaining, self.task_status(upid)).await {
@@ -338,10 +332,7 @@ impl Client {
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(wait_timeout(upid, started)),
             };
-            let log_due =
-                !status.is_running() || log_read.is_none_or(|at| at.elapsed() >= LOG_READ_EVERY);
-            if let Some(observe) = observe.as_mut().filter(|_| log_due) {
-                log_read = Some(Instant::now());
+            if let Some(observe) = observe.as_mut() {
                 // Read after the status, so a stopped task's log is complete here.
                 if let Some(lines) = self.new_log_lines(upid, &mut next_line, deadline).await
                     && !lines.is_empty()
