@@ -136,14 +136,14 @@ for upid, times in polls.items():
 if late:
     ls = sorted(late.values())
     n = [len(polls[u]) for u in late]
-    # Steady poll rate of tasks longer than 2 s: polls after their first second per second (the
-    # first poll comes right after the task started).
+    # Steady poll rate of tasks polled for more than 2 s: intervals per second between the polls
+    # after their first second (the first poll comes right after the task started).
     rates = []
     for u in late:
         ts = polls[u]
-        span = ts[-1] - ts[0] - 1.0
-        if span >= 1.0:
-            rates.append(sum(1 for t in ts if t > ts[0] + 1.0) / span)
+        later = [t for t in ts if t >= ts[0] + 1.0]
+        if len(later) >= 2 and later[-1] - later[0] >= 1.0:
+            rates.append((len(later) - 1) / (later[-1] - later[0]))
     print('  task waits: %d tasks, %.1f status polls per task (max %d), %s; end noticed after median %.3f s, worst %.3f s (wall)'
           % (len(ls), sum(n) / len(n), max(n),
              'at most %.2f polls per second per task after its first second' % max(rates) if rates else 'no task ran longer than 2 s',
