@@ -65,12 +65,11 @@ image:
 demo: venv
 	scripts/demo.sh
 
-# Proxmox requests per build and wall time against the fake: tasks finishing instantly, then
-# PVE-like task durations (time scale 0.01 = 60 PVE seconds in 0.6 s).
+# Proxmox requests per build, wall time and task waits against the fake (scripts/bench-build.sh):
+# cloud image and template source, tasks finishing instantly, then PVE-like task durations.
 BENCH_N ?= 5
 bench-build: venv
-	BENCH=$(BENCH_N) TIME_SCALE=0 scripts/demo.sh
-	BENCH=$(BENCH_N) TIME_SCALE=0.01 scripts/demo.sh
+	BENCH_N=$(BENCH_N) scripts/bench-build.sh
 
 # Steady state of the controller with 100 and 1,000 GoldenImages (templates already promoted):
 # Proxmox requests per resync, reconcile latency, RSS. See docs/controller.md for the numbers.

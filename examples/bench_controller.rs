@@ -3,7 +3,7 @@
 //! time).
 //!
 //! `cargo run --example bench_controller -- <GoldenImages> [window seconds, default 65: two
-//! requeue rounds]`:
+//! requeue rounds] [other VMs in the cluster, default 0]`:
 //! 1. a real kube-apiserver (tests/support/kube.rs) and the fake Proxmox (time scale 0);
 //! 2. N GoldenImages, and for each its latest template already on Proxmox (`add_vm` with our
 //!    marker, the image's spec hash and tags, validated and carrying the channel tag), so no
@@ -12,7 +12,9 @@
 //!    30 s) until every image is Ready;
 //! 4. a measuring window: Proxmox requests from the fake's request log, by endpoint, per
 //!    resync interval; the reconcile latency from the controller's
-//!    `sombrero_reconcile_duration_seconds` histogram (window only); the controller's RSS.
+//!    `sombrero_reconcile_duration_seconds` histogram (window only); the controller's RSS;
+//! 5. one image's template deleted through the API (as in the PVE UI): the time until the
+//!    image's status no longer lists it (resync 5 s, requeue 30 s).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -213,6 +215,7 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
     let window = Duration::from_secs(args.next().and_then(|a| a.parse().ok()).unwrap_or(65));
+    let others: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
 
     let cp = control_plane();
     cp.install_crds();
@@ -265,8 +268,24 @@ async fn main() {
         .buffer_unordered(8)
         .collect::<Vec<_>>()
         .await;
+    // VMs that are not ours (a consumer's cluster): listed every resync, never read.
+    futures::stream::iter(0..others)
+        .map(|i| {
+            let pve = pve.clone();
+            let node = pve.node.clone();
+            async move {
+                pve.add_vm(
+                    json!({"vmid": 100_000 + i as u32, "name": format!("vm-{i}"),
+                                  "node": node, "status": "running"}),
+                )
+                .await;
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
     eprintln!(
-        "prepared {n} GoldenImages and their templates in {:.1}s",
+        "prepared {n} GoldenImages and their templates, and {others} other VMs, in {:.1}s",
         t.elapsed().as_secs_f64()
     );
 
@@ -337,9 +356,10 @@ async fn main() {
     }
     let rss_ready = mem_kib(pid, "VmRSS");
     let first_round = pve.requests_since(seq_start).await;
-    eprintln!(
-        "all {n} Ready after {:.1}s; first round: {} Proxmox requests",
-        t.elapsed().as_secs_f64(),
+    let cold = t.elapsed();
+    println!(
+        "cold start: all {n} Ready {:.1} s after the controller started; first round: {} Proxmox requests",
+        cold.as_secs_f64(),
         first_round.len()
     );
 
@@ -366,7 +386,7 @@ async fn main() {
     }
     let resyncs = window.as_secs_f64() / RESYNC.as_secs_f64();
     let reconciles = h1.count - h0.count;
-    println!("GoldenImages: {n}");
+    println!("GoldenImages: {n}, other VMs in the cluster: {others}");
     println!(
         "first round (cold cache) Proxmox requests: {} {cold:?}",
         first_round.len()
@@ -403,6 +423,45 @@ async fn main() {
     );
     if let Ok(Some(status)) = ctl.try_wait() {
         panic!("the controller exited during the window: {status}");
+    }
+
+    // A template deleted in the PVE UI: how long until its image's status no longer lists it.
+    let victim = gis[n / 2].name_any();
+    let vmid = 10_000 + (n / 2) as u32;
+    let t = Instant::now();
+    let rsp = pve
+        .api_client()
+        .delete(pve.api_url(&format!("/nodes/{}/qemu/{vmid}", pve.node)))
+        .header("Authorization", pve.auth_header())
+        .send()
+        .await
+        .expect("delete the template");
+    assert!(rsp.status().is_success(), "delete: {}", rsp.status());
+    let shown = loop {
+        let gi = api.get(&victim).await.expect("get the image");
+        let listed = gi
+            .status
+            .as_ref()
+            .is_some_and(|s| s.versions.iter().any(|v| v.vmid == vmid));
+        if !listed {
+            break Some(t.elapsed());
+        }
+        if t.elapsed() > REQUEUE * 3 {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    match shown {
+        Some(d) => println!(
+            "template deleted in Proxmox shows in the image's status after {:.1} s (resync {} s, requeue {} s)",
+            d.as_secs_f64(),
+            RESYNC.as_secs(),
+            REQUEUE.as_secs()
+        ),
+        None => println!(
+            "template deleted in Proxmox still listed in the image's status after {} s",
+            (REQUEUE * 3).as_secs()
+        ),
     }
     let _ = ctl.kill().await;
 }

@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# Steady-state cost of the controller: Proxmox requests per resync and per reconcile round,
-# reconcile latency (the controller's histogram) and RSS, with 100 and 1,000 GoldenImages whose
-# latest templates already exist. Rerunnable; prints, asserts nothing about time.
-#   BENCH_SIZES="100 1000" BENCH_WINDOW=65 scripts/bench-controller.sh
+# Cost of the controller: cold start to all Ready, Proxmox requests per resync and per reconcile
+# round, no-op reconcile latency (the controller's histogram), RSS, and how long a template
+# deleted in Proxmox takes to show in its image's status; with N GoldenImages whose latest
+# templates already exist, and optionally other VMs in the cluster (a consumer's 10,000 VMs).
+# Rerunnable; prints, asserts nothing about time.
+#   BENCH_RUNS="100:0 1000:0 1000:9000" BENCH_WINDOW=65 scripts/bench-controller.sh
+#   (each run: GoldenImages:other VMs; BENCH_SIZES="100 1000" is the same as "100:0 1000:0")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/test-tools.sh >/dev/null
 scripts/fakepve-venv.sh >/dev/null
 
-sizes="${BENCH_SIZES:-100 1000}"
+runs="${BENCH_RUNS:-}"
+if [ -z "$runs" ]; then
+  if [ -n "${BENCH_SIZES:-}" ]; then
+    for n in $BENCH_SIZES; do runs="$runs $n:0"; done
+  else
+    runs="100:0 1000:0 1000:9000"
+  fi
+fi
 window="${BENCH_WINDOW:-65}"
 target="${CARGO_TARGET_DIR:-target}"
 cargo build --quiet --locked --bin sombrero --example bench_controller
 # The controller binary is named explicitly: a target directory shared with another checkout
 # may hold an example built there, whose compiled-in repository path is not this one.
-export SOMBRERO_BIN="$PWD/$target/debug/sombrero"
+export SOMBRERO_BIN="${SOMBRERO_BIN:-$PWD/$target/debug/sombrero}"
 case "$target" in /*) SOMBRERO_BIN="$target/debug/sombrero" ;; esac
-for n in $sizes; do
-  echo "== $n GoldenImages"
-  "$target/debug/examples/bench_controller" "$n" "$window"
+for run in $runs; do
+  n="${run%%:*}" others="${run#*:}"
+  echo "== $n GoldenImages, $others other VMs"
+  "$target/debug/examples/bench_controller" "$n" "$window" "$others"
 done

@@ -144,6 +144,53 @@ pub fn may_be_ours_being_created(vm: &ClusterVm, tag: &str, names: Option<&Image
         && (tags.is_empty() || tags.iter().any(|t| t == tag) || may_be_our_clone(vm, names))
 }
 
+/// What one `cluster/resources` list showed: the image's tagged VMs (and our unconfigured
+/// clones) with their configs, and the whole listing (names for build numbers, the base
+/// template of a template source), so one read answers all of them.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    pub vms: Vec<TaggedVm>,
+    pub listing: Vec<ClusterVm>,
+}
+
+impl std::ops::Deref for Scan {
+    type Target = Vec<TaggedVm>;
+    fn deref(&self) -> &Vec<TaggedVm> {
+        &self.vms
+    }
+}
+
+impl IntoIterator for Scan {
+    type Item = TaggedVm;
+    type IntoIter = std::vec::IntoIter<TaggedVm>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.vms.into_iter()
+    }
+}
+
+impl Scan {
+    /// Names of every VM and template in the cluster.
+    pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
+        self.listing
+            .iter()
+            .filter(|v| v.is_qemu())
+            .filter_map(|v| v.name.as_deref())
+    }
+}
+
+/// What decides whether a config read earlier still holds: Proxmox changes none of these
+/// without changing the config, and a marker is only written with a tag or name change or by
+/// this very run (which reads its own VM itself).
+fn listing_key(vm: &ClusterVm) -> (&str, Option<&str>, Option<&str>, bool, Option<&str>) {
+    (
+        vm.node.as_str(),
+        vm.name.as_deref(),
+        vm.tags.as_deref(),
+        vm.template,
+        vm.lock.as_deref(),
+    )
+}
+
 /// Lists the VMs tagged for this owner's image and reads their configs (one list + one config
 /// per tagged VM; the image's templates are few). With `names`, also the VMs that may be our
 /// clone not configured yet ([`may_be_our_clone`]: one config read each), kept only when their
@@ -157,12 +204,25 @@ pub async fn scan(
     owner: &Owner,
     names: Option<&ImageNames>,
     wait: Duration,
-) -> Result<Vec<TaggedVm>, BuildError> {
+) -> Result<Scan, BuildError> {
+    rescan(client, owner, names, wait, None).await
+}
+
+/// [`scan`] again, reading only the configs of VMs that are new or whose name, tags, template
+/// flag or lock changed since `previous` (the others keep the config read then): numbers are
+/// read right before the VM that reserves one is created without a second read per template.
+pub async fn rescan(
+    client: &Client,
+    owner: &Owner,
+    names: Option<&ImageNames>,
+    wait: Duration,
+    previous: Option<&Scan>,
+) -> Result<Scan, BuildError> {
     let tag = image_tag(&owner.namespace, &owner.name);
     let deadline = Instant::now() + wait;
     let schedule = PollSchedule::default();
     let mut delay = None;
-    let vms = loop {
+    let listing = loop {
         let vms = client
             .cluster_vms()
             .await
@@ -193,10 +253,25 @@ pub async fn scan(
         delay = Some(d);
         tokio::time::sleep(d).await;
     };
+    let known = |vm: &ClusterVm| -> Option<&TaggedVm> {
+        let prev = previous?;
+        let before = prev.listing.iter().find(|p| p.vmid == vm.vmid)?;
+        if listing_key(before) != listing_key(vm) {
+            return None;
+        }
+        prev.vms.iter().find(|t| t.vmid == vm.vmid)
+    };
     let mut out = Vec::new();
-    for vm in vms.into_iter().filter(|v| v.is_qemu()) {
+    for vm in listing.iter().filter(|v| v.is_qemu()) {
         let tagged = vm.tag_list().contains(&tag);
-        if !tagged && !may_be_our_clone(&vm, names) {
+        if !tagged && !may_be_our_clone(vm, names) {
+            continue;
+        }
+        if let Some(same) = known(vm) {
+            out.push(TaggedVm {
+                running: vm.status.as_deref() == Some("running"),
+                ..same.clone()
+            });
             continue;
         }
         let config = match client.vm_config(&vm.node, vm.vmid).await {
@@ -221,20 +296,7 @@ pub async fn scan(
             out.push(found);
         }
     }
-    Ok(out)
-}
-
-/// Names of every VM and template in the cluster (one `cluster/resources` list).
-pub async fn cluster_names(client: &Client) -> Result<Vec<String>, BuildError> {
-    let vms = client
-        .cluster_vms()
-        .await
-        .map_err(|e| BuildError::proxmox("list VMs", &e))?;
-    Ok(vms
-        .into_iter()
-        .filter(|v| v.is_qemu())
-        .filter_map(|v| v.name)
-        .collect())
+    Ok(Scan { vms: out, listing })
 }
 
 /// Every (date, build number) a new build of this image must not take: the markers of the

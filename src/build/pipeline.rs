@@ -112,7 +112,7 @@ pub async fn run_build_with(
                 ));
                 return Ok(finished_outcome(t, marker, progress));
             }
-            run.start(req, &names, &hash).await?
+            run.start(req, &names, &hash, &vms).await?
         }
     };
     let result = run.continue_build(&mut state).await;
@@ -309,24 +309,35 @@ impl Run<'_> {
         req: &BuildRequest,
         names: &NameTemplate,
         hash: &str,
+        seen: &inventory::Scan,
     ) -> Result<State, BuildError> {
         let t = self.begin(Stage::Source);
-        let prepared =
-            source::prepare(self.client, self.spec, self.timeouts, self.progress).await?;
+        let prepared = source::prepare(
+            self.client,
+            self.spec,
+            &seen.listing,
+            self.timeouts,
+            self.progress,
+        )
+        .await?;
         self.end(Stage::Source, t);
 
         let t = self.begin(Stage::CreateVm);
-        // Numbers are read again right before the VM (which reserves the number) is created.
+        // Numbers are read again right before the VM (which reserves the number) is created:
+        // one list, configs only of VMs new or changed since the first look.
         let clones = clone_names(self.spec);
-        let vms = inventory::scan(self.client, &req.owner, clones.as_ref(), self.timeouts.task)
-            .await
-            .map_err(|e| e.at(Stage::CreateVm))?;
-        let in_cluster = inventory::cluster_names(self.client)
-            .await
-            .map_err(|e| e.at(Stage::CreateVm))?;
+        let vms = inventory::rescan(
+            self.client,
+            &req.owner,
+            clones.as_ref(),
+            self.timeouts.task,
+            Some(seen),
+        )
+        .await
+        .map_err(|e| e.at(Stage::CreateVm))?;
         let used = inventory::used_numbers(
             &vms,
-            in_cluster.iter().map(String::as_str),
+            vms.cluster_names(),
             names,
             &self.spec.os,
             &self.spec.type_,
@@ -374,7 +385,7 @@ impl Run<'_> {
             }),
         };
         self.progress.message(&format!("creating build VM {name}"));
-        let (vmid, node) = self.create_vm(&prepared, &marker, &name).await?;
+        let (vmid, node, created) = self.create_vm(&prepared, &marker, &name).await?;
         let mut state = State {
             vmid,
             node,
@@ -382,7 +393,7 @@ impl Run<'_> {
             done: Stage::Source,
             source_checksum: prepared.checksum(),
         };
-        self.finish_create(&mut state).await?;
+        self.finish_create(&mut state, Some(created)).await?;
         self.end(Stage::CreateVm, t);
         Ok(state)
     }
@@ -394,7 +405,7 @@ impl Run<'_> {
         prepared: &Prepared,
         marker: &Marker,
         name: &str,
-    ) -> Result<(u32, String), BuildError> {
+    ) -> Result<(u32, String, VmConfig), BuildError> {
         let stage = Stage::CreateVm;
         let spec = self.spec;
         let node = spec.placement.node.clone();
@@ -485,7 +496,7 @@ impl Run<'_> {
             let config = settled_config(self.client, &node, vmid, self.timeouts.task)
                 .await
                 .map_err(self.pve(stage, "read the created VM"))?;
-            let ours = config.as_ref().is_some_and(|c| {
+            let ours = config.as_ref().filter(|c| {
                 parse_description(c.description.as_deref().unwrap_or(""))
                     .ok()
                     .flatten()
@@ -495,8 +506,8 @@ impl Run<'_> {
                             && m.build_id == marker.build_id
                     })
             });
-            if ours {
-                return Ok((vmid, node));
+            if let Some(config) = ours {
+                return Ok((vmid, node, config.clone()));
             }
             tracing::warn!(
                 vmid,
@@ -512,14 +523,22 @@ impl Run<'_> {
     }
 
     /// After the VM exists: hardware and cloud-init for a clone, the disk resized, stage recorded.
-    async fn finish_create(&mut self, state: &mut State) -> Result<(), BuildError> {
+    /// `created`: its config as read once its create task ended (`None`: read it now).
+    async fn finish_create(
+        &mut self,
+        state: &mut State,
+        created: Option<VmConfig>,
+    ) -> Result<(), BuildError> {
         let stage = Stage::CreateVm;
         let spec = self.spec;
-        let config = self
-            .client
-            .vm_config(&state.node, state.vmid)
-            .await
-            .map_err(self.pve(stage, "read VM config"))?;
+        let config = match created {
+            Some(c) => c,
+            None => self
+                .client
+                .vm_config(&state.node, state.vmid)
+                .await
+                .map_err(self.pve(stage, "read VM config"))?,
+        };
         if spec.source.template.is_some() {
             let update = |config: &VmConfig| -> Result<ConfigUpdate, BuildError> {
                 let mut set = hardware_config(spec).tags(&tags_of(&state.marker)?);
@@ -586,7 +605,10 @@ impl Run<'_> {
                     .map_err(self.pve(stage, "resize"))?;
             }
         }
-        self.record(state, Stage::CreateVm, None).await
+        // Neither the hardware update nor the resize touches the description read above.
+        let notes = config.description.clone().unwrap_or_default();
+        self.record_on(state, Stage::CreateVm, None, Some(notes), None)
+            .await
     }
 
     /// Writes the marker with `done` as the finished stage.
@@ -596,6 +618,19 @@ impl Run<'_> {
         done: Stage,
         packages: Option<Vec<String>>,
     ) -> Result<(), BuildError> {
+        self.record_on(state, done, packages, None, None).await
+    }
+
+    /// [`Self::record`] with the VM's current description when the caller has just read it
+    /// (`None`: read it now), and a key to delete in the same write.
+    async fn record_on(
+        &self,
+        state: &mut State,
+        done: Stage,
+        packages: Option<Vec<String>>,
+        existing: Option<String>,
+        delete: Option<&str>,
+    ) -> Result<(), BuildError> {
         let mut marker = state.marker.clone();
         let mut progress = marker.build.clone().unwrap_or_default();
         progress.stage = done.as_str().into();
@@ -604,19 +639,23 @@ impl Run<'_> {
             progress.set_packages(&p);
         }
         marker.build = Some(progress);
-        let current = self
-            .client
-            .vm_config(&state.node, state.vmid)
-            .await
-            .map_err(self.pve(done, "read VM config"))?;
-        let existing = current.description.unwrap_or_default();
+        let existing = match existing {
+            Some(e) => e,
+            None => self
+                .client
+                .vm_config(&state.node, state.vmid)
+                .await
+                .map_err(self.pve(done, "read VM config"))?
+                .description
+                .unwrap_or_default(),
+        };
         let description = describe_fitting(&mut marker, &existing)?;
+        let mut update = ConfigUpdate::new(QemuConfig::new().description(&description));
+        if let Some(key) = delete {
+            update = update.delete(key);
+        }
         self.client
-            .update_vm_config(
-                &state.node,
-                state.vmid,
-                &ConfigUpdate::new(QemuConfig::new().description(&description)),
-            )
+            .update_vm_config(&state.node, state.vmid, &update)
             .await
             .map_err(self.pve(done, "write the marker"))?;
         state.marker = marker;
@@ -627,14 +666,17 @@ impl Run<'_> {
     async fn continue_build(&mut self, state: &mut State) -> Result<BuildOutcome, BuildError> {
         if state.done == Stage::Source {
             let t = self.begin(Stage::CreateVm);
-            self.finish_create(state).await?;
+            self.finish_create(state, None).await?;
             self.end(Stage::CreateVm, t);
         }
         let mut packages = recorded_manifest(&state.marker, self.progress);
         if state.done < Stage::Provision {
             let t = self.begin(Stage::Provision);
             packages = self.provision(state).await?;
-            self.record(state, Stage::Provision, Some(packages.clone()))
+            // The key is useless now (removed from the guest), but must not be inherited by
+            // clones: deleted in the same write that records the stage.
+            let key = (self.spec.provisioning.via == ProvisioningChannel::Ssh).then_some("sshkeys");
+            self.record_on(state, Stage::Provision, Some(packages.clone()), None, key)
                 .await?;
             self.end(Stage::Provision, t);
         }
@@ -676,7 +718,10 @@ impl Run<'_> {
                 .await
                 .map_err(self.pve(Stage::Convert, "template"))?;
             }
-            self.record(state, Stage::Convert, None).await?;
+            // Neither the settings removal nor the conversion touches the description.
+            let notes = config.description.clone().unwrap_or_default();
+            self.record_on(state, Stage::Convert, None, Some(notes), None)
+                .await?;
             self.end(Stage::Convert, t);
         }
         let t = self.begin(Stage::Finalize);
@@ -814,19 +859,7 @@ impl Run<'_> {
         }
         .await;
         channel.close().await;
-        let manifest = result?;
-        if key.is_some() {
-            // The key is useless now (removed from the guest), but must not be inherited by clones.
-            self.client
-                .update_vm_config(
-                    &node,
-                    vmid,
-                    &ConfigUpdate::new(QemuConfig::new()).delete("sshkeys"),
-                )
-                .await
-                .map_err(self.pve(stage, "remove the build key"))?;
-        }
-        Ok(manifest)
+        result
     }
 
     /// `provisioning.ssh.host`, else the static IP of `ipConfig`, else what the agent reports.
@@ -909,12 +942,17 @@ impl Run<'_> {
             },
         )
         .await;
-        if let Err(e) = graceful {
-            self.progress
-                .message(&format!("graceful shutdown failed ({e}); stopping"));
-            self.stop(node, vmid)
-                .await
-                .map_err(|e| BuildError::proxmox("stop", &e).at(stage))?;
+        match graceful {
+            // PVE ends a shutdown task with OK only once the VM is stopped.
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(e) => {
+                self.progress
+                    .message(&format!("graceful shutdown failed ({e}); stopping"));
+                self.stop(node, vmid)
+                    .await
+                    .map_err(|e| BuildError::proxmox("stop", &e).at(stage))?;
+            }
         }
         let status = self
             .client

@@ -10,7 +10,7 @@ use super::{Progress, Stage, Timeouts};
 use crate::api::GoldenImageSpec;
 use crate::image::checksum;
 use crate::image::marker::SourceInfo;
-use crate::proxmox::{Client, DownloadUrl};
+use crate::proxmox::{Client, ClusterVm, DownloadUrl};
 
 /// What the `Source` stage found or fetched.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,17 +65,18 @@ pub fn import_file_name(url: &str, file_name: Option<&str>, checksum: &str) -> S
     }
 }
 
+/// The source of a build; `listing` is a `cluster/resources` list taken right before, where a
+/// template source's base is looked up.
 pub async fn prepare(
     client: &Client,
     spec: &GoldenImageSpec,
+    listing: &[ClusterVm],
     timeouts: &Timeouts,
     progress: &dyn Progress,
 ) -> Result<Prepared, BuildError> {
     let at = |e: BuildError| e.at(Stage::Source);
     if let Some(t) = &spec.source.template {
-        return find_base_template(client, t.vmid, t.name.as_deref())
-            .await
-            .map_err(at);
+        return find_base_template(listing, t.vmid, t.name.as_deref()).map_err(at);
     }
     let Some(ci) = &spec.source.cloud_image else {
         return Err(at(BuildError::invalid_spec(
@@ -174,15 +175,11 @@ pub fn wget_percent(line: &str) -> Option<u8> {
         .next_back()
 }
 
-async fn find_base_template(
-    client: &Client,
+fn find_base_template(
+    vms: &[ClusterVm],
     vmid: Option<u32>,
     name: Option<&str>,
 ) -> Result<Prepared, BuildError> {
-    let vms = client
-        .cluster_vms()
-        .await
-        .map_err(|e| BuildError::proxmox("list VMs", &e))?;
     let found: Vec<_> = vms
         .iter()
         .filter(|v| v.is_qemu())

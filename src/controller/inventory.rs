@@ -3,15 +3,30 @@
 //! plus the config (for the description marker) of each VM carrying our owner tag, cached
 //! while its name, tags, template flag and lock stay the same. Steady state therefore costs one
 //! request per cluster per interval, however many objects there are.
+//!
+//! The snapshot is refreshed by a background task and published through a
+//! [`tokio::sync::watch`] channel: a reader takes the latest one without waiting for a refresh
+//! and no lock is held across a network call. Only a reader that changed something (a finished
+//! job, a destroyed clone) or whose credential changed waits, for a snapshot taken after that
+//! ([`ClusterInventory::refresh`]). Configs are read with bounded concurrency. When a refresh
+//! shows a change to an image's VMs (a template deleted in the PVE UI, a tag edited), the
+//! image is woken ([`Inventories::subscribe`]): it shows in its status at the next resync, not
+//! at its next requeue.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::{Notify, broadcast, watch};
 
 use super::connection::Connection;
 use crate::image::marker::{Marker, parse_description};
 use crate::image::tags::{OWNER_TAG, TagSet};
 use crate::proxmox::{self, ClusterVm, VmConfig};
+
+/// Config reads in flight at once during a refresh (the cold start reads one per template).
+pub const CONFIG_READS: usize = 8;
 
 /// A VM with our owner tag, with its config and the marker parsed from it.
 #[derive(Debug, Clone)]
@@ -51,118 +66,369 @@ fn config_key(vm: &ClusterVm) -> ConfigKey {
     )
 }
 
-struct State {
+/// An image, as its VMs' markers name it: namespace and name.
+pub type ImageRef = (String, String);
+
+/// Per image, what of its VMs a snapshot shows (VMID and the listing's key): two snapshots
+/// differing here differ for that image.
+fn by_image(snap: &Snapshot) -> BTreeMap<ImageRef, BTreeSet<(u32, ConfigKey)>> {
+    let mut out: BTreeMap<ImageRef, BTreeSet<(u32, ConfigKey)>> = BTreeMap::new();
+    for v in &snap.ours {
+        if let Some(m) = &v.marker {
+            out.entry((m.owner.namespace.clone(), m.owner.name.clone()))
+                .or_default()
+                .insert((v.vm.vmid, config_key(&v.vm)));
+        }
+    }
+    out
+}
+
+/// The images whose VMs differ between two snapshots (pure).
+pub fn changed_images(before: &Snapshot, after: &Snapshot) -> Vec<ImageRef> {
+    let (a, b) = (by_image(before), by_image(after));
+    let keys: BTreeSet<&ImageRef> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// A refresh's outcome, numbered: `generation` is the number of refresh requests made before
+/// the refresh began, so it shows everything changed before any of them.
+#[derive(Clone)]
+struct Published {
+    generation: u64,
+    result: Result<Arc<Snapshot>, proxmox::Error>,
+}
+
+struct Shared {
     digest: String,
     client: proxmox::Client,
-    snapshot: Option<Arc<Snapshot>>,
-    configs: HashMap<u32, (ConfigKey, Arc<VmConfig>)>,
+    /// Refresh requests so far.
+    requested: u64,
+    /// Every reader waits for a snapshot at least this new (raised by a credential change: a
+    /// snapshot taken with the old token may lack what it could not see).
+    floor: u64,
+    /// Cached configs to drop before the next refresh (we changed those VMs).
+    forget: Vec<u32>,
 }
 
 /// The inventory of one cluster.
 pub struct ClusterInventory {
-    state: tokio::sync::Mutex<State>,
+    shared: Mutex<Shared>,
+    refresh_now: Arc<Notify>,
+    published: watch::Sender<Option<Published>>,
 }
 
 impl ClusterInventory {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The client to use for this cluster (replaced when the credential changes).
     pub async fn client(&self) -> proxmox::Client {
-        self.state.lock().await.client.clone()
+        self.lock().client.clone()
     }
 
-    /// A snapshot no older than `max_age`. Concurrent callers wait for the one refresh in flight
-    /// (the lock is held while fetching), so a burst of reconciles costs one list.
+    /// The latest snapshot (the background task keeps it within one resync interval). Waits
+    /// only for the first one, or after a credential change. `max_age` zero: a snapshot taken
+    /// after this call ([`Self::refresh`]).
     pub async fn snapshot(&self, max_age: Duration) -> proxmox::Result<Arc<Snapshot>> {
-        let mut st = self.state.lock().await;
-        if let Some(s) = &st.snapshot
-            && s.taken.elapsed() < max_age
-        {
-            return Ok(s.clone());
+        if max_age.is_zero() {
+            return self.refresh(&[]).await;
         }
-        let vms = st.client.cluster_vms().await?;
-        let mut ours = Vec::new();
-        let mut configs = HashMap::new();
-        for vm in vms.iter().filter(|v| v.is_qemu()) {
-            let tags = TagSet::parse(vm.tags.as_deref().unwrap_or(""));
-            if !tags.contains(OWNER_TAG) {
+        let floor = self.lock().floor;
+        self.wait_for(floor).await
+    }
+
+    /// A snapshot taken after this call, with the cached configs of `vmids` read again (we
+    /// changed them: their description may differ without a tag change).
+    pub async fn refresh(&self, vmids: &[u32]) -> proxmox::Result<Arc<Snapshot>> {
+        let want = self.request(vmids);
+        self.wait_for(want).await
+    }
+
+    /// Asks for a refresh that reads the configs of `vmids` again, without waiting for it.
+    pub async fn invalidate(&self, vmids: &[u32]) {
+        self.request(vmids);
+    }
+
+    fn request(&self, vmids: &[u32]) -> u64 {
+        let want = {
+            let mut s = self.lock();
+            s.requested += 1;
+            s.forget.extend_from_slice(vmids);
+            s.requested
+        };
+        self.refresh_now.notify_one();
+        want
+    }
+
+    async fn wait_for(&self, generation: u64) -> proxmox::Result<Arc<Snapshot>> {
+        let mut rx = self.published.subscribe();
+        let published = rx
+            .wait_for(|p| p.as_ref().is_some_and(|p| p.generation >= generation))
+            .await
+            .map_err(|_| proxmox::Error::Timeout {
+                request: "inventory".into(),
+                message: "the inventory's refresh task ended".into(),
+            })?
+            .clone()
+            .expect("waited for Some");
+        published.result
+    }
+}
+
+/// The background refresh of one cluster's inventory; ends when the inventory is dropped.
+async fn refresher(
+    inv: Weak<ClusterInventory>,
+    refresh_now: Arc<Notify>,
+    resync: Duration,
+    wake: broadcast::Sender<ImageRef>,
+) {
+    let mut configs: HashMap<u32, (ConfigKey, Arc<VmConfig>)> = HashMap::new();
+    let mut previous: Option<Arc<Snapshot>> = None;
+    loop {
+        let (client, generation) = {
+            let Some(inv) = inv.upgrade() else { return };
+            let mut s = inv.lock();
+            for id in std::mem::take(&mut s.forget) {
+                configs.remove(&id);
+            }
+            (s.client.clone(), s.requested)
+        };
+        let result = fetch(&client, &mut configs).await;
+        if let Ok(snap) = &result {
+            if let Some(before) = &previous {
+                for image in changed_images(before, snap) {
+                    // No receiver (no controller running): nothing to wake.
+                    let _ = wake.send(image);
+                }
+            }
+            previous = Some(snap.clone());
+        }
+        {
+            let Some(inv) = inv.upgrade() else { return };
+            inv.published
+                .send_replace(Some(Published { generation, result }));
+            if inv.lock().requested > generation {
                 continue;
             }
-            let key = config_key(vm);
-            let config = match st.configs.get(&vm.vmid) {
-                Some((k, c)) if *k == key => c.clone(),
-                _ => match st.client.vm_config(&vm.node, vm.vmid).await {
-                    Ok(c) => Arc::new(c),
-                    // Deleted between the list and now: it is gone, skip it.
-                    Err(e) if e.is_not_found() => continue,
-                    Err(e) => return Err(e),
-                },
-            };
-            let marker = config
-                .description
-                .as_deref()
-                .and_then(|d| parse_description(d).ok().flatten());
-            configs.insert(vm.vmid, (key, config.clone()));
-            ours.push(OurVm {
-                vm: vm.clone(),
-                config,
-                marker,
-                tags,
-            });
         }
-        st.configs = configs;
-        let snap = Arc::new(Snapshot {
-            taken: Instant::now(),
-            vms,
-            ours,
-        });
-        st.snapshot = Some(snap.clone());
-        Ok(snap)
+        tokio::select! {
+            _ = tokio::time::sleep(resync) => {}
+            _ = refresh_now.notified() => {}
+        }
     }
+}
 
-    /// Forget the snapshot (after we changed something) and the cached configs of `vmids`
-    /// (their description may have changed without a tag change).
-    pub async fn invalidate(&self, vmids: &[u32]) {
-        let mut st = self.state.lock().await;
-        st.snapshot = None;
-        for id in vmids {
-            st.configs.remove(id);
+/// One list, and the configs of our VMs not cached under the same listing key, read
+/// [`CONFIG_READS`] at a time.
+async fn fetch(
+    client: &proxmox::Client,
+    configs: &mut HashMap<u32, (ConfigKey, Arc<VmConfig>)>,
+) -> proxmox::Result<Arc<Snapshot>> {
+    let vms = client.cluster_vms().await?;
+    let ours: Vec<(&ClusterVm, TagSet, ConfigKey)> = vms
+        .iter()
+        .filter(|v| v.is_qemu())
+        .filter_map(|vm| {
+            let tags = TagSet::parse(vm.tags.as_deref().unwrap_or(""));
+            tags.contains(OWNER_TAG).then(|| (vm, tags, config_key(vm)))
+        })
+        .collect();
+    let cached: Vec<Option<Arc<VmConfig>>> = ours
+        .iter()
+        .map(|(vm, _, key)| match configs.get(&vm.vmid) {
+            Some((k, c)) if k == key => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    // Owned inputs: the stream's futures must not borrow the listing (the task is spawned).
+    let wanted: Vec<(usize, String, u32)> = ours
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| cached[*i].is_none())
+        .map(|(i, (vm, _, _))| (i, vm.node.clone(), vm.vmid))
+        .collect();
+    let read: Vec<(usize, proxmox::Result<VmConfig>)> = futures::stream::iter(wanted)
+        .map(|(i, node, vmid)| {
+            let client = client.clone();
+            async move { (i, client.vm_config(&node, vmid).await) }
+        })
+        .buffer_unordered(CONFIG_READS)
+        .collect()
+        .await;
+    let mut fresh: HashMap<usize, Arc<VmConfig>> = HashMap::new();
+    for (i, r) in read {
+        match r {
+            Ok(c) => {
+                fresh.insert(i, Arc::new(c));
+            }
+            // Deleted between the list and now: it is gone, skip it.
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
         }
     }
+    let mut next = HashMap::new();
+    let mut out = Vec::new();
+    for (i, ((vm, tags, key), cached)) in ours.into_iter().zip(cached).enumerate() {
+        let Some(config) = cached.or_else(|| fresh.remove(&i)) else {
+            continue;
+        };
+        let marker = config
+            .description
+            .as_deref()
+            .and_then(|d| parse_description(d).ok().flatten());
+        next.insert(vm.vmid, (key, config.clone()));
+        out.push(OurVm {
+            vm: vm.clone(),
+            config,
+            marker,
+            tags,
+        });
+    }
+    *configs = next;
+    Ok(Arc::new(Snapshot {
+        taken: Instant::now(),
+        vms,
+        ours: out,
+    }))
 }
 
 /// All clusters' inventories.
-#[derive(Default)]
 pub struct Inventories {
     map: Mutex<HashMap<String, Arc<ClusterInventory>>>,
+    resync: Duration,
+    wake: broadcast::Sender<ImageRef>,
+}
+
+impl Default for Inventories {
+    fn default() -> Self {
+        Inventories::new(Duration::from_secs(60))
+    }
 }
 
 impl Inventories {
-    /// The inventory of `conn`'s cluster; a changed credential gets a fresh client and drops the
-    /// snapshot (it may have been taken with a token that lacked privileges).
-    pub async fn get(&self, conn: &Connection) -> proxmox::Result<Arc<ClusterInventory>> {
-        let inv = {
-            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(inv) = map.get(&conn.cluster_key) {
-                inv.clone()
-            } else {
-                let inv = Arc::new(ClusterInventory {
-                    state: tokio::sync::Mutex::new(State {
-                        digest: conn.digest.clone(),
-                        client: proxmox::Client::new(conn.config.clone())?,
-                        snapshot: None,
-                        configs: HashMap::new(),
-                    }),
-                });
-                map.insert(conn.cluster_key.clone(), inv.clone());
-                return Ok(inv);
-            }
-        };
-        let mut st = inv.state.lock().await;
-        if st.digest != conn.digest {
-            st.client = proxmox::Client::new(conn.config.clone())?;
-            st.digest = conn.digest.clone();
-            st.snapshot = None;
+    /// Inventories refreshed every `resync`.
+    pub fn new(resync: Duration) -> Self {
+        Inventories {
+            map: Mutex::new(HashMap::new()),
+            resync,
+            wake: broadcast::channel(4096).0,
         }
-        drop(st);
+    }
+
+    /// The images whose VMs changed between two refreshes, as they happen (a receiver that
+    /// falls behind misses some: their requeue still comes).
+    pub fn subscribe(&self) -> broadcast::Receiver<ImageRef> {
+        self.wake.subscribe()
+    }
+
+    /// The inventory of `conn`'s cluster (its background refresh starts with it); a changed
+    /// credential gets a fresh client and makes every reader wait for a snapshot taken with it.
+    pub async fn get(&self, conn: &Connection) -> proxmox::Result<Arc<ClusterInventory>> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(inv) = map.get(&conn.cluster_key) {
+            let inv = inv.clone();
+            drop(map);
+            let changed = {
+                let mut s = inv.lock();
+                if s.digest != conn.digest {
+                    s.client = proxmox::Client::new(conn.config.clone())?;
+                    s.digest = conn.digest.clone();
+                    s.requested += 1;
+                    s.floor = s.requested;
+                    true
+                } else {
+                    false
+                }
+            };
+            if changed {
+                inv.refresh_now.notify_one();
+            }
+            return Ok(inv);
+        }
+        let refresh_now = Arc::new(Notify::new());
+        let inv = Arc::new(ClusterInventory {
+            shared: Mutex::new(Shared {
+                digest: conn.digest.clone(),
+                client: proxmox::Client::new(conn.config.clone())?,
+                requested: 0,
+                floor: 0,
+                forget: Vec::new(),
+            }),
+            refresh_now: refresh_now.clone(),
+            published: watch::channel(None).0,
+        });
+        map.insert(conn.cluster_key.clone(), inv.clone());
+        tokio::spawn(refresher(
+            Arc::downgrade(&inv),
+            refresh_now,
+            self.resync,
+            self.wake.clone(),
+        ));
         Ok(inv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::marker::tests::sample_marker;
+
+    fn ours(vmid: u32, ns: &str, name: &str, tags: &str) -> OurVm {
+        let mut m = sample_marker();
+        m.vmid = vmid;
+        m.owner.namespace = ns.into();
+        m.owner.name = name.into();
+        let vm: ClusterVm = serde_json::from_value(serde_json::json!({
+            "vmid": vmid, "node": "pve1", "type": "qemu", "name": format!("t{vmid}"),
+            "tags": tags, "template": 1,
+        }))
+        .unwrap();
+        OurVm {
+            vm,
+            config: Arc::new(VmConfig::default()),
+            marker: Some(m),
+            tags: TagSet::parse(tags),
+        }
+    }
+
+    fn snap(ours: Vec<OurVm>) -> Snapshot {
+        Snapshot {
+            taken: Instant::now(),
+            vms: ours.iter().map(|o| o.vm.clone()).collect(),
+            ours,
+        }
+    }
+
+    #[test]
+    fn a_change_wakes_only_the_images_it_concerns() {
+        let a1 = || ours(100, "ns", "a", "sombrero");
+        let b1 = || ours(200, "ns", "b", "sombrero");
+        let c1 = || ours(300, "other", "a", "sombrero");
+        let before = snap(vec![a1(), b1(), c1()]);
+        // Nothing changed.
+        assert!(changed_images(&before, &snap(vec![a1(), b1(), c1()])).is_empty());
+        // A template deleted in the PVE UI.
+        assert_eq!(
+            changed_images(&before, &snap(vec![a1(), c1()])),
+            vec![("ns".to_string(), "b".to_string())]
+        );
+        // A tag edited (the channel moved), and a new VM of another image.
+        let after = snap(vec![
+            ours(100, "ns", "a", "sombrero;sombrero-latest"),
+            b1(),
+            c1(),
+            ours(301, "other", "a", "sombrero"),
+        ]);
+        assert_eq!(
+            changed_images(&before, &after),
+            vec![
+                ("ns".to_string(), "a".to_string()),
+                ("other".to_string(), "a".to_string())
+            ]
+        );
     }
 }

@@ -64,6 +64,7 @@ use builds::{Limits, Tracker};
 use connection::DefaultConnection;
 use context::{Context, Pipeline, Settings};
 use events::{Recorder, Reporter};
+use inventory::Inventories;
 
 /// Everything `run` needs.
 #[derive(Clone)]
@@ -129,7 +130,7 @@ pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> 
         ),
         tracker: Tracker::new(opts.limits, metrics.builds_running.clone()),
         metrics,
-        inventories: Default::default(),
+        inventories: Inventories::new(opts.settings.resync),
         pipeline,
         settings: opts.settings.clone(),
         retention_errors: Mutex::new(HashMap::new()),
@@ -218,6 +219,24 @@ fn golden_image_controller(
     if let Some(api) = default_watch {
         c = c.watches(api, watcher::Config::default(), mapper);
     }
+    // A refresh of the shared inventory that changed an image's VMs (a template deleted in the
+    // PVE UI, a tag edited) reconciles that image now rather than at its requeue.
+    let scope = namespace.map(str::to_owned);
+    let wakes = futures::stream::unfold(ctx.inventories.subscribe(), |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(image) => return Some((image, rx)),
+                // Fell behind: those images are reconciled at their requeue.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .filter_map(move |(ns, name)| {
+        let ours = scope.as_deref().is_none_or(|s| s == ns);
+        futures::future::ready(ours.then(|| ObjectRef::<GoldenImage>::new(&name).within(&ns)))
+    });
+    c = c.reconcile_on(wakes);
     c.with_config(controller::Config::default().concurrency(opts.concurrency))
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)

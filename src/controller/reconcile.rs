@@ -256,18 +256,21 @@ async fn observe(
     let inv = ctx.inventories.get(&conn).await?;
     let client = inv.client().await;
     let job = ctx.tracker.view(key);
-    // A finished job changed VMs (the new template, the previous latest): read them again.
-    if let Some(outcome) = job.as_ref().and_then(|j| j.outcome.as_ref()) {
-        let touched = match outcome {
-            JobOutcome::Promoted { vmid, touched, .. } => {
-                touched.iter().copied().chain([*vmid]).collect()
-            }
-            JobOutcome::ValidationFailed { vmid, .. } => vec![*vmid],
-            JobOutcome::Failed { touched, .. } => touched.clone(),
-        };
-        inv.invalidate(&touched).await;
-    }
-    let snap = inv.snapshot(ctx.settings.resync).await?;
+    // A finished job changed VMs (the new template, the previous latest): read them again, and
+    // wait for that snapshot; otherwise the latest one, without waiting for a refresh.
+    let snap = match job.as_ref().and_then(|j| j.outcome.as_ref()) {
+        Some(outcome) => {
+            let touched: Vec<u32> = match outcome {
+                JobOutcome::Promoted { vmid, touched, .. } => {
+                    touched.iter().copied().chain([*vmid]).collect()
+                }
+                JobOutcome::ValidationFailed { vmid, .. } => vec![*vmid],
+                JobOutcome::Failed { touched, .. } => touched.clone(),
+            };
+            inv.refresh(&touched).await?
+        }
+        None => inv.snapshot(ctx.settings.resync).await?,
+    };
     let leftovers = snap
         .of_owner(&key.uid)
         .any(|v| ownership(v.marker.as_ref(), v.vm.vmid) == Ownership::Ours(Role::Validation));

@@ -173,6 +173,17 @@ impl Default for PollSchedule {
 }
 
 impl PollSchedule {
+    /// How a task's status is polled after the first look (made right after the task-starting
+    /// call, which catches tasks PVE ends at once): after half a second, then every second. At
+    /// most one poll per second once the task runs longer than that, and its end is noticed half
+    /// a second late on average (PVE's own durations are whole seconds often enough that the
+    /// half-second phase matters: a 2 s task is seen at 2.5 s, not at 3 s).
+    pub const TASK: PollSchedule = PollSchedule {
+        initial: Duration::from_millis(500),
+        factor: 2.0,
+        max: Duration::from_secs(1),
+    };
+
     /// The delay after `previous` (or the first delay).
     pub fn next(&self, previous: Option<Duration>) -> Duration {
         match previous {
@@ -229,8 +240,7 @@ impl Client {
     /// Wait until the task stops, at most `timeout`. `OK` and `WARNINGS: n` are success; any
     /// other exit status is [`Error::TaskFailed`] with PVE's text and the log's last lines.
     pub async fn wait_task(&self, upid: &Upid, timeout: Duration) -> Result<TaskOutcome> {
-        self.wait_task_with(upid, timeout, PollSchedule::default())
-            .await
+        self.wait_task_with(upid, timeout, PollSchedule::TASK).await
     }
 
     pub async fn wait_task_with(
@@ -252,7 +262,7 @@ impl Client {
         timeout: Duration,
         mut observe: impl FnMut(&[String]) + Send,
     ) -> Result<TaskOutcome> {
-        self.wait_task_inner(upid, timeout, PollSchedule::default(), Some(&mut observe))
+        self.wait_task_inner(upid, timeout, PollSchedule::TASK, Some(&mut observe))
             .await
     }
 
@@ -540,6 +550,46 @@ mod tests {
         assert!(seen_after(Duration::from_secs(1)) < Duration::from_millis(1600));
         assert!(seen_after(Duration::from_millis(100)) <= Duration::from_millis(150));
         assert!(seen_after(Duration::from_secs(10)) <= Duration::from_secs(12));
+    }
+
+    #[test]
+    fn task_polls_come_at_most_once_a_second_half_a_second_out_of_phase() {
+        let s = PollSchedule::TASK;
+        let mut d = None;
+        let mut at = Duration::ZERO;
+        let mut polls = vec![at];
+        for _ in 0..10 {
+            let n = s.next(d);
+            d = Some(n);
+            at += n;
+            polls.push(at);
+        }
+        assert_eq!(polls[1], Duration::from_millis(500));
+        assert!(
+            polls
+                .windows(2)
+                .skip(1)
+                .all(|w| w[1] - w[0] == Duration::from_secs(1))
+        );
+        // A task of whole seconds (as PVE's often are) ends just after a poll would come on the
+        // second: seen half a second later, never a whole one.
+        for secs in 1..9u64 {
+            let end = Duration::from_secs(secs) + Duration::from_millis(1);
+            let seen = *polls.iter().find(|p| **p >= end).unwrap();
+            assert!(
+                seen - end < Duration::from_millis(500),
+                "{secs} s: {seen:?}"
+            );
+        }
+        // Polls of a task of D seconds: the first look, then about one per second.
+        let count = |d: u64| {
+            polls
+                .iter()
+                .filter(|p| **p <= Duration::from_secs(d))
+                .count()
+                + 1
+        };
+        assert_eq!(count(8), 10);
     }
 
     #[test]

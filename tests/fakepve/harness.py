@@ -32,10 +32,11 @@ tests/support/fakepve.rs, which wraps every call. A 400 {"error": ...} answers a
     POST /vms           {vmid, name?, node?, status?, template?, config?, contents?|agent?, storage?,
                          disk_size?, with_disk?}   an existing VM or template with a modelled disk
     POST /vm-attr       {vmid, start_error?, start_secs?, stop_secs?, shutdown_secs?, acpi?, agent_hangs?}
-    GET  /requests?since=SEQ       [{seq, method, path, params, status, token_id}], secrets as ***
+    GET  /requests?since=SEQ       [{seq, method, path, params, status, token_id, time}], secrets as ***
     GET  /agent-commands?vmid=     [{vmid, via, command, input_data, exitcode, stdout, stderr, time}]
     POST /backups       {vmid, storage?, filename?, notes?, protected?, size?, ctime?} -> {volid}
-    GET  /tasks         [{upid, node, type, id, user, status, exitstatus, starttime, endtime}]
+    GET  /tasks         [{upid, node, type, id, user, status, exitstatus, starttime, endtime, ended_at}]
+                        (ended_at: when the task's work ended, Unix seconds as a float)
     POST /reset         a fresh fake on the same address, tokens and CA
     POST /tokens        {privs, path?}  a new API token of a new user, both granted privs on path (default
                         '/') -> {token_id, token_secret}; kept across /reset
@@ -361,6 +362,25 @@ class GuestPve(FakePve):
     # ------------------------------------------------------------ clone carries the contents
 
     async def task(self, node, ttype, tid, user, body, vm=None, lock=True, log=()):
+        # When the task's work ended (Unix seconds, not rounded like `endtime`): the benchmarks
+        # measure how late a client notices it.
+        ended = {}
+        timed_inner = body
+
+        async def body():
+            try:
+                return await timed_inner()
+            finally:
+                ended['at'] = time.time()
+                if 'record' in ended:
+                    ended['record']['ended_at'] = ended['at']
+        upid = await self._task(node, ttype, tid, user, body, vm=vm, lock=lock, log=log)
+        ended['record'] = self.tasks[upid]
+        if 'at' in ended:
+            ended['record']['ended_at'] = ended['at']
+        return upid
+
+    async def _task(self, node, ttype, tid, user, body, vm=None, lock=True, log=()):
         secs = self.h.task_secs.get(ttype)
         if secs:
             slow_inner = body
@@ -841,7 +861,7 @@ class Harness(object):
         user = auth[len('PVEAPIToken='):].split('=', 1)[0] if auth.startswith('PVEAPIToken=') else None
         self.request_seq += 1
         self.requests.append({'seq': self.request_seq, 'method': request.method, 'path': request.path,
-                              'params': params, 'status': status, 'token_id': user})
+                              'params': params, 'status': status, 'token_id': user, 'time': time.time()})
         if len(self.requests) > 20000:
             del self.requests[:1000]
 
@@ -1173,7 +1193,7 @@ class Harness(object):
         return web.json_response({'volid': '{0}:{1}'.format(storage, volname)})
 
     async def c_tasks(self, request):
-        keys = ('upid', 'node', 'type', 'id', 'user', 'status', 'exitstatus', 'starttime', 'endtime')
+        keys = ('upid', 'node', 'type', 'id', 'user', 'status', 'exitstatus', 'starttime', 'endtime', 'ended_at')
         return web.json_response([{k: t.get(k) for k in keys} for t in self.pve.tasklog])
 
     async def c_reset(self, request):
