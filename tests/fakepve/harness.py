@@ -82,7 +82,7 @@ from fakepve import FakePve, PveError, TaskError
 from fakepve import agent as guest_agent
 from fakepve.lxc import format_size
 from fakepve.shapes import PRIVILEGES
-from fakepve.qemu import DRIVE_KEY, NEW_DISK, drives_of, is_cdrom, join_drive, split_drive, volume_ref
+from fakepve.qemu import DRIVE_KEY, NEW_DISK, drives_of, is_cdrom, join_drive, split_drive, volume_ref, with_mac
 from fakepve.routing import die, param_error, split_list
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -339,8 +339,13 @@ class GuestPve(FakePve):
 
     async def _apply_config(self, vm, user, p):
         """Config writes allocate new disks (`storage:N`) and import (`import-from`) as PVE does;
-        fakepve alone stores such values verbatim."""
+        fakepve alone stores such values verbatim. A `netN` written without a MAC gets one, as
+        PVE's update does (parse_net makes a random one; fakepve does so on create and clone only):
+        a guest's cloud-init matches its interface by that MAC."""
         p = dict(p)
+        for key in p:
+            if re.fullmatch(r'net\d+', key):
+                p[key] = with_mac(p[key])
         made = []
         try:
             for key in sorted(p):
