@@ -246,8 +246,21 @@ class QemuBackend(object):
 
     @web.middleware
     async def _count(self, request, handler):
+        # Logged with its time so a slow apt step can be told from a slow guest.
         self.repo_requests += 1
-        return await handler(request)
+        start = time.monotonic()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            secs = time.monotonic() - start
+            (LOG.warning if secs > 5 else LOG.info)('apt repository: %s %s -> %s in %.2fs', request.method,
+                                                    request.path, status, secs)
 
     async def stop(self):
         await self.stop_all()
