@@ -4,10 +4,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
-/// Durations in specs: one or more `<number><unit>` groups, units `d`, `h`, `m`, `s`
-/// (`90d`, `12h`, `1h30m`).
-pub const DURATION_PATTERN: &str = "^([0-9]+(d|h|m|s))+$";
-
 /// How to reach a Proxmox VE cluster. Only a reference: secret values never live in a spec.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]

@@ -8,6 +8,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::ProxmoxConnection;
+use super::duration::SpecDuration;
 
 /// A golden image: how to build, validate and hand off a Proxmox VE VM template, and when to
 /// rebuild it. The controller keeps one lineage of templates per GoldenImage.
@@ -311,7 +312,7 @@ pub struct Provisioning {
     /// Upper bound for the whole provisioning stage.
     #[serde(default = "default_provision_timeout")]
     #[schemars(regex(pattern = "^([0-9]+(d|h|m|s))+$"))]
-    pub timeout: String,
+    pub timeout: SpecDuration,
     /// Keep the build VM of a failed build for debugging instead of destroying it.
     #[serde(default)]
     pub keep_failed_build: bool,
@@ -341,8 +342,8 @@ fn default_services() -> Vec<String> {
 fn default_true() -> bool {
     true
 }
-fn default_provision_timeout() -> String {
-    "30m".into()
+fn default_provision_timeout() -> SpecDuration {
+    SpecDuration::new("30m")
 }
 
 /// Command channel into the build VM.
@@ -421,7 +422,7 @@ pub struct Validation {
     /// Upper bound for the whole validation.
     #[serde(default = "default_validation_timeout")]
     #[schemars(regex(pattern = "^([0-9]+(d|h|m|s))+$"))]
-    pub timeout: String,
+    pub timeout: SpecDuration,
 }
 
 impl Default for Validation {
@@ -441,8 +442,8 @@ pub const CHECK_NAMES: [&str; 5] = ["boot", "cloudInit", "guestAgent", "ssh", "p
 fn default_checks() -> Vec<String> {
     CHECK_NAMES.iter().map(|c| c.to_string()).collect()
 }
-fn default_validation_timeout() -> String {
-    "10m".into()
+fn default_validation_timeout() -> SpecDuration {
+    SpecDuration::new("10m")
 }
 
 /// Rebuild triggers (a spec change always rebuilds).
@@ -460,7 +461,7 @@ pub struct Rebuild {
     /// How often to look at the upstream checksum.
     #[serde(default = "default_source_check_interval")]
     #[schemars(regex(pattern = "^([0-9]+(d|h|m|s))+$"))]
-    pub source_check_interval: String,
+    pub source_check_interval: SpecDuration,
     /// Manual trigger: set to a new value (e.g. the current time) to request one rebuild.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
@@ -478,8 +479,8 @@ impl Default for Rebuild {
     }
 }
 
-fn default_source_check_interval() -> String {
-    "24h".into()
+fn default_source_check_interval() -> SpecDuration {
+    SpecDuration::new("24h")
 }
 
 /// Hand-off to consumers.

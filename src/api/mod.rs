@@ -6,10 +6,12 @@
 pub mod admission;
 pub mod common;
 pub mod crd;
+pub mod duration;
 pub mod golden_image;
 pub mod template_retention;
 
 pub use common::{ConditionStatus, ProxmoxConnection, SecretReference};
+pub use duration::{DURATION_PATTERN, SpecDuration, SpecDurationError};
 pub use golden_image::{GoldenImage, GoldenImageSpec, GoldenImageStatus};
 pub use template_retention::{TemplateRetention, TemplateRetentionSpec, TemplateRetentionStatus};
 

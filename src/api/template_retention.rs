@@ -8,6 +8,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::ProxmoxConnection;
+use super::duration::SpecDuration;
 
 /// A retention policy for the templates of a GoldenImage, or of all templates with given tags.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -59,7 +60,7 @@ pub struct TemplateRetentionSpec {
     #[serde(default = "default_archive_after")]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(d|h|m|s))+$')").message("archiveAfter must be a duration such as 90d, 12h or 1d12h"))]
     #[schemars(length(max = 16))]
-    pub archive_after: String,
+    pub archive_after: SpecDuration,
     /// Never leave fewer than this many validated templates, whatever the other rules say.
     #[serde(default = "default_retain_at_least")]
     #[schemars(range(min = 0, max = 1000))]
@@ -74,20 +75,20 @@ pub struct TemplateRetentionSpec {
     #[serde(default = "default_interval")]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(d|h|m|s))+$')").message("interval must be a duration such as 1h or 30m"))]
     #[schemars(length(max = 16))]
-    pub interval: String,
+    pub interval: SpecDuration,
 }
 
 fn default_keep_last() -> u32 {
     3
 }
-fn default_archive_after() -> String {
-    "90d".into()
+fn default_archive_after() -> SpecDuration {
+    SpecDuration::new("90d")
 }
 fn default_retain_at_least() -> u32 {
     1
 }
-fn default_interval() -> String {
-    "1h".into()
+fn default_interval() -> SpecDuration {
+    SpecDuration::new("1h")
 }
 
 /// Exactly one of a GoldenImage reference or a tag selector.

@@ -25,7 +25,6 @@ use crate::image::tags::base_tags;
 use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, DeleteVm, QemuConfig, Shutdown, VmConfig,
 };
-use crate::retention::duration::parse_duration;
 use crate::ssh::ThrowawayKey;
 
 /// Comment of the build's public key, so a person who finds it in `sshkeys` knows its origin.
@@ -40,6 +39,8 @@ pub async fn run_build(
     run_build_with(client, req, progress, &Timeouts::default()).await
 }
 
+const PROVISION_TIMEOUT_HINT: &str = "fix spec.provisioning.timeout, e.g. 30m or 1h30m";
+
 /// [`run_build`] with explicit Proxmox timeouts.
 pub async fn run_build_with(
     client: &Client,
@@ -49,6 +50,11 @@ pub async fn run_build_with(
 ) -> Result<BuildOutcome, BuildError> {
     let spec = &req.spec;
     let names = name_template(spec)?;
+    // Refused before any write rather than in the Provision stage.
+    spec.provisioning
+        .timeout
+        .get("provisioning.timeout")
+        .map_err(|e| BuildError::invalid_spec(e.to_string(), PROVISION_TIMEOUT_HINT))?;
     let hash = spec_hash(spec)
         .map_err(|e| BuildError::invalid_spec(e.to_string(), "the spec must serialize to JSON"))?;
     let clones = clone_names(spec);
@@ -747,10 +753,10 @@ impl Run<'_> {
     async fn provision(&mut self, state: &mut State) -> Result<Vec<String>, BuildError> {
         let stage = Stage::Provision;
         let p = &self.spec.provisioning;
-        let limit = parse_duration(&p.timeout)
-            .ok()
-            .and_then(|d| d.to_std().ok())
-            .unwrap_or(Duration::from_secs(1800));
+        let limit = p
+            .timeout
+            .get_std("provisioning.timeout")
+            .map_err(|e| BuildError::invalid_spec(e.to_string(), PROVISION_TIMEOUT_HINT))?;
         let deadline = Instant::now() + limit;
         let (node, vmid) = (state.node.clone(), state.vmid);
         let status = self

@@ -179,9 +179,12 @@ pub fn validate_spec(gi: &GoldenImage) -> Result<ValidSpec> {
         .as_deref()
         .map(triggers::parse_schedule)
         .transpose()?;
-    let check_interval =
-        crate::retention::duration::parse_duration(&gi.spec.rebuild.source_check_interval)
-            .map_err(|e| Error::invalid_spec("rebuild.sourceCheckInterval", e.to_string()))?;
+    let check_interval = gi
+        .spec
+        .rebuild
+        .source_check_interval
+        .parsed()
+        .map_err(|e| Error::invalid_spec("rebuild.sourceCheckInterval", e.to_string()))?;
     Ok(ValidSpec {
         spec_hash: current_spec_hash(gi)?,
         schedule,

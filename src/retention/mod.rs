@@ -7,7 +7,6 @@
 //!   and the re-check before a destructive call; `execute` (I/O): archive and delete, the one
 //!   delete path (also of a GoldenImage's `deletionPolicy: Delete`).
 
-pub mod duration;
 pub mod execute;
 pub mod inventory;
 pub mod plan;
@@ -17,7 +16,6 @@ pub mod policy;
 pub mod target;
 pub mod usage;
 
-pub use duration::{DURATION_PATTERN, format_duration, parse_duration};
 pub use execute::{Executed, execute, execute_detailed};
 pub use inventory::{Inventory, gather, gather_from};
 pub use plan::{

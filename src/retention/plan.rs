@@ -35,8 +35,8 @@ use std::fmt;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::duration::format_duration;
 use super::target::{NotOurs, Scope};
+use crate::api::duration::format_duration;
 use crate::image::version::{TemplateVersion, ValidationStatus};
 
 /// The seed's policy: keep the last 3, archive what is older than 90 days.

@@ -10,9 +10,9 @@ use chrono::Duration;
 
 use crate::api::template_retention::{ArchiveMode as ApiArchiveMode, TemplateRetentionSpec};
 
-use super::duration::parse_duration;
 use super::plan::{ArchiveMode, RetentionRules};
 use super::target::Target;
+use crate::api::SpecDuration;
 
 /// Largest `keepLast` / `retainAtLeast` the CRD accepts.
 const MAX_COUNT: u32 = 1000;
@@ -131,14 +131,19 @@ impl Policy {
     }
 }
 
-fn duration(field: &str, value: &str, hint: &str, problems: &mut Vec<String>) -> Option<Duration> {
-    if value.len() > MAX_DURATION_LEN {
+fn duration(
+    field: &str,
+    value: &SpecDuration,
+    hint: &str,
+    problems: &mut Vec<String>,
+) -> Option<Duration> {
+    if value.as_str().len() > MAX_DURATION_LEN {
         problems.push(format!(
             "{field}: {value:?} is longer than {MAX_DURATION_LEN} characters; {hint}"
         ));
         return None;
     }
-    match parse_duration(value) {
+    match value.parsed() {
         Ok(d) => Some(d),
         Err(e) => {
             problems.push(format!("{field}: {value:?}: {e}; {hint}"));

@@ -20,7 +20,6 @@ use crate::image::tags::{OWNER_TAG, TagSet, image_tag};
 use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, ExecStatus, QemuConfig, StorageInfo, VmConfig,
 };
-use crate::retention::duration::parse_duration;
 use crate::ssh::{self, ThrowawayKey};
 
 /// Longest a clone or start task may take.
@@ -48,7 +47,10 @@ pub async fn validate_template(
             field: "validation.checks".into(),
             message,
         })?;
-    let total = parse_duration(&req.spec.timeout)
+    let total = req
+        .spec
+        .timeout
+        .parsed()
         .ok()
         .and_then(|d| d.to_std().ok())
         .filter(|d| !d.is_zero())

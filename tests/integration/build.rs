@@ -453,6 +453,30 @@ async fn checksum_mismatch_is_refused_before_any_vm() {
     assert!(c.cluster_vms().await.unwrap().is_empty());
 }
 
+/// A provisioning timeout the schema's pattern admits but no duration holds is refused, naming
+/// the field, before anything is written (it used to fall back to 30m silently).
+#[tokio::test]
+async fn an_oversized_provisioning_timeout_is_refused_before_any_write() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let mut spec = example_spec(&pve, &img, 6);
+    spec.provisioning.timeout = "99999999999999999999d".into();
+    let seq = pve.requests().await.last().map_or(0, |r| r.seq);
+    let err = build(&c, &request(spec, owner("huge"), day(18)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), "invalid_spec", "{err}");
+    assert!(!err.is_retryable());
+    let text = err.to_string();
+    assert!(
+        text.contains("provisioning.timeout") && text.contains("too large"),
+        "{text}"
+    );
+    let sent = pve.requests_since(seq).await;
+    assert!(sent.is_empty(), "{sent:?}");
+}
+
 #[tokio::test]
 async fn failed_command_names_the_step_and_the_vm_is_destroyed_or_kept() {
     let pve = FakePve::start().await;
