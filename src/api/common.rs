@@ -91,7 +91,7 @@ pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'
 mod tests {
     use super::*;
     fn t(secs: i64) -> Time {
-        Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
+        crate::api::time::to_time(chrono::DateTime::from_timestamp(secs, 0).unwrap())
     }
 
     #[test]

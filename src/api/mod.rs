@@ -9,6 +9,7 @@ pub mod crd;
 pub mod duration;
 pub mod golden_image;
 pub mod template_retention;
+pub mod time;
 
 pub use common::{ConditionStatus, ProxmoxConnection, SecretReference};
 pub use duration::{DURATION_PATTERN, SpecDuration, SpecDurationError};

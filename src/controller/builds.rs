@@ -46,9 +46,7 @@ impl JobProgress {
             id: self.id.clone(),
             vmid: self.vmid,
             stage: self.stage,
-            started_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                super::status::to_timestamp(self.started_at),
-            )),
+            started_at: Some(crate::api::time::to_time(self.started_at)),
             stages: self
                 .stages
                 .iter()

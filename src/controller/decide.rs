@@ -270,10 +270,7 @@ pub fn source_check_due<'a>(
         .status
         .as_ref()
         .and_then(|s| s.last_source_check.as_ref())
-        .map(|t| {
-            let last = DateTime::<Utc>::from_timestamp(t.0.as_second(), 0).unwrap_or_default();
-            now - last >= spec.check_interval
-        })
+        .map(|t| now - crate::api::time::from_time(t) >= spec.check_interval)
         .unwrap_or(true);
     due.then_some((url, ci.url.as_str()))
 }
@@ -329,10 +326,10 @@ pub fn decide(
     match &obs.source_check {
         Some(SourceCheck::Read(sum)) => {
             st.source_checksum = Some(sum.clone());
-            st.last_source_check = Some(status::time(now));
+            st.last_source_check = Some(crate::api::time::to_time(now));
         }
         Some(SourceCheck::Failed { url, message }) => {
-            st.last_source_check = Some(status::time(now));
+            st.last_source_check = Some(crate::api::time::to_time(now));
             events.push(Note::new(
                 EventType::Warning,
                 "SourceCheckFailed",
@@ -747,7 +744,11 @@ fn template_ref(v: &Version) -> TemplateRef {
             _ => None,
         },
         spec_hash: Some(m.metadata.spec_hash.clone()),
-        validated_at: m.metadata.validation.validated_at().map(status::time),
+        validated_at: m
+            .metadata
+            .validation
+            .validated_at()
+            .map(crate::api::time::to_time),
     }
 }
 

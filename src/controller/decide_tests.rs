@@ -1257,7 +1257,9 @@ fn an_upstream_checksum_change_rebuilds_and_a_failed_check_warns() {
     let checked = with_status(
         gi.clone(),
         GoldenImageStatus {
-            last_source_check: Some(status::time(now() - chrono::Duration::hours(23))),
+            last_source_check: Some(crate::api::time::to_time(
+                now() - chrono::Duration::hours(23),
+            )),
             ..Default::default()
         },
     );
@@ -1274,7 +1276,10 @@ fn an_upstream_checksum_change_rebuilds_and_a_failed_check_warns() {
     let same = run(&gi, &o, &ImageMemory::default());
     assert_eq!(same.start, None);
     assert_eq!(same.status.source_checksum.as_deref(), Some("sha256:aa"));
-    assert_eq!(same.status.last_source_check, Some(status::time(now())));
+    assert_eq!(
+        same.status.last_source_check,
+        Some(crate::api::time::to_time(now()))
+    );
     o.source_check = Some(SourceCheck::Read("sha256:bb".into()));
     let changed = run(&gi, &o, &ImageMemory::default());
     assert_eq!(changed.start.as_ref().map(|s| s.why), Some("SourceChanged"));
@@ -1306,7 +1311,10 @@ fn an_upstream_checksum_change_rebuilds_and_a_failed_check_warns() {
         failed.events[0].text,
         "cannot read https://mirror/SHA256SUMS: HTTP 503; retrying after rebuild.sourceCheckInterval"
     );
-    assert_eq!(failed.status.last_source_check, Some(status::time(now())));
+    assert_eq!(
+        failed.status.last_source_check,
+        Some(crate::api::time::to_time(now()))
+    );
     assert_eq!(failed.start, None);
 }
 

@@ -9,15 +9,17 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use chrono::{DateTime, TimeDelta, Utc};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event as K8sEvent, EventSeries};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 pub use kube::runtime::events::{Event, EventType, Reporter};
 
+use crate::api::time::{from_micro_time, to_micro_time};
+
 /// How long a published Event is kept to fold repeats into.
-const SERIES_WINDOW: SignedDuration = SignedDuration::from_mins(6);
+const SERIES_WINDOW: TimeDelta = TimeDelta::minutes(6);
 
 /// Longest object name (DNS subdomain).
 pub const MAX_NAME_LEN: usize = 253;
@@ -94,14 +96,17 @@ impl Recorder {
         self.published.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn new_event(&self, ev: &Event, regarding: &ObjectReference, now: Timestamp) -> K8sEvent {
+    fn new_event(&self, ev: &Event, regarding: &ObjectReference, now: DateTime<Utc>) -> K8sEvent {
         let object = regarding
             .name
             .as_deref()
             .unwrap_or(&self.reporter.controller);
         K8sEvent {
             metadata: ObjectMeta {
-                name: Some(event_name(object, now.as_nanosecond())),
+                name: Some(event_name(
+                    object,
+                    i128::from(now.timestamp_nanos_opt().unwrap_or_default()),
+                )),
                 namespace: regarding.namespace.clone(),
                 ..Default::default()
             },
@@ -109,7 +114,7 @@ impl Recorder {
             reason: Some(ev.reason.clone()),
             note: ev.note.clone(),
             type_: Some(type_str(ev.type_).to_string()),
-            event_time: Some(MicroTime(now)),
+            event_time: Some(to_micro_time(now)),
             regarding: Some(regarding.clone()),
             related: ev.secondary.clone(),
             reporting_controller: Some(self.reporter.controller.clone()),
@@ -125,7 +130,7 @@ impl Recorder {
 
     /// Publishes `ev` about `regarding` (a new Event, or the next count of its series).
     pub async fn publish(&self, ev: &Event, regarding: &ObjectReference) -> kube::Result<()> {
-        let now = Timestamp::now();
+        let now = Utc::now();
         let key = key(ev, regarding);
         let repeat = {
             let mut published = self.published();
@@ -133,8 +138,8 @@ impl Recorder {
                 let last = e
                     .series
                     .as_ref()
-                    .map(|s| s.last_observed_time.0)
-                    .or(e.event_time.as_ref().map(|t| t.0));
+                    .map(|s| from_micro_time(&s.last_observed_time))
+                    .or(e.event_time.as_ref().map(from_micro_time));
                 last.is_some_and(|t| t + SERIES_WINDOW > now)
             });
             published.get(&key).cloned()
@@ -145,7 +150,7 @@ impl Recorder {
             Some(mut e) => {
                 e.series = Some(EventSeries {
                     count: e.series.as_ref().map_or(2, |s| s.count + 1),
-                    last_observed_time: MicroTime(now),
+                    last_observed_time: to_micro_time(now),
                 });
                 let name = e.metadata.name.clone().unwrap_or_default();
                 let patch = serde_json::json!({"series": e.series});

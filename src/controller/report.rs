@@ -87,7 +87,7 @@ mod tests {
             "Promoted",
             "template t serves",
             Some(1),
-            crate::controller::status::time(chrono::Utc::now()),
+            crate::api::time::to_time(chrono::Utc::now()),
         );
         conds
     }

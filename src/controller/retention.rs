@@ -216,7 +216,7 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     st.observed_generation = tr.metadata.generation;
     st.target_description = Some(policy.target.to_string());
     st.plan = planned(&plan);
-    st.planned_at = Some(status::time(Utc::now()));
+    st.planned_at = Some(crate::api::time::to_time(Utc::now()));
     st.target_versions = versions;
     let removals = plan.removals().count();
     let summary = summary(&plan);
@@ -315,7 +315,7 @@ fn not_due(
     if st.target_versions != versions {
         return None;
     }
-    let planned = st.planned_at.as_ref()?.0.as_second();
+    let planned = crate::api::time::from_time(st.planned_at.as_ref()?).timestamp();
     let ready = find_condition(&st.conditions, "Ready")?;
     let period = match ready.reason.as_str() {
         // Errors are retried by the error policy; a run cut short by a restart resumes now.
@@ -505,7 +505,9 @@ mod tests {
         let now = Utc::now();
         let mut st = TemplateRetentionStatus {
             observed_generation: Some(1),
-            planned_at: Some(status::time(now - chrono::Duration::seconds(10))),
+            planned_at: Some(crate::api::time::to_time(
+                now - chrono::Duration::seconds(10),
+            )),
             target_versions: vec![],
             ..Default::default()
         };
@@ -516,7 +518,7 @@ mod tests {
             "UpToDate",
             "0 templates: none; nothing to do",
             Some(1),
-            status::time(now),
+            crate::api::time::to_time(now),
         );
         tr.status = Some(st);
         let policy = Policy::from_spec("ns", &tr.spec).unwrap();

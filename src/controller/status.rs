@@ -2,18 +2,10 @@
 //! `Stalled` present only while True; plus `Validated` and `UpToDate`. Pure, unit-tested.
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use crate::api::common::{ConditionStatus, remove_condition, set_condition};
-
-pub fn to_timestamp(t: DateTime<Utc>) -> k8s_openapi::jiff::Timestamp {
-    k8s_openapi::jiff::Timestamp::from_second(t.timestamp())
-        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
-}
-
-pub fn time(t: DateTime<Utc>) -> Time {
-    Time(to_timestamp(t))
-}
+use crate::api::time::to_time;
 
 /// One condition's content.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,7 +103,7 @@ impl FailedValidation {
 }
 
 pub fn apply(conds: &mut Vec<Condition>, v: &Verdict, generation: Option<i64>, now: DateTime<Utc>) {
-    let now = time(now);
+    let now = to_time(now);
     let mut set = |type_: &str, c: &Cond| {
         set_condition(
             conds,

@@ -22,8 +22,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
 use crate::api::template_retention::ExecutedAction;
 use crate::build::readback::{TaskCall, run_task};
 use crate::image::tags::TagSet;
@@ -138,7 +136,7 @@ pub async fn execute_detailed(
                 action: d.action.to_string(),
                 succeeded,
                 message,
-                at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+                at: Some(crate::api::time::to_time(chrono::Utc::now())),
             },
             error,
         });

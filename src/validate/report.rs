@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::check::Check;
 use super::drift::PackageDrift;
@@ -115,7 +114,7 @@ impl From<&ValidationReport> for api::ValidationReport {
         api::ValidationReport {
             vmid: r.template_vmid,
             passed: r.passed,
-            finished_at: Some(kube_time(r.finished_at)),
+            finished_at: Some(crate::api::time::to_time(r.finished_at)),
             checks: r
                 .checks
                 .iter()
@@ -134,14 +133,6 @@ impl From<ValidationReport> for api::ValidationReport {
     fn from(r: ValidationReport) -> Self {
         (&r).into()
     }
-}
-
-/// A status timestamp (seconds precision, as Kubernetes serialises `Time`).
-fn kube_time(t: DateTime<Utc>) -> Time {
-    Time(
-        k8s_openapi::jiff::Timestamp::from_second(t.timestamp())
-            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-    )
 }
 
 /// Cuts `s` to at most `max` bytes on a char boundary, marking the cut with `…`.
@@ -192,7 +183,7 @@ mod tests {
         assert!(!status.passed);
         assert_eq!(
             status.finished_at,
-            Some(kube_time(at("2025-01-18T10:01:30Z")))
+            Some(crate::api::time::to_time(at("2025-01-18T10:01:30Z")))
         );
         assert_eq!(status.checks.len(), 2);
         assert_eq!(status.checks[0].name, "boot");
