@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use super::commands::{self, Step};
 use super::error::BuildError;
 use super::{Progress, Stage};
-use crate::proxmox::Client;
+use crate::proxmox::{Client, ExecWait, Idempotency};
 use crate::ssh::{CommandOutput, SshSession, ThrowawayKey};
 
 /// The way into the guest.
@@ -48,35 +48,34 @@ async fn agent_run(
     line: &str,
     deadline: Instant,
 ) -> Result<CommandOutput, String> {
-    let pid = client
-        .agent_exec(node, vmid, &["/bin/sh", "-c", line], None)
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let st = match client
+        .agent_exec_wait(
+            node,
+            vmid,
+            &["/bin/sh", "-c", line],
+            Idempotency::Unsafe,
+            deadline,
+        )
         .await
-        .map_err(|e| format!("agent exec: {e}"))?;
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let st = client
-            .agent_exec_status(node, vmid, pid)
-            .await
-            .map_err(|e| format!("agent exec-status: {e}"))?;
-        if st.exited {
-            let mut stderr = st.err_data.unwrap_or_default();
-            if let Some(sig) = st.signal {
-                stderr.push_str(&format!("\nkilled by signal {sig}"));
-            }
-            return Ok(CommandOutput {
-                exitcode: st
-                    .exitcode
-                    .unwrap_or(if st.signal.is_some() { -1 } else { 0 }),
-                stdout: st.out_data.unwrap_or_default(),
-                stderr,
-            });
-        }
-        if Instant::now() + delay > deadline {
-            return Err("timed out".into());
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+    {
+        Ok(ExecWait::Exited(st)) => st,
+        Ok(ExecWait::NotStarted(e)) => return Err(format!("agent exec: {e}")),
+        Ok(ExecWait::Lost(e)) => return Err(format!("agent exec-status: {e}")),
+        Ok(ExecWait::TimedOut) => return Err("timed out".into()),
+        Err(e) => return Err(format!("agent: {e}")),
+    };
+    let mut stderr = st.err_data.unwrap_or_default();
+    if let Some(sig) = st.signal {
+        stderr.push_str(&format!("\nkilled by signal {sig}"));
     }
+    Ok(CommandOutput {
+        exitcode: st
+            .exitcode
+            .unwrap_or(if st.signal.is_some() { -1 } else { 0 }),
+        stdout: st.out_data.unwrap_or_default(),
+        stderr,
+    })
 }
 
 /// Waits until SSH accepts the build key (cloud-init has run) or the deadline passes.

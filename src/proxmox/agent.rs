@@ -4,11 +4,14 @@
 //! (30-110 s after a start, or never if the image lacks it), so callers poll [`Client::agent_ping`]
 //! with backoff.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::time::Instant;
 
 use super::client::{Client, Params};
-use super::error::Result;
+use super::error::{Error, Result};
 use super::lenient;
 use super::retry::Idempotency;
 
@@ -46,6 +49,26 @@ impl ExecStatus {
         self.exited && self.exitcode == Some(0) && self.signal.is_none()
     }
 }
+
+/// How a command run by [`Client::agent_exec_wait`] ended, when the Proxmox side worked.
+#[derive(Debug)]
+pub enum ExecWait {
+    /// It ran to its end (an exit code, or a signal).
+    Exited(ExecStatus),
+    /// The guest did not start it: qemu-ga's answer, which PVE forwards as an HTTP 500. A program
+    /// the guest lacks is this ("Failed to execute child process ... (No such file or
+    /// directory)"), not an exit code 127; so is an agent that is not running.
+    NotStarted(Error),
+    /// The guest's agent lost it while it ran: qemu-ga forgets a pid once its status was
+    /// collected, or when it restarts ("Agent error: Invalid parameter 'pid'").
+    Lost(Error),
+    /// Still running at the deadline (left running in the guest).
+    TimedOut,
+}
+
+/// First pause between two `exec-status` polls; doubled up to [`EXEC_POLL_MAX`].
+const EXEC_POLL_FIRST: Duration = Duration::from_millis(100);
+const EXEC_POLL_MAX: Duration = Duration::from_secs(2);
 
 /// One address of a guest interface.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -136,18 +159,6 @@ impl Client {
             .await
     }
 
-    /// [`Client::agent_exec`] of a command that only reads (a check): run twice it answers the
-    /// same, so a lost answer is followed by running it again.
-    pub async fn agent_exec_read_only<S: AsRef<str>>(
-        &self,
-        node: &str,
-        vmid: u32,
-        command: &[S],
-    ) -> Result<i64> {
-        self.agent_exec_as(node, vmid, command, None, Idempotency::Safe)
-            .await
-    }
-
     async fn agent_exec_as<S: AsRef<str>>(
         &self,
         node: &str,
@@ -170,6 +181,41 @@ impl Client {
             )
             .await?;
         Ok(pid)
+    }
+
+    /// Runs `command` (program and arguments, no shell) and polls until it exits or `deadline`
+    /// passes (one last poll at the deadline). The guest's own errors are an [`ExecWait`];
+    /// `Err` is the Proxmox side failing. The one exec-and-wait of build and validation.
+    /// `idem`: `Safe` only for a command that only reads (a check): run twice it answers the
+    /// same, so a lost answer is followed by running it again; else `Unsafe`.
+    pub async fn agent_exec_wait<S: AsRef<str>>(
+        &self,
+        node: &str,
+        vmid: u32,
+        command: &[S],
+        idem: Idempotency,
+        deadline: Instant,
+    ) -> Result<ExecWait> {
+        let pid = match self.agent_exec_as(node, vmid, command, None, idem).await {
+            Ok(pid) => pid,
+            Err(e) if e.is_guest_side() => return Ok(ExecWait::NotStarted(e)),
+            Err(e) => return Err(e),
+        };
+        let mut delay = EXEC_POLL_FIRST;
+        loop {
+            match self.agent_exec_status(node, vmid, pid).await {
+                Ok(s) if s.exited => return Ok(ExecWait::Exited(s)),
+                Ok(_) => {}
+                Err(e) if e.is_guest_side() => return Ok(ExecWait::Lost(e)),
+                Err(e) => return Err(e),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(ExecWait::TimedOut);
+            }
+            tokio::time::sleep(delay.min(left)).await;
+            delay = (delay * 2).min(EXEC_POLL_MAX);
+        }
     }
 
     pub async fn agent_exec_status(&self, node: &str, vmid: u32, pid: i64) -> Result<ExecStatus> {

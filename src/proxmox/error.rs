@@ -79,6 +79,21 @@ fn fmt_errors(errors: &BTreeMap<String, String>) -> String {
 }
 
 impl Error {
+    /// The guest's agent answered, through PVE (qemu-ga's "Agent error: ...": a missing program,
+    /// an unknown pid), or is not there to answer: about the guest, not the Proxmox side.
+    pub fn is_guest_side(&self) -> bool {
+        match self {
+            Error::Api { message, .. } => {
+                let m = message.to_ascii_lowercase();
+                m.starts_with("agent error:")
+                    || m.contains("guest agent")
+                    || m.contains("qmp command")
+                    || m.contains("not running")
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the same call may succeed later without any change on our side. The client
     /// itself repeats only calls that cannot do harm twice; see `client.rs`.
     pub fn is_retryable(&self) -> bool {

@@ -70,7 +70,7 @@ pub mod storage;
 pub mod task;
 pub mod tls;
 
-pub use agent::{ExecStatus, IpAddress, NetworkInterface, OsInfo};
+pub use agent::{ExecStatus, ExecWait, IpAddress, NetworkInterface, OsInfo};
 pub use backup::Vzdump;
 pub use client::{Client, Params};
 pub use cluster::{ClusterVm, PveVersion, VersionInfo};

@@ -18,7 +18,8 @@ use crate::build::{first_ipv4, static_ip};
 use crate::image::marker::{Ownership, Role, ownership, parse_description, render_description};
 use crate::image::tags::{OWNER_TAG, TagSet, image_tag};
 use crate::proxmox::{
-    self, Client, CloneRequest, ConfigUpdate, ExecStatus, QemuConfig, StorageInfo, VmConfig,
+    self, Client, CloneRequest, ConfigUpdate, ExecStatus, ExecWait, Idempotency, QemuConfig,
+    StorageInfo, VmConfig,
 };
 use crate::ssh::{self, ThrowawayKey};
 
@@ -384,22 +385,6 @@ pub(crate) fn net0(existing: Option<&str>, bridge: &str, vlan: Option<u16>) -> S
     parts.join(",")
 }
 
-/// A guest-side failure (the agent is not up, the VM is not running) as opposed to Proxmox
-/// trouble, which must not be mistaken for a failed check.
-fn guest_side(e: &proxmox::Error) -> bool {
-    match e {
-        proxmox::Error::Api { message, .. } => {
-            let m = message.to_ascii_lowercase();
-            // "Agent error: ..." is qemu-ga's own answer (a missing program, an unknown pid).
-            m.starts_with("agent error:")
-                || m.contains("guest agent")
-                || m.contains("qmp command")
-                || m.contains("not running")
-        }
-        _ => false,
-    }
-}
-
 /// Why a command did not start in the guest: the command, then the agent's words (an unknown
 /// program is qemu-ga's "Failed to execute child process ... (No such file or directory)",
 /// forwarded by PVE as a 500, not an exit code 127).
@@ -605,7 +590,7 @@ impl Run<'_> {
             loop {
                 match self.client.agent_ping(self.node, self.vmid).await {
                     Ok(()) => break Ok(()),
-                    Err(e) if guest_side(&e) => {
+                    Err(e) if e.is_guest_side() => {
                         if Instant::now() >= limit {
                             break Err(format!(
                                 "did not answer within {}s ({})",
@@ -639,38 +624,26 @@ impl Run<'_> {
         let line = command.join(" ");
         let infra =
             |e| ValidateError::proxmox(format!("running `{line}` in clone {}", self.vmid), e);
-        let pid = match self
+        match self
             .client
             // Every check command only reads: a lost answer is followed by running it again.
-            .agent_exec_read_only(self.node, self.vmid, command)
+            .agent_exec_wait(
+                self.node,
+                self.vmid,
+                command,
+                Idempotency::Safe,
+                self.deadline,
+            )
             .await
         {
-            Ok(pid) => pid,
-            Err(e) if guest_side(&e) => return Ok(Err(could_not_start(&line, &e))),
-            Err(e) => return Err(infra(e)),
-        };
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self
-                .client
-                .agent_exec_status(self.node, self.vmid, pid)
-                .await
-            {
-                Ok(s) if s.exited => return Ok(Ok(s)),
-                Ok(_) => {}
-                Err(e) if guest_side(&e) => {
-                    return Ok(Err(format!(
-                        "`{line}`: {}",
-                        e.pve_message().unwrap_or("agent error")
-                    )));
-                }
-                Err(e) => return Err(infra(e)),
-            }
-            if self.remaining().is_zero() {
-                return Ok(Err(self.timed_out(&format!("`{line}` still running"))));
-            }
-            tokio::time::sleep(delay.min(self.remaining())).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            Ok(ExecWait::Exited(s)) => Ok(Ok(s)),
+            Ok(ExecWait::NotStarted(e)) => Ok(Err(could_not_start(&line, &e))),
+            Ok(ExecWait::Lost(e)) => Ok(Err(format!(
+                "`{line}`: {}",
+                e.pve_message().unwrap_or("agent error")
+            ))),
+            Ok(ExecWait::TimedOut) => Ok(Err(self.timed_out(&format!("`{line}` still running")))),
+            Err(e) => Err(infra(e)),
         }
     }
 
@@ -760,7 +733,7 @@ impl Run<'_> {
         {
             Ok(ifaces) => Ok(first_ipv4(&ifaces)
                 .ok_or_else(|| "the agent reports no IPv4 address to connect to".to_string())),
-            Err(e) if guest_side(&e) => Ok(Err(format!(
+            Err(e) if e.is_guest_side() => Ok(Err(format!(
                 "its address is unknown ({})",
                 e.pve_message().unwrap_or("agent error")
             ))),
@@ -914,6 +887,7 @@ mod tests {
 
     #[test]
     fn guest_side_errors_are_not_infrastructure() {
+        let guest_side = proxmox::Error::is_guest_side;
         let api = |m: &str| proxmox::Error::Api {
             request: "POST /x".into(),
             status: 500,

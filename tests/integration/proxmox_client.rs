@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sombrero::proxmox::{
     ChecksumAlgorithm, Client, CloneRequest, Config, ConfigUpdate, DeleteVm, DownloadUrl, Error,
-    QemuConfig, RetryPolicy, Shutdown, Vzdump,
+    ExecWait, Idempotency, QemuConfig, RetryPolicy, Shutdown, Vzdump,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -210,6 +210,82 @@ async fn vm_life_cycle() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.exitcode.is_some(), "{status:?}");
+    // qemu-ga forgets a pid once its status was collected: the guest's answer, not Proxmox's.
+    let collected = c.agent_exec_status(&node, vmid, pid).await.unwrap_err();
+    assert!(collected.is_guest_side(), "{collected:?}");
+    assert!(
+        collected
+            .pve_message()
+            .is_some_and(|m| m.contains("Invalid parameter 'pid'")),
+        "{collected:?}"
+    );
+
+    // The one exec-and-wait of build and validation.
+    let soon = || tokio::time::Instant::now() + WAIT;
+    match c
+        .agent_exec_wait(
+            &node,
+            vmid,
+            &["/bin/sh", "-c", "echo out; echo err >&2; exit 3"],
+            Idempotency::Unsafe,
+            soon(),
+        )
+        .await
+        .unwrap()
+    {
+        ExecWait::Exited(s) => {
+            assert_eq!(s.exitcode, Some(3), "{s:?}");
+            assert_eq!(s.out_data.as_deref(), Some("out\n"), "{s:?}");
+            assert_eq!(s.err_data.as_deref(), Some("err\n"), "{s:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A program the guest lacks is qemu-ga's error, not an exit code 127.
+    match c
+        .agent_exec_wait(&node, vmid, &["frobnicate"], Idempotency::Unsafe, soon())
+        .await
+        .unwrap()
+    {
+        ExecWait::NotStarted(e) => {
+            assert!(e.is_guest_side(), "{e:?}");
+            assert!(e.to_string().contains("No such file or directory"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The guest's `sleep` takes time from here on; its agent answers again after a (scaled) boot.
+    pve.set_time_scale(0.01).await;
+    while let Err(e) = c.agent_ping(&node, vmid).await {
+        assert!(
+            Instant::now() < deadline + WAIT,
+            "agent never answered: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = tokio::time::Instant::now();
+    let short = started + Duration::from_millis(300);
+    match c
+        .agent_exec_wait(
+            &node,
+            vmid,
+            &["/bin/sh", "-c", "sleep 100000"],
+            Idempotency::Safe,
+            short,
+        )
+        .await
+        .unwrap()
+    {
+        ExecWait::TimedOut => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited to the deadline"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "and not much longer"
+    );
+    pve.set_time_scale(0.0).await;
     let ifaces = c.agent_network_interfaces(&node, vmid).await.unwrap();
     assert!(
         ifaces
