@@ -6,6 +6,7 @@ pub mod cli;
 pub mod controller;
 pub mod engine;
 pub mod image;
+pub mod poll;
 pub mod privileges;
 pub mod promote;
 pub mod proxmox;

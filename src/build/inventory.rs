@@ -3,6 +3,7 @@
 
 use chrono::NaiveDate;
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use super::error::{BuildError, ErrorCategory};
@@ -10,6 +11,7 @@ use super::readback::is_creation_lock;
 use crate::image::marker::{Marker, Owner, Role, ValidationRecord, parse_description};
 use crate::image::naming::NameTemplate;
 use crate::image::tags::{TagSet, image_tag};
+use crate::poll::poll_until;
 use crate::proxmox::{Client, ClusterVm, PollSchedule, VmConfig};
 
 /// One VM with the image's tag.
@@ -220,22 +222,29 @@ pub async fn rescan(
 ) -> Result<Scan, BuildError> {
     let tag = image_tag(&owner.namespace, &owner.name);
     let deadline = Instant::now() + wait;
-    let schedule = PollSchedule::default();
-    let mut delay = None;
-    let listing = loop {
-        let vms = client
-            .cluster_vms()
-            .await
-            .map_err(|e| BuildError::proxmox("list VMs", &e))?;
+    let settled = poll_until(deadline.into(), PollSchedule::default(), || async {
+        let vms = match client.cluster_vms().await {
+            Ok(vms) => vms,
+            Err(e) => return ControlFlow::Break(Err(BuildError::proxmox("list VMs", &e))),
+        };
         let pending: Vec<u32> = vms
             .iter()
             .filter(|v| may_be_ours_being_created(v, &tag, names))
             .map(|v| v.vmid)
             .collect();
         if pending.is_empty() {
-            break vms;
+            return ControlFlow::Break(Ok(vms));
         }
-        if Instant::now() >= deadline {
+        tracing::info!(
+            ?pending,
+            "waiting for VMs being created before reading build numbers"
+        );
+        ControlFlow::Continue(pending)
+    })
+    .await;
+    let listing = match settled {
+        Ok(listed) => listed?,
+        Err(pending) => {
             return Err(BuildError::new(
                 ErrorCategory::ProxmoxTransient,
                 format!(
@@ -245,13 +254,6 @@ pub async fn rescan(
                 "the next run looks again; a create task that never ends shows in the node's task list",
             ));
         }
-        tracing::info!(
-            ?pending,
-            "waiting for VMs being created before reading build numbers"
-        );
-        let d = schedule.next(delay);
-        delay = Some(d);
-        tokio::time::sleep(d).await;
     };
     let known = |vm: &ClusterVm| -> Option<&TaggedVm> {
         let prev = previous?;

@@ -1,11 +1,13 @@
 //! Provisioning: a command channel into the build VM (SSH or the guest agent) and the run of the
 //! seed's steps through it.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use super::commands::{self, Step};
 use super::error::BuildError;
 use super::{Progress, Stage};
+use crate::poll::{PollSchedule, doubling, poll_until};
 use crate::proxmox::{Client, ExecWait, Idempotency};
 use crate::ssh::{CommandOutput, SshSession, ThrowawayKey};
 
@@ -48,14 +50,13 @@ async fn agent_run(
     line: &str,
     deadline: Instant,
 ) -> Result<CommandOutput, String> {
-    let deadline = tokio::time::Instant::from_std(deadline);
     let st = match client
         .agent_exec_wait(
             node,
             vmid,
             &["/bin/sh", "-c", line],
             Idempotency::Unsafe,
-            deadline,
+            deadline.into(),
         )
         .await
     {
@@ -88,26 +89,26 @@ pub async fn wait_for_ssh(
     progress: &dyn Progress,
 ) -> Result<SshSession, BuildError> {
     progress.message(&format!("waiting for SSH on {host}:{port}"));
-    let mut delay = Duration::from_millis(200);
-    let mut last = String::new();
-    loop {
+    poll_until(deadline.into(), GUEST_POLL, || async {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(BuildError::timeout(
-                "wait for SSH",
-                format!("SSH on {host}:{port} did not accept the build key in time: {last}"),
-                "check provisioning.ssh (ipConfig, host, port, user) and that the build network is reachable from sombrero; raise provisioning.timeout for slow boots",
-            )
-            .at(Stage::Provision));
-        }
         match SshSession::connect(host, port, user, key, left.min(Duration::from_secs(30))).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
+            Ok(s) => ControlFlow::Break(s),
+            Err(e) => ControlFlow::Continue(e),
         }
-        tokio::time::sleep(delay.min(left)).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
+    })
+    .await
+    .map_err(|last| {
+        BuildError::timeout(
+            "wait for SSH",
+            format!("SSH on {host}:{port} did not accept the build key in time: {last}"),
+            "check provisioning.ssh (ipConfig, host, port, user) and that the build network is reachable from sombrero; raise provisioning.timeout for slow boots",
+        )
+        .at(Stage::Provision)
+    })
 }
+
+/// Pauses between two tries of SSH or of the agent while the build VM boots.
+const GUEST_POLL: PollSchedule = doubling(Duration::from_millis(200), Duration::from_secs(5));
 
 /// Why the build waits for the guest agent; says what to change when it never answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,23 +148,21 @@ pub async fn wait_for_agent(
         AgentWait::Channel => "waiting for the guest agent",
         AgentWait::Address => "waiting for the guest agent to report the build VM's address",
     });
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let err = match client.agent_ping(node, vmid).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if Instant::now() + delay > deadline {
-            return Err(BuildError::timeout(
-                "wait for the guest agent",
-                format!("the guest agent of VM {vmid} did not answer in time: {err}"),
-                why.hint(),
-            )
-            .at(Stage::Provision));
+    poll_until(deadline.into(), GUEST_POLL, || async {
+        match client.agent_ping(node, vmid).await {
+            Ok(()) => ControlFlow::Break(()),
+            Err(e) => ControlFlow::Continue(e),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
+    })
+    .await
+    .map_err(|err| {
+        BuildError::timeout(
+            "wait for the guest agent",
+            format!("the guest agent of VM {vmid} did not answer in time: {err}"),
+            why.hint(),
+        )
+        .at(Stage::Provision)
+    })
 }
 
 /// Runs steps in order; the first failure ends the run with the step and the stderr tail.

@@ -8,8 +8,10 @@
 //! the client itself (`proxmox::retry::config_write`).
 
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
+use crate::poll::poll_until;
 use crate::proxmox::{self, Client, PollSchedule, TaskOutcome, Upid, VmConfig};
 
 /// Seconds before the call that a task found in the node's list may have started at: the
@@ -73,22 +75,18 @@ pub async fn find_task(
     timeout: Duration,
 ) -> proxmox::Result<Option<Upid>> {
     let deadline = Instant::now() + timeout;
-    let schedule = PollSchedule::default();
-    let mut delay = None;
-    loop {
+    poll_until(deadline.into(), PollSchedule::default(), || async {
         match client
             .find_my_task(what.node, what.vmid, what.task_type, &what.id, since)
             .await
         {
-            Ok(found) => return Ok(found),
-            Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                let d = schedule.next(delay);
-                delay = Some(d);
-                tokio::time::sleep(d).await;
-            }
-            Err(e) => return Err(e),
+            Ok(found) => ControlFlow::Break(Ok(found)),
+            Err(e) if e.is_retryable() => ControlFlow::Continue(e),
+            Err(e) => ControlFlow::Break(Err(e)),
         }
-    }
+    })
+    .await
+    .unwrap_or_else(Err)
 }
 
 /// Locks held while a VM is being created: its tags and description are written only when
@@ -106,26 +104,22 @@ pub async fn settled_config(
     timeout: Duration,
 ) -> proxmox::Result<Option<VmConfig>> {
     let deadline = Instant::now() + timeout;
-    let schedule = PollSchedule::default();
-    let mut delay = None;
-    loop {
-        let retry = match client.vm_config(node, vmid).await {
-            Ok(c) if !is_creation_lock(c.lock.as_deref()) => return Ok(Some(c)),
-            Ok(_) => None,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) if e.is_retryable() => Some(e),
-            Err(e) => return Err(e),
-        };
-        if Instant::now() >= deadline {
-            return Err(retry.unwrap_or_else(|| proxmox::Error::Timeout {
-                request: format!("wait for VM {vmid} to be created"),
-                message: format!("still locked after {}s", timeout.as_secs()),
-            }));
+    poll_until(deadline.into(), PollSchedule::default(), || async {
+        match client.vm_config(node, vmid).await {
+            Ok(c) if !is_creation_lock(c.lock.as_deref()) => ControlFlow::Break(Ok(Some(c))),
+            Ok(_) => ControlFlow::Continue(None),
+            Err(e) if e.is_not_found() => ControlFlow::Break(Ok(None)),
+            Err(e) if e.is_retryable() => ControlFlow::Continue(Some(e)),
+            Err(e) => ControlFlow::Break(Err(e)),
         }
-        let d = schedule.next(delay);
-        delay = Some(d);
-        tokio::time::sleep(d).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|retry| {
+        Err(retry.unwrap_or_else(|| proxmox::Error::Timeout {
+            request: format!("wait for VM {vmid} to be created"),
+            message: format!("still locked after {}s", timeout.as_secs()),
+        }))
+    })
 }
 
 #[cfg(test)]

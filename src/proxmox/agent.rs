@@ -4,6 +4,7 @@
 //! (30-110 s after a start, or never if the image lacks it), so callers poll [`Client::agent_ping`]
 //! with backoff.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -14,6 +15,7 @@ use super::client::{Client, Params};
 use super::error::{Error, Result};
 use super::lenient;
 use super::retry::Idempotency;
+use crate::poll::{PollSchedule, doubling, poll_until};
 
 /// `GET .../agent/exec-status`: no `result` wrapper; `exited` is 0/1.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -66,9 +68,8 @@ pub enum ExecWait {
     TimedOut,
 }
 
-/// First pause between two `exec-status` polls; doubled up to [`EXEC_POLL_MAX`].
-const EXEC_POLL_FIRST: Duration = Duration::from_millis(100);
-const EXEC_POLL_MAX: Duration = Duration::from_secs(2);
+/// Pauses between two `exec-status` polls.
+const EXEC_POLL: PollSchedule = doubling(Duration::from_millis(100), Duration::from_secs(2));
 
 /// One address of a guest interface.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -201,21 +202,16 @@ impl Client {
             Err(e) if e.is_guest_side() => return Ok(ExecWait::NotStarted(e)),
             Err(e) => return Err(e),
         };
-        let mut delay = EXEC_POLL_FIRST;
-        loop {
+        let status = poll_until(deadline, EXEC_POLL, || async move {
             match self.agent_exec_status(node, vmid, pid).await {
-                Ok(s) if s.exited => return Ok(ExecWait::Exited(s)),
-                Ok(_) => {}
-                Err(e) if e.is_guest_side() => return Ok(ExecWait::Lost(e)),
-                Err(e) => return Err(e),
+                Ok(s) if s.exited => ControlFlow::Break(Ok(ExecWait::Exited(s))),
+                Ok(_) => ControlFlow::Continue(()),
+                Err(e) if e.is_guest_side() => ControlFlow::Break(Ok(ExecWait::Lost(e))),
+                Err(e) => ControlFlow::Break(Err(e)),
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(ExecWait::TimedOut);
-            }
-            tokio::time::sleep(delay.min(left)).await;
-            delay = (delay * 2).min(EXEC_POLL_MAX);
-        }
+        })
+        .await;
+        status.unwrap_or(Ok(ExecWait::TimedOut))
     }
 
     pub async fn agent_exec_status(&self, node: &str, vmid: u32, pid: i64) -> Result<ExecStatus> {

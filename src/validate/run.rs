@@ -1,5 +1,6 @@
 //! The validation run against Proxmox: clone, configure, start, check, destroy.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -17,6 +18,7 @@ use crate::build::readback::{TaskCall, run_task};
 use crate::build::{first_ipv4, static_ip};
 use crate::image::marker::{Ownership, Role, ownership, parse_description, render_description};
 use crate::image::tags::{OWNER_TAG, TagSet, image_tag};
+use crate::poll::{doubling, poll_until};
 use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, ExecStatus, ExecWait, Idempotency, QemuConfig,
     StorageInfo, VmConfig,
@@ -529,23 +531,24 @@ impl Run<'_> {
             Err(e) => return Err(ValidateError::proxmox(format!("starting clone {vmid}"), e)),
         }
         let limit = Instant::now() + RUNNING_TIMEOUT.min(self.remaining());
-        let mut delay = Duration::from_millis(200);
-        loop {
-            let status = client.vm_status(node, vmid).await.map_err(|e| {
-                ValidateError::proxmox(format!("reading the status of clone {vmid}"), e)
-            })?;
-            if status.is_running() {
-                return Ok(Ok(()));
+        let schedule = doubling(Duration::from_millis(200), Duration::from_secs(2));
+        let running = poll_until(limit, schedule, || async {
+            match client.vm_status(node, vmid).await {
+                Ok(status) if status.is_running() => ControlFlow::Break(Ok(())),
+                Ok(status) => ControlFlow::Continue(status.status),
+                Err(e) => ControlFlow::Break(Err(ValidateError::proxmox(
+                    format!("reading the status of clone {vmid}"),
+                    e,
+                ))),
             }
-            if Instant::now() >= limit {
-                return Ok(Err(format!(
-                    "the start task succeeded but the VM is {} after {}s",
-                    status.status,
-                    RUNNING_TIMEOUT.min(self.remaining()).as_secs()
-                )));
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+        })
+        .await;
+        match running {
+            Ok(read) => read.map(Ok),
+            Err(status) => Ok(Err(format!(
+                "the start task succeeded but the VM is {status} after {}s",
+                RUNNING_TIMEOUT.min(self.remaining()).as_secs()
+            ))),
         }
     }
 
@@ -586,29 +589,29 @@ impl Run<'_> {
         } else {
             let budget = self.req.agent_timeout.min(self.remaining());
             let limit = Instant::now() + budget;
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match self.client.agent_ping(self.node, self.vmid).await {
-                    Ok(()) => break Ok(()),
-                    Err(e) if e.is_guest_side() => {
-                        if Instant::now() >= limit {
-                            break Err(format!(
-                                "did not answer within {}s ({})",
-                                budget.as_secs(),
-                                e.pve_message().unwrap_or("no answer")
-                            ));
-                        }
-                    }
-                    Err(e) => {
-                        return Err(ValidateError::proxmox(
-                            format!("pinging the guest agent of clone {}", self.vmid),
-                            e,
-                        ));
-                    }
+            let (client, node, vmid) = (self.client, self.node, self.vmid);
+            let schedule = doubling(Duration::from_millis(200), Duration::from_secs(5));
+            let answered = poll_until(limit, schedule, || async {
+                match client.agent_ping(node, vmid).await {
+                    Ok(()) => ControlFlow::Break(Ok(())),
+                    Err(e) if e.is_guest_side() => ControlFlow::Continue(e),
+                    Err(e) => ControlFlow::Break(Err(e)),
                 }
-                tokio::time::sleep(delay.min(limit.saturating_duration_since(Instant::now())))
-                    .await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+            })
+            .await;
+            match answered {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    return Err(ValidateError::proxmox(
+                        format!("pinging the guest agent of clone {vmid}"),
+                        e,
+                    ));
+                }
+                Err(e) => Err(format!(
+                    "did not answer within {}s ({})",
+                    budget.as_secs(),
+                    e.pve_message().unwrap_or("no answer")
+                )),
             }
         };
         self.agent = Some(result.clone());
@@ -692,29 +695,29 @@ impl Run<'_> {
         };
         let port = self.req.ssh.port;
         let limit = Instant::now() + SSH_TIMEOUT.min(self.remaining());
-        let mut delay = Duration::from_millis(200);
-        loop {
+        let schedule = doubling(Duration::from_millis(200), Duration::from_secs(5));
+        let (req, key) = (self.req, self.key);
+        let probed = poll_until(limit, schedule, || async {
             let attempt = SSH_ATTEMPT.min(
                 limit
                     .saturating_duration_since(Instant::now())
                     .max(Duration::from_secs(1)),
             );
-            let result = match self.req.ssh_probe {
+            let result = match req.ssh_probe {
                 SshProbe::Connect => ssh::tcp_connect(&host, port, attempt).await.map(|()| {
                     format!("{unit}.service is active and {host}:{port} accepts TCP connections")
                 }),
-                _ => ssh::login_probe(&host, port, &self.req.ssh.user, self.key, attempt).await.map(|()| {
-                    format!("{unit}.service is active and {} logged in to {host}:{port} with the cloud-init key", self.req.ssh.user)
+                _ => ssh::login_probe(&host, port, &req.ssh.user, key, attempt).await.map(|()| {
+                    format!("{unit}.service is active and {} logged in to {host}:{port} with the cloud-init key", req.ssh.user)
                 }),
             };
             match result {
-                Ok(msg) => return Ok(Ok(msg)),
-                Err(why) if Instant::now() >= limit => return Ok(Err(why)),
-                Err(_) => {}
+                Ok(msg) => ControlFlow::Break(msg),
+                Err(why) => ControlFlow::Continue(why),
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+        })
+        .await;
+        Ok(probed)
     }
 
     /// Where to reach the clone: `ssh.host`, the static IP of `ssh.ipConfig`, else the first
