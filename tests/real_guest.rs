@@ -10,7 +10,9 @@
 //!   tagged and marked; then `validate::validate_template` through a real linked clone (boot,
 //!   agent, `cloud-init status --wait`, SSH login with the validation key, package drift against
 //!   the build's manifest), the clone destroyed, and the clone booted the NEWEST kernel the
-//!   repository offers (the upgrade must install a kernel that comes as a new package);
+//!   repository offers (the upgrade must install a kernel that comes as a new package); then the
+//!   next month's rebuild from that template (a `template` source) whose clean-up removes the
+//!   old kernel without purging it (dpkg state `rc`), validated without drift;
 //! - `controller`: the same GoldenImage applied on the real kube-apiserver: Ready, ConfigMap;
 //! - `missing-package`: a spec package that does not exist fails the build naming the step and
 //!   apt's own error, and leaves no VM.
@@ -310,6 +312,85 @@ fn shorten(s: &str, n: usize) -> String {
     }
 }
 
+/// Validation of `vmid` through a real linked clone with `manifest` as the baseline: all five
+/// checks pass, SSH logs in, no drift. Returns the report (its clone is destroyed).
+async fn validate_through_clone(
+    pve: &FakePve,
+    vmid: u32,
+    owner: &Owner,
+    manifest: &[String],
+    ip_n: u8,
+    label: &str,
+    f: &mut Figures,
+) -> validate::ValidationReport {
+    let mut req = ValidationRequest::new(
+        vmid,
+        pve.node.clone(),
+        owner.clone(),
+        Validation {
+            timeout: "30m".into(),
+            ..Validation::default()
+        },
+    );
+    req.ssh = SshBuild {
+        ip_config: format!("ip={}/8", pve.guest_ip(ip_n)),
+        host: None,
+        port: pve.ssh_port.unwrap(),
+        user: "sombrero".into(),
+    };
+    req.ssh_probe = SshProbe::Login;
+    req.baseline_packages = manifest.to_vec();
+    req.agent_timeout = Duration::from_secs(20 * 60);
+    let started = Instant::now();
+    let seq = pve.requests().await.last().map_or(0, |r| r.seq);
+    let events = std::sync::Mutex::new(Vec::new());
+    let progress = |e: &ProgressEvent| {
+        events
+            .lock()
+            .unwrap()
+            .push((started.elapsed().as_secs_f64(), format!("{e:?}")))
+    };
+    let c = pve_api(pve);
+    let report = validate::validate_template(&c, &req, &progress)
+        .await
+        .expect("validation runs");
+    f.secs(
+        format!("{label}validation wall time"),
+        started.elapsed().as_secs_f64(),
+    );
+    f.note(
+        format!("{label}Proxmox requests per validation"),
+        pve.requests_since(seq).await.len().to_string(),
+    );
+    for check in &report.checks {
+        f.secs(
+            format!("  {label}check {}", check.check),
+            check.duration.as_secs_f64(),
+        );
+    }
+    let names: Vec<&str> = report.checks.iter().map(|c| c.check.as_str()).collect();
+    assert_eq!(
+        names,
+        ["boot", "guestAgent", "cloudInit", "ssh", "packageDrift"]
+    );
+    assert!(report.passed, "{:#?}", report.checks);
+    assert!(
+        report
+            .check(Check::Ssh)
+            .unwrap()
+            .message
+            .contains("logged in"),
+        "{:?}",
+        report.check(Check::Ssh)
+    );
+    assert!(
+        report.drift.as_ref().unwrap().is_clean(),
+        "{:#?}",
+        report.drift
+    );
+    report
+}
+
 /// `sombrero build -f`, then validation of its template through a real linked clone.
 async fn cli_build_and_validate(cache: Cache) -> Figures {
     let mut f = Figures::new("cli");
@@ -410,67 +491,7 @@ async fn cli_build_and_validate(cache: Cache) -> Figures {
     }
 
     // Validation through a real linked clone, with the build's manifest as the baseline.
-    let mut req = ValidationRequest::new(
-        vmid,
-        pve.node.clone(),
-        owner.clone(),
-        Validation {
-            timeout: "30m".into(),
-            ..Validation::default()
-        },
-    );
-    req.ssh = SshBuild {
-        ip_config: format!("ip={}/8", pve.guest_ip(20)),
-        host: None,
-        port: pve.ssh_port.unwrap(),
-        user: "sombrero".into(),
-    };
-    req.ssh_probe = SshProbe::Login;
-    req.baseline_packages = manifest.clone();
-    req.agent_timeout = Duration::from_secs(20 * 60);
-    let started = Instant::now();
-    let seq = pve.requests().await.last().map_or(0, |r| r.seq);
-    let events = std::sync::Mutex::new(Vec::new());
-    let progress = |e: &ProgressEvent| {
-        events
-            .lock()
-            .unwrap()
-            .push((started.elapsed().as_secs_f64(), format!("{e:?}")))
-    };
-    let report = validate::validate_template(&c, &req, &progress)
-        .await
-        .expect("validation runs");
-    f.secs("validation wall time", started.elapsed().as_secs_f64());
-    f.note(
-        "Proxmox requests per validation",
-        pve.requests_since(seq).await.len().to_string(),
-    );
-    for check in &report.checks {
-        f.secs(
-            format!("  check {}", check.check),
-            check.duration.as_secs_f64(),
-        );
-    }
-    let names: Vec<&str> = report.checks.iter().map(|c| c.check.as_str()).collect();
-    assert_eq!(
-        names,
-        ["boot", "guestAgent", "cloudInit", "ssh", "packageDrift"]
-    );
-    assert!(report.passed, "{:#?}", report.checks);
-    assert!(
-        report
-            .check(Check::Ssh)
-            .unwrap()
-            .message
-            .contains("logged in"),
-        "{:?}",
-        report.check(Check::Ssh)
-    );
-    assert!(
-        report.drift.as_ref().unwrap().is_clean(),
-        "{:#?}",
-        report.drift
-    );
+    let report = validate_through_clone(&pve, vmid, &owner, &manifest, 20, "", &mut f).await;
     let clone = report.clone_vmid.expect("a clone was made");
     let left: Vec<u32> = c
         .cluster_vms()
@@ -502,7 +523,97 @@ async fn cli_build_and_validate(cache: Cache) -> Figures {
         status["running"].as_array().unwrap().is_empty(),
         "no guest left running"
     );
+    rebuild_from_template(&pve, &c, &img, &cache, vmid, &manifest, &mut f).await;
     f
+}
+
+/// Next month's rebuild from the template just made (a `template` source: a full clone), whose
+/// clean-up command removes the image's old kernel without purging it, as an `autoremove` of
+/// old kernels does: dpkg keeps it in state `rc` (config-files). The manifest and validation
+/// count only installed packages, so the drift check passes; a manifest of every `dpkg-query -W`
+/// line listed the `rc` kernel, which validation then reported as removed.
+async fn rebuild_from_template(
+    pve: &FakePve,
+    c: &Client,
+    img: &ImageInfo,
+    cache: &Cache,
+    base: u32,
+    first_manifest: &[String],
+    f: &mut Figures,
+) {
+    let old_kernel = format!("linux-image-{}=", cache.image_kernel);
+    let new_kernel = format!("linux-image-{}=", cache.repo_kernel);
+    assert!(
+        first_manifest.iter().any(|m| m.starts_with(&old_kernel)),
+        "the first build ran on the image's kernel, which stays installed: {first_manifest:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = debian_spec(pve, img, 50, &[]);
+    spec["source"] = json!({"template": {"vmid": base}});
+    spec["provisioning"]["commands"] = json!([format!(
+        "DEBIAN_FRONTEND=noninteractive apt-get remove -y linux-image-{}",
+        cache.image_kernel
+    )]);
+    let file = spec_file(dir.path(), "debian-12-rebuild", &spec);
+    let seq = pve.requests().await.last().map_or(0, |r| r.seq);
+    let run = cli_build(pve, &file).await;
+    assert_eq!(
+        run.code,
+        Some(0),
+        "the rebuild from the template failed:\n{}\n{}",
+        run.stderr(),
+        run.stdout
+    );
+    f.secs("rebuild from the template (sombrero build -f)", run.seconds);
+    f.note(
+        "rebuild: Proxmox requests per build",
+        pve.requests_since(seq).await.len().to_string(),
+    );
+    let hand_off: Value = serde_json::from_str(run.stdout.trim()).expect("the seed's JSON");
+    let vmid: u32 = hand_off["template_id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("template_id in {hand_off}"));
+    let cfg = c.vm_config(&pve.node, vmid).await.unwrap();
+    let marker: Marker = parse_description(cfg.description.as_deref().unwrap_or(""))
+        .unwrap()
+        .expect("our marker");
+    let manifest = marker.package_manifest().unwrap();
+    assert!(
+        !manifest.iter().any(|m| m.starts_with(&old_kernel)),
+        "the removed (not purged) kernel is not installed, so not in the manifest: {manifest:?}"
+    );
+    assert!(
+        manifest.iter().any(|m| m.starts_with(&new_kernel)),
+        "{new_kernel} missing from the manifest: {manifest:?}"
+    );
+    // The rebuild's build VM booted the template's (new) kernel.
+    let status = pve.real_guest_status().await;
+    let boots = boots_of(&status, vmid);
+    assert_eq!(
+        boots.first().and_then(|b| b.0.as_deref()),
+        Some(cache.repo_kernel.as_str()),
+        "{status:#}"
+    );
+    let owner = Owner {
+        namespace: "default".into(),
+        name: "debian-12-rebuild".into(),
+        uid: sombrero::build::cli_owner_uid("default", "debian-12-rebuild"),
+    };
+    validate_through_clone(pve, vmid, &owner, &manifest, 60, "rebuild: ", f).await;
+    let mut left: Vec<u32> = c
+        .cluster_vms()
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.vmid)
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [base, vmid],
+        "two templates, no build VM or clone left"
+    );
 }
 
 /// The same image through the controller: GoldenImage → Ready, ConfigMap written.
