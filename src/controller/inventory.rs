@@ -102,12 +102,10 @@ struct Published {
 }
 
 struct Shared {
-    digest: String,
     client: proxmox::Client,
     /// Refresh requests so far.
     requested: u64,
-    /// Every reader waits for a snapshot at least this new (raised by a credential change: a
-    /// snapshot taken with the old token may lack what it could not see).
+    /// Every reader waits for a snapshot at least this new.
     floor: u64,
     /// Cached configs to drop before the next refresh (we changed those VMs).
     forget: Vec<u32>,
@@ -296,11 +294,18 @@ async fn fetch(
     }))
 }
 
-/// All clusters' inventories.
+/// All clusters' inventories, one per credential: two Secrets for one cluster (another token,
+/// or the same token id with another secret) never share a snapshot, so an image never sees
+/// what its own token could not list, nor fails on another's token.
 pub struct Inventories {
-    map: Mutex<HashMap<String, Arc<ClusterInventory>>>,
+    map: Mutex<HashMap<String, Entry>>,
     resync: Duration,
     wake: broadcast::Sender<ImageRef>,
+}
+
+struct Entry {
+    inv: Arc<ClusterInventory>,
+    used: Instant,
 }
 
 impl Default for Inventories {
@@ -325,34 +330,23 @@ impl Inventories {
         self.wake.subscribe()
     }
 
-    /// The inventory of `conn`'s cluster (its background refresh starts with it); a changed
-    /// credential gets a fresh client and makes every reader wait for a snapshot taken with it.
+    /// The inventory of `conn`'s cluster and credential (its background refresh starts with
+    /// it). A changed credential is a new inventory whose first readers wait for its first
+    /// snapshot; one nobody asked for in three resyncs (a rotated secret, a deleted image) is
+    /// dropped, which ends its refresh.
     pub async fn get(&self, conn: &Connection) -> proxmox::Result<Arc<ClusterInventory>> {
+        let key = format!("{}|{}", conn.cluster_key, conn.digest);
+        let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(inv) = map.get(&conn.cluster_key) {
-            let inv = inv.clone();
-            drop(map);
-            let changed = {
-                let mut s = inv.lock();
-                if s.digest != conn.digest {
-                    s.client = proxmox::Client::new(conn.config.clone())?;
-                    s.digest = conn.digest.clone();
-                    s.requested += 1;
-                    s.floor = s.requested;
-                    true
-                } else {
-                    false
-                }
-            };
-            if changed {
-                inv.refresh_now.notify_one();
-            }
-            return Ok(inv);
+        let idle = self.resync * 3;
+        map.retain(|k, e| *k == key || now.duration_since(e.used) < idle);
+        if let Some(e) = map.get_mut(&key) {
+            e.used = now;
+            return Ok(e.inv.clone());
         }
         let refresh_now = Arc::new(Notify::new());
         let inv = Arc::new(ClusterInventory {
             shared: Mutex::new(Shared {
-                digest: conn.digest.clone(),
                 client: proxmox::Client::new(conn.config.clone())?,
                 requested: 0,
                 floor: 0,
@@ -361,7 +355,13 @@ impl Inventories {
             refresh_now: refresh_now.clone(),
             published: watch::channel(None).0,
         });
-        map.insert(conn.cluster_key.clone(), inv.clone());
+        map.insert(
+            key,
+            Entry {
+                inv: inv.clone(),
+                used: now,
+            },
+        );
         tokio::spawn(refresher(
             Arc::downgrade(&inv),
             refresh_now,
