@@ -4,8 +4,10 @@
 set -euo pipefail
 R="$1" KEY="$2" URL="$3" LABEL="$4"
 
-# The only apt source: the local signed repository (no internet for the guest).
-rm -f "$R/etc/apt/sources.list"
+# The only apt source: the local signed repository (no internet for the guest). mmdebstrap leaves
+# the host's sources it was given in sources.list.d (0000*.sources): with them `apt-get update`
+# waited out two resolver timeouts for the public mirror (244 s of a 10 s step).
+rm -f "$R/etc/apt/sources.list" "$R"/etc/apt/sources.list.d/*
 mkdir -p "$R/etc/apt/keyrings" "$R/etc/apt/sources.list.d"
 install -m 0644 "$KEY" "$R/etc/apt/keyrings/sombrero-test-repo.gpg"
 cat >"$R/etc/apt/sources.list.d/sombrero-test.sources" <<SRC

@@ -130,6 +130,11 @@ if left="$(findmnt -rn -o TARGET | grep -F "$ROOTFS/")"; then
     die "still mounted inside the root file system (a process held it): $left"
 fi
 
+# The guest reaches only loopback: any other apt source would make apt wait on timeouts.
+sources="$(cd "$ROOTFS/etc/apt" && { ls sources.list sources.list.d/* 2>/dev/null || true; } | tr '\n' ' ')"
+[[ "$sources" == "sources.list.d/sombrero-test.sources " ]] || die "the image's apt sources are \
+'$sources', not only sources.list.d/sombrero-test.sources"
+
 # --- facts ---------------------------------------------------------------------------------
 old_kernel="$(cd "$ROOTFS/boot" && ls vmlinuz-* | sed 's/^vmlinuz-//' | sort -V | tail -1)"
 new_kernel="$(cd "$OUT/repo" && ls linux-image-6*-cloud-amd64_*.deb 2>/dev/null \
