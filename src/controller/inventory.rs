@@ -105,8 +105,6 @@ struct Shared {
     client: proxmox::Client,
     /// Refresh requests so far.
     requested: u64,
-    /// Every reader waits for a snapshot at least this new.
-    floor: u64,
     /// Cached configs to drop before the next refresh (we changed those VMs).
     forget: Vec<u32>,
 }
@@ -129,14 +127,13 @@ impl ClusterInventory {
     }
 
     /// The latest snapshot (the background task keeps it within one resync interval). Waits
-    /// only for the first one, or after a credential change. `max_age` zero: a snapshot taken
-    /// after this call ([`Self::refresh`]).
+    /// only for the first one (a changed credential is a new inventory). `max_age` zero: a
+    /// snapshot taken after this call ([`Self::refresh`]).
     pub async fn snapshot(&self, max_age: Duration) -> proxmox::Result<Arc<Snapshot>> {
         if max_age.is_zero() {
             return self.refresh(&[]).await;
         }
-        let floor = self.lock().floor;
-        self.wait_for(floor).await
+        self.wait_for(0).await
     }
 
     /// A snapshot taken after this call, with the cached configs of `vmids` read again (we
@@ -349,7 +346,6 @@ impl Inventories {
             shared: Mutex::new(Shared {
                 client: proxmox::Client::new(conn.config.clone())?,
                 requested: 0,
-                floor: 0,
                 forget: Vec::new(),
             }),
             refresh_now: refresh_now.clone(),
