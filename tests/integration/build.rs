@@ -3,6 +3,7 @@
 //! interruption at every stage, concurrent builds, and a consumer's clone left alone.
 
 use crate::support;
+use crate::support::crash;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -1245,18 +1246,7 @@ async fn assert_no_duplicate_no_leak(
     let mut names = Vec::new();
     for vm in c.cluster_vms().await.unwrap() {
         let cfg = config(c, pve, vm.vmid).await;
-        if let Some((_, before, running)) = foreign.iter().find(|f| f.0 == vm.vmid) {
-            assert_eq!(
-                cfg.digest, before.digest,
-                "{when}: VM {} was changed",
-                vm.vmid
-            );
-            assert_eq!(
-                c.vm_status(&pve.node, vm.vmid).await.unwrap().status == "running",
-                *running,
-                "{when}: VM {} was started or stopped",
-                vm.vmid
-            );
+        if crash::is_untouched_foreign(c, &pve.node, vm.vmid, &cfg, foreign, when).await {
             continue;
         }
         assert!(
@@ -1277,22 +1267,10 @@ async fn assert_no_duplicate_no_leak(
         );
         names.push(m.metadata.name);
     }
-    for (vmid, ..) in foreign {
-        assert!(
-            c.vm_status(&pve.node, *vmid).await.is_ok(),
-            "{when}: VM {vmid} is gone"
-        );
-    }
-    names.sort();
-    assert!(!names.is_empty(), "{when}: no template");
+    crash::foreign_still_there(c, &pve.node, foreign, when).await;
     // The consumer's clone carries a copy of template 001's marker, so numbering starts after
     // it: consecutive from the first, each once.
-    let (stem, first) = names[0].rsplit_once('-').unwrap();
-    let first: usize = first.parse().unwrap();
-    let want: Vec<String> = (first..first + names.len())
-        .map(|n| format!("{stem}-{n:03}"))
-        .collect();
-    assert_eq!(names, want, "{when}: one template per number, consecutive");
+    crash::assert_consecutive(&mut names, when);
     names
 }
 

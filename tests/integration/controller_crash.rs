@@ -4,6 +4,7 @@
 //! of the channel tag, no VM left that is not a template, the foreign VMs untouched.
 
 use crate::support;
+use crate::support::crash;
 
 use std::time::{Duration, Instant};
 
@@ -109,18 +110,7 @@ async fn assert_no_duplicate_no_leak(
     let mut holders = Vec::new();
     for vm in c.cluster_vms().await.unwrap() {
         let cfg = c.vm_config(&vm.node, vm.vmid).await.unwrap();
-        if let Some((_, before, running)) = foreign.iter().find(|f| f.0 == vm.vmid) {
-            assert_eq!(
-                cfg.digest, before.digest,
-                "{when}: VM {} was changed",
-                vm.vmid
-            );
-            assert_eq!(
-                c.vm_status(&pve.node, vm.vmid).await.unwrap().status == "running",
-                *running,
-                "{when}: VM {} was started or stopped",
-                vm.vmid
-            );
+        if crash::is_untouched_foreign(c, &pve.node, vm.vmid, &cfg, foreign, when).await {
             continue;
         }
         assert!(
@@ -142,21 +132,9 @@ async fn assert_no_duplicate_no_leak(
         }
         names.push(m.metadata.name);
     }
-    for (vmid, ..) in foreign {
-        assert!(
-            c.vm_status(&pve.node, *vmid).await.is_ok(),
-            "{when}: VM {vmid} is gone"
-        );
-    }
-    names.sort();
-    assert!(!names.is_empty(), "{when}: no template");
+    crash::foreign_still_there(c, &pve.node, foreign, when).await;
     // The look-alike holds 050, so ours follow it: consecutive from the first, each once.
-    let (stem, first) = names[0].rsplit_once('-').unwrap();
-    let first: usize = first.parse().unwrap();
-    let want: Vec<String> = (first..first + names.len())
-        .map(|n| format!("{stem}-{n:03}"))
-        .collect();
-    assert_eq!(names, want, "{when}: one template per number, consecutive");
+    crash::assert_consecutive(&mut names, when);
     assert!(names.len() <= 2, "{when}: {names:?}");
     assert_eq!(
         holders.len(),

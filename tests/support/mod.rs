@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod controller;
+pub mod crash;
 pub mod fakepve;
 pub mod kube;
 pub mod rbac;
