@@ -6,7 +6,7 @@
 # after the others so they do not share the CPU). `make test-real-guest` runs only the last.
 
 CARGO ?= cargo
-# Extra arguments for `cargo test`, e.g. CARGO_TEST_FLAGS='--test integration build::'.
+# Extra arguments for `cargo test`, e.g. CARGO_TEST_FLAGS='--test integration builder::'.
 CARGO_TEST_FLAGS ?=
 
 .PHONY: test test-real-guest tools venv real-guest-image fmt-check clippy cargo-test crds health-samples image demo bench-build bench-controller \

@@ -1,5 +1,5 @@
 //! The production pipeline, one implementation for the controller and the CLI: privileges
-//! checked, then `crate::build::run_build` (resumable from the markers), then
+//! checked, then `crate::builder::run_build` (resumable from the markers), then
 //! `crate::validate::validate_template` and `crate::promote::promote` (or `mark_failed`) as
 //! the [`Request`] asks. The controller runs it with validation as the spec says and
 //! promotion always; `sombrero build --validate --promote` with what its flags say.
@@ -9,7 +9,7 @@ use chrono::NaiveDate;
 use crate::api::GoldenImageSpec;
 use crate::api::golden_image::BuildStage;
 use crate::api::golden_image::ProvisioningChannel;
-use crate::build::{self, BuildOutcome, BuildRequest, ErrorCategory};
+use crate::builder::{self, BuildOutcome, BuildRequest, ErrorCategory};
 use crate::image::marker::{Owner, ValidationRecord};
 use crate::privileges::{self, ImageRun, PrivilegeError};
 use crate::promote::{self, PromotionOutcome};
@@ -35,7 +35,7 @@ pub struct Request {
 }
 
 /// Progress of a run: the build's stages, then `Validate` and `Promote`.
-pub trait Progress: build::Progress {
+pub trait Progress: builder::Progress {
     /// A step after the build (`Validate`, `Promote`).
     fn step(&self, step: BuildStage);
     /// The build finished: the template exists (validation and promotion may follow).
@@ -210,7 +210,7 @@ pub async fn run(req: &Request, progress: &dyn Progress) -> Outcome {
         today: req.today,
         adopt_unvalidated: req.adopt_unvalidated,
     };
-    let built = match build::run_build(&req.client, &build_req, progress).await {
+    let built = match builder::run_build(&req.client, &build_req, progress).await {
         Ok(b) => b,
         Err(e) => {
             return Outcome::Failed(Failure {
@@ -384,7 +384,7 @@ fn build_kind(c: ErrorCategory) -> FailureKind {
     }
 }
 
-fn build_reason(e: &build::BuildError) -> FailureReason {
+fn build_reason(e: &builder::BuildError) -> FailureReason {
     match e.category {
         ErrorCategory::InvalidSpec => FailureReason::InvalidSpec,
         ErrorCategory::ProxmoxAuth => FailureReason::ProxmoxAuthFailed,
@@ -397,15 +397,15 @@ fn build_reason(e: &build::BuildError) -> FailureReason {
     }
 }
 
-impl From<build::Stage> for BuildStage {
-    fn from(s: build::Stage) -> Self {
+impl From<builder::Stage> for BuildStage {
+    fn from(s: builder::Stage) -> Self {
         match s {
-            build::Stage::Source => BuildStage::Source,
-            build::Stage::CreateVm => BuildStage::CreateVm,
-            build::Stage::Provision => BuildStage::Provision,
-            build::Stage::Shutdown => BuildStage::Shutdown,
-            build::Stage::Convert => BuildStage::Convert,
-            build::Stage::Finalize => BuildStage::Finalize,
+            builder::Stage::Source => BuildStage::Source,
+            builder::Stage::CreateVm => BuildStage::CreateVm,
+            builder::Stage::Provision => BuildStage::Provision,
+            builder::Stage::Shutdown => BuildStage::Shutdown,
+            builder::Stage::Convert => BuildStage::Convert,
+            builder::Stage::Finalize => BuildStage::Finalize,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! sombrero: keeps Proxmox VE VM templates ("golden images") as a platform team declares them.
 
 pub mod api;
-pub mod build;
+pub mod builder;
 pub mod cli;
 pub mod controller;
 pub mod engine;

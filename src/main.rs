@@ -21,16 +21,16 @@ struct Cli {
 enum Command {
     /// Build one golden image from a GoldenImage file against the Proxmox VE in the environment
     /// (with --validate / --promote: the controller's production run).
-    Build(cli::build::BuildArgs),
+    Build(cli::build_command::BuildArgs),
     /// Check that the API token in the environment holds every privilege a run of a GoldenImage
     /// or TemplateRetention file needs; changes nothing.
-    Check(cli::check::CheckArgs),
+    Check(cli::check_command::CheckArgs),
     /// Run the Kubernetes controller.
-    Controller(Box<cli::controller::ControllerArgs>),
+    Controller(Box<cli::controller_command::ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML (pipe into `kubectl apply -f -`).
-    Crd(cli::crd::CrdArgs),
+    Crd(cli::crd_command::CrdArgs),
     /// Apply a TemplateRetention policy once: print the plan, then execute it unless --dry-run.
-    Prune(cli::prune::PruneArgs),
+    Prune(cli::prune_command::PruneArgs),
     /// Print the version.
     Version,
 }
@@ -39,11 +39,11 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Build(args) => cli::build::run(&args).await,
-        Command::Check(args) => cli::check::run(&args).await,
-        Command::Controller(args) => cli::controller::run(&args).await,
-        Command::Crd(args) => cli::crd::run(&args),
-        Command::Prune(args) => cli::prune::run(&args).await,
+        Command::Build(args) => cli::build_command::run(&args).await,
+        Command::Check(args) => cli::check_command::run(&args).await,
+        Command::Controller(args) => cli::controller_command::run(&args).await,
+        Command::Crd(args) => cli::crd_command::run(&args),
+        Command::Prune(args) => cli::prune_command::run(&args).await,
         Command::Version => {
             println!("sombrero {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -447,7 +447,7 @@ async fn cli_build_and_validate(cache: Cache) -> Figures {
     let owner = Owner {
         namespace: "default".into(),
         name: "debian-12-minimal".into(),
-        uid: sombrero::build::cli_owner_uid("default", "debian-12-minimal"),
+        uid: sombrero::builder::cli_owner_uid("default", "debian-12-minimal"),
     };
     assert_eq!((marker.role, marker.vmid), (Role::Template, vmid));
     assert_eq!(marker.owner, owner);
@@ -598,7 +598,7 @@ async fn rebuild_from_template(
     let owner = Owner {
         namespace: "default".into(),
         name: "debian-12-rebuild".into(),
-        uid: sombrero::build::cli_owner_uid("default", "debian-12-rebuild"),
+        uid: sombrero::builder::cli_owner_uid("default", "debian-12-rebuild"),
     };
     validate_through_clone(pve, vmid, &owner, &manifest, 60, "rebuild: ", f).await;
     let mut left: Vec<u32> = c

@@ -1,11 +1,11 @@
 //! Subcommands of the `sombrero` binary, one module each. `main.rs` only parses and dispatches.
 
-pub mod build;
-pub mod check;
-pub mod controller;
-pub mod crd;
+pub mod build_command;
+pub mod check_command;
+pub mod controller_command;
+pub mod crd_command;
 pub mod manifest;
-pub mod prune;
+pub mod prune_command;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -8,10 +8,10 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use futures::future::BoxFuture;
 
-use super::builds::{JobOutcome, ProgressHandle, Tracker};
 use super::connection::DefaultConnection;
 use super::events::Recorder;
 use super::inventory::Inventories;
+use super::jobs::{JobOutcome, ProgressHandle, Tracker};
 use super::metrics::Metrics;
 use kube::runtime::reflector::ObjectRef;
 
@@ -30,20 +30,20 @@ pub struct JobRequest {
 }
 
 /// The engine behind the controller: build -> validate -> promote (or mark failed), and the
-/// cleanup of leftover build and validation VMs. [`super::engine::Engine`] is the real one
-/// (`crate::build`, `crate::validate`, `crate::promote`); the trait keeps the reconciler
+/// cleanup of leftover build and validation VMs. [`super::runner::EngineRunner`] is the real one
+/// (`crate::builder`, `crate::validate`, `crate::promote`); the trait keeps the reconciler
 /// testable without them.
-pub trait Pipeline: Send + Sync + 'static {
+pub trait JobRunner: Send + Sync + 'static {
     fn run(&self, request: JobRequest, progress: ProgressHandle) -> BoxFuture<'static, JobOutcome>;
     /// Destroys the owner's abandoned build VMs and stale validation clones; returns their VMIDs.
     /// A refused token is a stalled error (`Error::ProxmoxAuth`, `Error::Proxmox`), anything
     /// else transient.
-    /// `names`: [`crate::build::clone_names`] of the spec (a clone still carrying its base's tags).
+    /// `names`: [`crate::builder::clone_names`] of the spec (a clone still carrying its base's tags).
     fn cleanup(
         &self,
         client: proxmox::Client,
         owner: Owner,
-        names: Option<crate::build::ImageNames>,
+        names: Option<crate::builder::ImageNames>,
     ) -> BoxFuture<'static, Result<Vec<u32>, super::error::Error>>;
 }
 
@@ -67,7 +67,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub inventories: Inventories,
     pub tracker: Tracker,
-    pub pipeline: Arc<dyn Pipeline>,
+    pub runner: Arc<dyn JobRunner>,
     pub settings: Settings,
     /// Failed reconciles in a row per TemplateRetention, for the error backoff (the
     /// GoldenImages' is in their memory, [`Tracker`]).

@@ -15,7 +15,7 @@ use croner::Cron;
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 
-use super::builds::{
+use super::jobs::{
     FinishedHere, JobOutcome, JobProgress, JobView, Recorded, StatusBuild, judge_status_build,
 };
 use super::memory::{self, FailedBuild, ImageMemory, Retry};

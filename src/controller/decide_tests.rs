@@ -4,7 +4,7 @@
 use super::*;
 use crate::api::golden_image::{CheckResult, TemplateValidation, ValidationReport};
 use crate::api::template_retention::ExecutedAction;
-use crate::controller::builds::JobView;
+use crate::controller::jobs::JobView;
 use crate::retention::{self, Executed, Scope};
 use chrono::TimeZone;
 

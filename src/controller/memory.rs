@@ -1,6 +1,6 @@
 //! What this process remembers of each GoldenImage between reconciles, keyed by the object
 //! itself ([`ImageKey`]: namespace, name and uid, so a re-created object of the same name
-//! starts afresh): its job (in [`super::builds::Tracker`]), the builds it finished, its last
+//! starts afresh): its job (in [`super::jobs::Tracker`]), the builds it finished, its last
 //! failed build and the error streak. Lost on restart by design: a restarted controller tries
 //! once more. The retry policy of failed builds lives here, next to the memory it reads.
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use kube::ResourceExt;
 
-use super::builds::FinishedHere;
+use super::jobs::FinishedHere;
 use crate::api::GoldenImage;
 use crate::engine::FailureReason;
 

@@ -8,9 +8,9 @@
 //!   `observedGeneration`, `Ready`/`Reconciling`/`Stalled` as kstatus reads them, `Validated`,
 //!   `UpToDate`, `build`, `versions`, `latest`, `lastValidation`), and a finalizer that
 //!   honours `deletionPolicy`. [`triggers`] (pure) says when a build is due.
-//! - [`builds`]: the build -> validate -> promote job runs in the background, one per image,
+//! - [`jobs`]: the build -> validate -> promote job runs in the background, one per image,
 //!   with a global and a per-node limit; a restarted controller resumes from `status.build`.
-//!   Its [`builds::Tracker`] holds each image's memory ([`memory`]: keyed by namespace, name
+//!   Its [`jobs::Tracker`] holds each image's memory ([`memory`]: keyed by namespace, name
 //!   and uid; the job, builds finished here, the last failed build and its retry policy, the
 //!   error backoff).
 //! - [`inventory`]: one `cluster/resources` list per Proxmox cluster per resync interval,
@@ -26,21 +26,21 @@
 //! [`run`] joins the controllers into one future; a second controller (retention) is added
 //! there next to the GoldenImage one.
 
-pub mod builds;
 pub mod connection;
 pub mod context;
 pub mod decide;
-pub mod engine;
 pub mod error;
 pub mod events;
 pub mod http;
 pub mod inventory;
+pub mod jobs;
 pub mod leader;
 pub mod memory;
 pub mod metrics;
 pub mod reconcile;
 pub mod report;
 pub mod retention;
+pub mod runner;
 pub mod source;
 pub mod status;
 pub mod triggers;
@@ -60,11 +60,11 @@ use kube::runtime::{Controller, controller, watcher};
 use kube::{Client, ResourceExt};
 
 use crate::api::GoldenImage;
-use builds::{Limits, Tracker};
 use connection::DefaultConnection;
-use context::{Context, Pipeline, Settings};
+use context::{Context, JobRunner, Settings};
 use events::{Recorder, Reporter};
 use inventory::Inventories;
+use jobs::{Limits, Tracker};
 
 /// Everything `run` needs.
 #[derive(Clone)]
@@ -87,7 +87,7 @@ pub struct Options {
 
 /// Runs the controller until a shutdown signal (Ok) or lost leadership (Err: exit so the pod
 /// restarts and queues up as a standby).
-pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> Result<(), String> {
+pub async fn run(client: Client, opts: Options, runner: Arc<dyn JobRunner>) -> Result<(), String> {
     let metrics = Arc::new(metrics::Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     let bound = http::serve(opts.metrics_addr, metrics.clone(), ready.clone())
@@ -131,7 +131,7 @@ pub async fn run(client: Client, opts: Options, pipeline: Arc<dyn Pipeline>) -> 
         tracker: Tracker::new(opts.limits, metrics.builds_running.clone()),
         metrics,
         inventories: Inventories::new(opts.settings.resync),
-        pipeline,
+        runner,
         settings: opts.settings.clone(),
         retention_errors: Mutex::new(HashMap::new()),
     });

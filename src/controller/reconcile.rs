@@ -21,7 +21,6 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::builds::{JobOutcome, JobView};
 use super::connection;
 use super::context::{Context, JobRequest};
 use super::decide::{
@@ -29,6 +28,7 @@ use super::decide::{
 };
 use super::error::{Error, Result};
 use super::inventory::{ClusterInventory, Snapshot};
+use super::jobs::{JobOutcome, JobView};
 use super::memory::ImageKey;
 use super::status;
 use super::triggers::{self, Attempt, REBUILD_ANNOTATION};
@@ -380,13 +380,13 @@ async fn act(
             build_id: start.build_id.clone(),
             today: start.today,
         };
-        let pipeline = ctx.pipeline.clone();
+        let runner = ctx.runner.clone();
         match ctx.tracker.try_start(
             key,
             &gi.spec.placement.node,
             &start.build_id,
             start.started_at,
-            move |p| pipeline.run(request, p),
+            move |p| runner.run(request, p),
         ) {
             Ok(()) => {
                 info!(
@@ -560,11 +560,11 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         crate::privileges::check(&client, &crate::privileges::cleanup_needs(&leftovers)).await?;
     }
     let removed = ctx
-        .pipeline
+        .runner
         .cleanup(
             client.clone(),
             owner.clone(),
-            crate::build::clone_names(&gi.spec),
+            crate::builder::clone_names(&gi.spec),
         )
         .await?;
     inv.invalidate(&removed).await;

@@ -9,7 +9,7 @@
 //!
 //! Not a rebuild but the rest of one: when the newest template is of the current spec and
 //! still awaits validation (`pending`, not promoted) while no job runs, a job is started that
-//! only validates and promotes it (`crate::build::run_build` answers that template instead of
+//! only validates and promotes it (`crate::builder::run_build` answers that template instead of
 //! building). It covers a process that died after `Finalize` and lost `status.build` too. It
 //! comes after a manual request, which such a job then answers.
 

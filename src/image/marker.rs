@@ -139,7 +139,7 @@ pub struct TemplateMetadata {
     pub created_at: Option<DateTime<Utc>>,
 }
 
-/// Progress of a build (`crate::build`), kept in the build VM's marker so an interrupted build
+/// Progress of a build (`crate::builder`), kept in the build VM's marker so an interrupted build
 /// resumes where it stopped; on the template it keeps the package manifest (the baseline of
 /// validation's `packageDrift`).
 ///
@@ -151,7 +151,7 @@ pub struct TemplateMetadata {
 /// user's notes; `metadata.package_manifest_digest` (over the full list) always stays.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildProgress {
-    /// The last build stage that finished (`crate::build::Stage` names: `CreateVm`, `Provision`, ...).
+    /// The last build stage that finished (`crate::builder::Stage` names: `CreateVm`, `Provision`, ...).
     pub stage: String,
     /// The manifest in plain text, as markers written before the compressed form hold it.
     /// Read by [`BuildProgress::packages`]; new markers leave it empty.

@@ -8,7 +8,7 @@
 
 use crate::api::GoldenImageSpec;
 use crate::api::golden_image::ProvisioningChannel;
-use crate::build::static_ip;
+use crate::builder::static_ip;
 use crate::proxmox::PveVersion;
 use crate::retention::ArchiveMode;
 use crate::validate::{Check, plan_checks};
@@ -272,7 +272,7 @@ pub fn image_needs(run: &ImageRun<'_>) -> Vec<Need> {
     }
     // The keys the build writes: hardware, network, cloud-init, the disk, the cloud-init drive,
     // name, tags and marker.
-    let hw = crate::build::hardware_config(spec);
+    let hw = crate::builder::hardware_config(spec);
     let mut keys: Vec<(&str, &str)> = hw
         .values()
         .iter()

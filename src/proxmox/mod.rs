@@ -64,6 +64,7 @@ pub mod config;
 pub mod error;
 pub mod lenient;
 pub mod qemu;
+pub mod readback;
 pub mod retry;
 pub mod secret;
 pub mod storage;

@@ -23,8 +23,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::api::template_retention::ExecutedAction;
-use crate::build::readback::{TaskCall, run_task};
 use crate::image::tags::TagSet;
+use crate::proxmox::readback::{TaskCall, run_task};
 use crate::proxmox::{self, ConfigUpdate, DeleteVm, QemuConfig, Vzdump, client::Client};
 
 use super::inventory::{Checked, Refusal, recheck};

@@ -10,9 +10,9 @@ use tracing::{info, warn};
 
 use super::VALIDATION_TAG;
 use super::error::ValidateError;
-use crate::build::readback::{TaskCall, run_task};
 use crate::image::marker::{Owner, Ownership, Role, ownership, parse_description};
 use crate::image::tags::OWNER_TAG;
+use crate::proxmox::readback::{TaskCall, run_task};
 use crate::proxmox::{self, Client, ConfigUpdate, DeleteVm, QemuConfig};
 
 /// Prefix of a validation clone's name (`sombrero-validate-<template vmid>`). The name is set by

@@ -14,11 +14,11 @@ use super::drift::{PackageDrift, compute_drift, dpkg_query, parse_installed};
 use super::error::ValidateError;
 use super::report::{CheckOutcome, ValidationReport};
 use super::{ProgressEvent, SshProbe, VALIDATION_TAG, ValidationProgress, ValidationRequest};
-use crate::build::readback::{TaskCall, run_task};
-use crate::build::{first_ipv4, static_ip};
+use crate::builder::{first_ipv4, static_ip};
 use crate::image::marker::{Ownership, Role, ownership, parse_description, render_description};
 use crate::image::tags::{OWNER_TAG, TagSet, image_tag};
 use crate::poll::{doubling, poll_until};
+use crate::proxmox::readback::{TaskCall, run_task};
 use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, ExecStatus, ExecWait, Idempotency, QemuConfig,
     StorageInfo, VmConfig,

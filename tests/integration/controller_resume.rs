@@ -1,6 +1,6 @@
 //! The controller finishes a build whose process died after `Finalize` and whose
 //! `status.build` was lost too: it must validate and promote that template, never build a
-//! second one. The crash state is made with `sombrero::build::run_build` (what the controller's
+//! second one. The crash state is made with `sombrero::builder::run_build` (what the controller's
 //! job runs first) before the controller starts; then the controller runs in-process against a
 //! real kube-apiserver and the fake Proxmox, as in tests/integration/controller.rs.
 
@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use sombrero::api::GoldenImage;
-use sombrero::build::{BuildRequest, NoProgress};
+use sombrero::builder::{BuildRequest, NoProgress};
 use sombrero::image::marker::{Owner, Role, ValidationRecord, ownership, parse_description};
 use sombrero::image::tags::{OWNER_TAG, TagSet};
 use sombrero::proxmox;
@@ -82,7 +82,7 @@ async fn a_template_finished_before_a_crash_is_validated_and_promoted_not_rebuil
 
     // The job of a controller that then died: the build ran to the end (Finalize), nothing
     // after it (no validation, no promotion, no status).
-    let built = sombrero::build::run_build(
+    let built = sombrero::builder::run_build(
         &c,
         &BuildRequest {
             spec: gi.spec.clone(),

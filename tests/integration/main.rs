@@ -8,7 +8,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-mod build;
+mod builder;
 mod chart;
 mod controller;
 mod controller_crash;

@@ -48,7 +48,7 @@ fn ours() -> Owner {
     Owner {
         namespace: NS.into(),
         name: IMAGE.into(),
-        uid: sombrero::build::cli_owner_uid(NS, IMAGE),
+        uid: sombrero::builder::cli_owner_uid(NS, IMAGE),
     }
 }
 

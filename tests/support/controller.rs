@@ -13,7 +13,7 @@ use serde_json::json;
 use sombrero::api::GoldenImage;
 use sombrero::api::common::find_condition;
 use sombrero::controller::{
-    self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
+    self, Options, connection::DefaultConnection, context::Settings, jobs::Limits,
 };
 use sombrero::proxmox;
 
@@ -71,7 +71,7 @@ pub fn start(client: &Client, opts: Options) -> tokio::task::JoinHandle<Result<(
         .try_init();
     let client = client.clone();
     tokio::spawn(async move {
-        controller::run(client, opts, Arc::new(controller::engine::Engine)).await
+        controller::run(client, opts, Arc::new(controller::runner::EngineRunner)).await
     })
 }
 

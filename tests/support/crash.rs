@@ -1,5 +1,5 @@
 //! The invariants of the crash tests (a build killed or its answers lost, then run to the end),
-//! shared by tests/integration/build.rs and controller_crash.rs.
+//! shared by tests/integration/builder.rs and controller_crash.rs.
 
 use sombrero::proxmox::{Client, VmConfig};
 

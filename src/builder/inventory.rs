@@ -7,11 +7,11 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use super::error::{BuildError, ErrorCategory};
-use super::readback::is_creation_lock;
 use crate::image::marker::{Marker, Owner, Role, ValidationRecord, parse_description};
 use crate::image::naming::NameTemplate;
 use crate::image::tags::{TagSet, image_tag};
 use crate::poll::poll_until;
+use crate::proxmox::readback::is_creation_lock;
 use crate::proxmox::{Client, ClusterVm, PollSchedule, VmConfig};
 
 /// One VM with the image's tag.

@@ -9,7 +9,6 @@ use super::error::{BuildError, ErrorCategory};
 use super::inventory::{self, ImageNames, TaggedVm};
 use super::plan::{first_ipv4, hardware_config, static_ip};
 use super::provision::{self, AgentWait, Channel};
-use super::readback::{TaskCall, run_task, settled_config};
 use super::source::{self, Prepared};
 use super::{BuildOutcome, BuildRequest, Progress, Stage, StageTiming, Timeouts};
 use crate::api::GoldenImageSpec;
@@ -22,6 +21,7 @@ use crate::image::marker::{
 use crate::image::naming::{CLAIMS, NameTemplate, NamingError};
 use crate::image::spec_hash::spec_hash;
 use crate::image::tags::base_tags;
+use crate::proxmox::readback::{TaskCall, run_task, settled_config};
 use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, DeleteVm, QemuConfig, Shutdown, VmConfig,
 };

@@ -38,7 +38,7 @@ pub async fn run(args: &CheckArgs) -> ExitCode {
         .ok()
         .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string));
     let subject = match kind.as_deref() {
-        Some("TemplateRetention") => match super::prune::parse(&text) {
+        Some("TemplateRetention") => match super::prune_command::parse(&text) {
             Ok(policy) => Subject::Retention(policy),
             Err(problems) => return super::refuse_retention(&args.file, &problems),
         },

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use super::error::BuildError;
 use super::plan::{normalize_file_name, parse_checksum};
-use super::readback::{self, TaskCall};
 use super::{Progress, Stage, Timeouts};
 use crate::api::GoldenImageSpec;
 use crate::image::checksum;
 use crate::image::marker::SourceInfo;
+use crate::proxmox::readback::{self, TaskCall};
 use crate::proxmox::{Client, ClusterVm, DownloadUrl};
 
 /// What the `Source` stage found or fetched.
@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn an_unreachable_checksum_list_is_transient_a_missing_one_is_not() {
-        use crate::build::ErrorCategory::{Checksum, SourceUnavailable};
+        use crate::builder::ErrorCategory::{Checksum, SourceUnavailable};
         assert_eq!(checksum_list_failure(503), SourceUnavailable);
         assert_eq!(checksum_list_failure(502), SourceUnavailable);
         assert_eq!(checksum_list_failure(429), SourceUnavailable);

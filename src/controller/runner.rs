@@ -6,21 +6,21 @@
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use super::builds::{JobOutcome, ProgressHandle};
-use super::context::{JobRequest, Pipeline};
+use super::context::{JobRequest, JobRunner};
 use super::error::Error;
+use super::jobs::{JobOutcome, ProgressHandle};
 use crate::api::golden_image::{BuildStage, ValidationReport};
-use crate::build;
+use crate::builder;
 use crate::engine::Outcome;
 use crate::image::marker::Owner;
 use crate::proxmox;
 use crate::validate;
 
-/// The engine of `crate::build`, `crate::validate` and promotion.
-pub struct Engine;
+/// The engine of `crate::builder`, `crate::validate` and promotion.
+pub struct EngineRunner;
 
-impl build::Progress for ProgressHandle {
-    fn stage(&self, stage: build::Stage) {
+impl builder::Progress for ProgressHandle {
+    fn stage(&self, stage: builder::Stage) {
         ProgressHandle::stage(self, stage.into());
     }
     fn message(&self, text: &str) {
@@ -35,7 +35,7 @@ impl crate::engine::Progress for ProgressHandle {
     fn step(&self, step: BuildStage) {
         ProgressHandle::stage(self, step);
     }
-    fn built(&self, built: &build::BuildOutcome) {
+    fn built(&self, built: &builder::BuildOutcome) {
         self.vmid(built.vmid);
     }
 }
@@ -100,7 +100,7 @@ fn job_outcome(outcome: Outcome) -> JobOutcome {
     }
 }
 
-impl Pipeline for Engine {
+impl JobRunner for EngineRunner {
     fn run(&self, request: JobRequest, progress: ProgressHandle) -> BoxFuture<'static, JobOutcome> {
         run(request, progress).boxed()
     }
@@ -109,15 +109,15 @@ impl Pipeline for Engine {
         &self,
         client: proxmox::Client,
         owner: Owner,
-        names: Option<build::ImageNames>,
+        names: Option<builder::ImageNames>,
     ) -> BoxFuture<'static, Result<Vec<u32>, Error>> {
         async move {
             // A revoked token or a missing privilege must stall the deletion with the hint, not
             // be retried as if Proxmox were busy.
-            let mut removed = build::cleanup_abandoned_builds(&client, &owner, names.as_ref())
+            let mut removed = builder::cleanup_abandoned_builds(&client, &owner, names.as_ref())
                 .await
                 .map_err(|e| match e.category {
-                    build::ErrorCategory::ProxmoxAuth => Error::ProxmoxAuth(e.to_string()),
+                    builder::ErrorCategory::ProxmoxAuth => Error::ProxmoxAuth(e.to_string()),
                     _ => Error::Transient(e.to_string()),
                 })?;
             removed.extend(

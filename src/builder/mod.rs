@@ -1,11 +1,11 @@
-//! The build pipeline: from a cloud image or a base template to a versioned, tagged Proxmox VE
+//! The image builder: from a cloud image or a base template to a versioned, tagged Proxmox VE
 //! template, resumable at every step.
 //!
 //! # How callers use it
 //!
 //! ```no_run
 //! # use sombrero::{api::GoldenImageSpec, image::marker::Owner, proxmox::Client};
-//! use sombrero::build::{BuildError, BuildRequest, NoProgress, run_build};
+//! use sombrero::builder::{BuildError, BuildRequest, NoProgress, run_build};
 //! # async fn example(client: Client, spec: GoldenImageSpec, owner: Owner) -> Result<(), BuildError> {
 //! let today = chrono::Utc::now().date_naive();
 //! let req = BuildRequest { spec, owner, build_id: "b-20250118-001".into(), today, adopt_unvalidated: true };
@@ -68,11 +68,10 @@
 mod commands;
 mod error;
 mod inventory;
-mod pipeline;
 mod plan;
 mod provision;
-pub(crate) mod readback;
 mod source;
+mod stages;
 
 use std::fmt;
 use std::time::Duration;
@@ -85,9 +84,9 @@ use crate::image::marker::{Owner, ValidationRecord};
 
 pub use error::{BuildError, ErrorCategory};
 pub use inventory::ImageNames;
-pub use pipeline::{cleanup_abandoned_builds, clone_names, run_build, run_build_with};
 pub use plan::{cli_owner_uid, normalize_file_name};
 pub(crate) use plan::{first_ipv4, hardware_config, static_ip};
+pub use stages::{cleanup_abandoned_builds, clone_names, run_build, run_build_with};
 
 /// One build to run.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@
 //! stdout. `--manifest FILE` appends the run to a Packer manifest ([`super::manifest`]). Exit
 //! codes: [`super::exit`]. The owner written into the markers is the file's
 //! `metadata.namespace` (default `default`) and `metadata.name`, with a uid derived from both
-//! ([`crate::build::cli_owner_uid`]): running the same file again resumes an interrupted build
+//! ([`crate::builder::cli_owner_uid`]): running the same file again resumes an interrupted build
 //! and continues its build-number sequence.
 
 use std::io::{IsTerminal, Write};
@@ -28,7 +28,7 @@ use chrono::Utc;
 use super::exit;
 use crate::api::GoldenImage;
 use crate::api::admission::admit;
-use crate::build::{BuildOutcome, Progress, Stage, cli_owner_uid};
+use crate::builder::{BuildOutcome, Progress, Stage, cli_owner_uid};
 use crate::engine::{self, FailureKind, Outcome};
 use crate::image::marker::{Marker, Owner, parse_description};
 use crate::promote::output::{PackerManifest, packer_manifest};

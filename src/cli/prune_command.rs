@@ -11,7 +11,7 @@
 //! Whose templates: the file names a namespace (`metadata.namespace`, default `default`) and,
 //! for a `goldenImageRef`, an image name, but no uid (a TemplateRetention's own uid is not the
 //! image's). The CLI acts only on templates whose marker names that namespace and name and the
-//! uid `sombrero build -f` writes for them ([`crate::build::cli_owner_uid`]), or with
+//! uid `sombrero build -f` writes for them ([`crate::builder::cli_owner_uid`]), or with
 //! `--owner-uid` the uid given (a controller-built image's: `kubectl get goldenimage <name> -n
 //! <namespace> -o jsonpath='{.metadata.uid}'`). A `tagSelector` acts on the images of the file's
 //! namespace. Everything else is listed as "not ours" and never touched.
@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use super::exit;
 use crate::api::admission::admit;
 use crate::api::template_retention::{ExecutedAction, TemplateRetention};
-use crate::build::cli_owner_uid;
+use crate::builder::cli_owner_uid;
 use crate::image::version::TemplateVersion;
 use crate::proxmox::{Client, Config};
 use crate::retention::{self, Plan, Policy, Purpose, Scope, Target};

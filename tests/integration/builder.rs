@@ -13,7 +13,7 @@ use serde_json::json;
 use sombrero::api::admission::admit;
 use sombrero::api::golden_image::{ProvisioningChannel, TemplateSource};
 use sombrero::api::{GoldenImage, GoldenImageSpec};
-use sombrero::build::{BuildError, BuildOutcome, BuildRequest, NoProgress, Progress, Stage};
+use sombrero::builder::{BuildError, BuildOutcome, BuildRequest, NoProgress, Progress, Stage};
 use sombrero::image::marker::{
     Marker, Owner, Role, SourceInfo, parse_description, render_description,
 };
@@ -87,7 +87,7 @@ async fn settle(c: &Client, o: &Owner, vmid: u32) {
 }
 
 async fn build(c: &Client, req: &BuildRequest) -> Result<BuildOutcome, BuildError> {
-    sombrero::build::run_build(c, req, &NoProgress).await
+    sombrero::builder::run_build(c, req, &NoProgress).await
 }
 
 async fn config(c: &Client, pve: &FakePve, vmid: u32) -> VmConfig {
@@ -299,7 +299,7 @@ async fn download_percent_rises_from_the_task_log() {
     let img = pve.add_image(Image::new(IMAGE)).await;
     let progress = SourcePercents::default();
     let req = request(example_spec(&pve, &img, 8), owner("percent"), day(18));
-    sombrero::build::run_build(&c, &req, &progress)
+    sombrero::builder::run_build(&c, &req, &progress)
         .await
         .unwrap();
     let seen = progress.seen.lock().unwrap().clone();
@@ -563,7 +563,7 @@ async fn the_new_kernel_is_installed_and_rc_packages_do_not_drift() {
     let img = pve.add_image(Image::new(IMAGE)).await;
     let o = owner("kernel");
     let messages = Messages::default();
-    let out = sombrero::build::run_build(
+    let out = sombrero::builder::run_build(
         &c,
         &request(example_spec(&pve, &img, 9), o.clone(), day(18)),
         &messages,
@@ -635,12 +635,12 @@ async fn ssh_to_a_dhcp_address_without_an_agent_fails_soon_with_the_fix() {
     spec.provisioning.ssh.ip_config = "ip=dhcp".into();
     spec.provisioning.ssh.host = None;
     spec.provisioning.timeout = "30m".into();
-    let timeouts = sombrero::build::Timeouts {
+    let timeouts = sombrero::builder::Timeouts {
         agent_address: Duration::from_secs(2),
         ..Default::default()
     };
     let started = std::time::Instant::now();
-    let err = sombrero::build::run_build_with(
+    let err = sombrero::builder::run_build_with(
         &c,
         &request(spec, owner("dhcp"), day(18)),
         &NoProgress,
@@ -687,7 +687,7 @@ async fn interrupted_at_every_stage_resumes_to_exactly_one_template() {
             hit: hit.clone(),
         };
         tokio::select! {
-            r = sombrero::build::run_build(&c, &req, &progress) => panic!("the build was not interrupted at {stage}: {r:?}"),
+            r = sombrero::builder::run_build(&c, &req, &progress) => panic!("the build was not interrupted at {stage}: {r:?}"),
             _ = hit.notified() => {}
         }
         // Let requests already sent finish on the fake's side.
@@ -912,7 +912,7 @@ async fn a_consumers_clone_is_never_adopted_changed_or_deleted() {
     assert_ne!(second.vmid, 777);
     assert_eq!(second.build_number, 2);
     assert_eq!(
-        sombrero::build::cleanup_abandoned_builds(&c, &o, None)
+        sombrero::builder::cleanup_abandoned_builds(&c, &o, None)
             .await
             .unwrap(),
         Vec::<u32>::new()
@@ -942,11 +942,11 @@ async fn cleanup_removes_only_build_vms() {
         hit: hit.clone(),
     };
     tokio::select! {
-        r = sombrero::build::run_build(&c, &req, &progress) => panic!("not interrupted: {r:?}"),
+        r = sombrero::builder::run_build(&c, &req, &progress) => panic!("not interrupted: {r:?}"),
         _ = hit.notified() => {}
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let removed = sombrero::build::cleanup_abandoned_builds(&c, &o, None)
+    let removed = sombrero::builder::cleanup_abandoned_builds(&c, &o, None)
         .await
         .unwrap();
     assert_eq!(removed.len(), 1);
@@ -1127,7 +1127,7 @@ impl<'a> CliBuild<'a> {
         Owner {
             namespace: Self::NAMESPACE.into(),
             name: Self::NAME.into(),
-            uid: sombrero::build::cli_owner_uid(Self::NAMESPACE, Self::NAME),
+            uid: sombrero::builder::cli_owner_uid(Self::NAMESPACE, Self::NAME),
         }
     }
 
@@ -1661,7 +1661,7 @@ async fn cli_failed_validation_exits_5_and_promotes_nothing() {
     let o = Owner {
         namespace: "ci".into(),
         name: "ubuntu-24.04-minimal".into(),
-        uid: sombrero::build::cli_owner_uid("ci", "ubuntu-24.04-minimal"),
+        uid: sombrero::builder::cli_owner_uid("ci", "ubuntu-24.04-minimal"),
     };
     let vms = image_vms(&c, &o).await;
     let templates: Vec<_> = vms.iter().filter(|v| v.1).collect();

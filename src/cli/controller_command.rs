@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::exit;
 use crate::controller::{
-    self, Options, builds::Limits, connection::DefaultConnection, context::Settings,
+    self, Options, connection::DefaultConnection, context::Settings, jobs::Limits,
 };
 use crate::telemetry::{self, LogFormat};
 
@@ -167,7 +167,7 @@ pub async fn run(args: &ControllerArgs) -> ExitCode {
             return ExitCode::from(exit::INVALID_INPUT);
         }
     };
-    match controller::run(client, opts, Arc::new(controller::engine::Engine)).await {
+    match controller::run(client, opts, Arc::new(controller::runner::EngineRunner)).await {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
             tracing::error!(error = %e, "controller stopped");
