@@ -148,6 +148,7 @@ pub fn parse(text: &str) -> Result<Policy, Vec<String>> {
         .map_err(|e| e.errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let namespace = admitted.namespace.unwrap_or_else(|| "default".into());
     Policy::from_spec(&namespace, &admitted.object.spec)
+        .map_err(|problems| problems.iter().map(ToString::to_string).collect())
 }
 
 /// Whose templates the run may change (see the module docs).

@@ -40,6 +40,7 @@ use crate::api::template_retention::{
     ExecutedAction, PlannedAction, TemplateRetention, TemplateRetentionStatus,
 };
 use crate::proxmox;
+use crate::retention::policy::SpecProblem;
 use crate::retention::{self, Plan, Policy, Purpose, Target};
 
 const KIND: &str = "TemplateRetention";
@@ -148,17 +149,17 @@ pub fn error_policy(tr: Arc<TemplateRetention>, error: &Error, ctx: Arc<Context>
     }
 }
 
-/// `spec.keepLast: must be ...` -> InvalidSpec { field: "keepLast", message }.
-fn spec_error(problems: &[String]) -> Error {
-    let first = problems.first().cloned().unwrap_or_default();
-    let (field, _) = first.split_once(": ").unwrap_or(("spec", ""));
-    let field = field.strip_prefix("spec.").unwrap_or("");
-    let message = problems
-        .iter()
-        .map(|p| p.split_once(": ").map_or(p.as_str(), |(_, m)| m))
+/// The spec's problems as one `InvalidSpec`: the first one's field, and every other problem
+/// with its own field, so each names what to fix.
+fn spec_error(problems: &[SpecProblem]) -> Error {
+    let Some((first, rest)) = problems.split_first() else {
+        return Error::invalid_spec("", "invalid spec");
+    };
+    let message = std::iter::once(first.message.clone())
+        .chain(rest.iter().map(ToString::to_string))
         .collect::<Vec<_>>()
         .join("; ");
-    Error::invalid_spec(field, message)
+    Error::invalid_spec(&first.field, message)
 }
 
 async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
@@ -534,12 +535,12 @@ mod tests {
     #[test]
     fn spec_errors_name_the_field() {
         let e = spec_error(&[
-            "spec.keepLast: 0 must be greater than or equal to 1".into(),
-            "spec.archiveAfter: bad".into(),
+            SpecProblem::new("keepLast", "0 must be greater than or equal to 1"),
+            SpecProblem::new("archiveAfter", "bad"),
         ]);
         assert_eq!(
             e.to_string(),
-            "spec.keepLast: 0 must be greater than or equal to 1; bad"
+            "spec.keepLast: 0 must be greater than or equal to 1; spec.archiveAfter: bad"
         );
         assert!(e.is_stalled());
     }

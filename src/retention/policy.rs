@@ -20,6 +20,33 @@ const MAX_COUNT: u32 = 1000;
 const MAX_DURATION_LEN: usize = 16;
 const MAX_STORAGE_LEN: usize = 64;
 
+/// One thing wrong with a TemplateRetention spec: the field under `spec` (empty: the spec as a
+/// whole, e.g. two fields that contradict each other) and what is wrong, with what to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecProblem {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecProblem {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        SpecProblem {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for SpecProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "spec: {}", self.message)
+        } else {
+            write!(f, "spec.{}: {}", self.field, self.message)
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub target: Target,
@@ -41,57 +68,70 @@ impl From<ApiArchiveMode> for ArchiveMode {
 }
 
 impl Policy {
-    /// Checks `spec` (of an object in `namespace`); on failure, every problem as
-    /// `spec.<field>: <what is wrong and what to write instead>`.
-    pub fn from_spec(namespace: &str, spec: &TemplateRetentionSpec) -> Result<Self, Vec<String>> {
+    /// Checks `spec` (of an object in `namespace`); on failure, every problem with its field
+    /// (shown as `spec.<field>: <what is wrong and what to write instead>`).
+    pub fn from_spec(
+        namespace: &str,
+        spec: &TemplateRetentionSpec,
+    ) -> Result<Self, Vec<SpecProblem>> {
         let mut problems = Vec::new();
         let target = Target::from_spec(namespace, &spec.target)
-            .map_err(|e| problems.push(format!("spec.{e}")))
+            .map_err(|e| problems.push(e))
             .ok();
         if let Some(r) = &spec.target.golden_image_ref
             && !valid_name(&r.name)
         {
-            problems.push(format!(
-                "spec.target.goldenImageRef.name: {:?} must be the name of a GoldenImage (lowercase letters, digits, '-' and '.')",
-                r.name
+            problems.push(SpecProblem::new(
+                "target.goldenImageRef.name",
+                format!(
+                    "{:?} must be the name of a GoldenImage (lowercase letters, digits, '-' and '.')",
+                    r.name
+                ),
             ));
         }
         if let Some(tags) = &spec.target.tag_selector {
             if tags.len() > 16 {
-                problems.push("spec.target.tagSelector: at most 16 tags".into());
+                problems.push(SpecProblem::new("target.tagSelector", "at most 16 tags"));
             }
             if let Some(t) = tags.iter().find(|t| t.len() > 64) {
-                problems.push(format!(
-                    "spec.target.tagSelector: {t:?} is longer than 64 characters"
+                problems.push(SpecProblem::new(
+                    "target.tagSelector",
+                    format!("{t:?} is longer than 64 characters"),
                 ));
             }
         }
         if !(1..=MAX_COUNT).contains(&spec.keep_last) {
-            problems.push(format!(
-                "spec.keepLast: {} must be greater than or equal to 1 and at most {MAX_COUNT}",
-                spec.keep_last
+            problems.push(SpecProblem::new(
+                "keepLast",
+                format!(
+                    "{} must be greater than or equal to 1 and at most {MAX_COUNT}",
+                    spec.keep_last
+                ),
             ));
         }
         if spec.retain_at_least > MAX_COUNT {
-            problems.push(format!(
-                "spec.retainAtLeast: {} must be at most {MAX_COUNT}",
-                spec.retain_at_least
+            problems.push(SpecProblem::new(
+                "retainAtLeast",
+                format!("{} must be at most {MAX_COUNT}", spec.retain_at_least),
             ));
         }
         if spec.retain_at_least > spec.keep_last {
-            problems.push(format!(
-                "spec: retainAtLeast must not exceed keepLast (retainAtLeast {} > keepLast {})",
-                spec.retain_at_least, spec.keep_last
+            problems.push(SpecProblem::new(
+                "",
+                format!(
+                    "retainAtLeast must not exceed keepLast (retainAtLeast {} > keepLast {})",
+                    spec.retain_at_least, spec.keep_last
+                ),
             ));
         }
         let archive_after = duration(
-            "spec.archiveAfter",
+            "archiveAfter",
             &spec.archive_after,
             "archiveAfter must be a duration such as 90d, 12h or 1d12h",
             &mut problems,
         );
         let interval = duration(
-            "spec.interval",
+            "interval",
             &spec.interval,
             "interval must be a duration such as 1h or 30m",
             &mut problems,
@@ -99,15 +139,20 @@ impl Policy {
         if let Some(i) = interval
             && i <= Duration::zero()
         {
-            problems.push("spec.interval: must be longer than 0s, e.g. 1h".into());
+            problems.push(SpecProblem::new(
+                "interval",
+                "must be longer than 0s, e.g. 1h",
+            ));
         }
         let mode = ArchiveMode::from(spec.archive.mode);
         match (&spec.archive.backup_storage, mode) {
-            (None, ArchiveMode::Backup) => problems.push(
-                "spec.archive: archive.backupStorage is required when archive.mode is backup (a storage with `backup` content, e.g. local)".into(),
-            ),
-            (Some(s), _) if s.is_empty() || s.len() > MAX_STORAGE_LEN => problems.push(format!(
-                "spec.archive.backupStorage: {s:?} must be a Proxmox storage name of 1 to {MAX_STORAGE_LEN} characters"
+            (None, ArchiveMode::Backup) => problems.push(SpecProblem::new(
+                "archive",
+                "archive.backupStorage is required when archive.mode is backup (a storage with `backup` content, e.g. local)",
+            )),
+            (Some(s), _) if s.is_empty() || s.len() > MAX_STORAGE_LEN => problems.push(SpecProblem::new(
+                "archive.backupStorage",
+                format!("{s:?} must be a Proxmox storage name of 1 to {MAX_STORAGE_LEN} characters"),
             )),
             _ => {}
         }
@@ -135,18 +180,19 @@ fn duration(
     field: &str,
     value: &SpecDuration,
     hint: &str,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<SpecProblem>,
 ) -> Option<Duration> {
     if value.as_str().len() > MAX_DURATION_LEN {
-        problems.push(format!(
-            "{field}: {value:?} is longer than {MAX_DURATION_LEN} characters; {hint}"
+        problems.push(SpecProblem::new(
+            field,
+            format!("{value:?} is longer than {MAX_DURATION_LEN} characters; {hint}"),
         ));
         return None;
     }
     match value.parsed() {
         Ok(d) => Some(d),
         Err(e) => {
-            problems.push(format!("{field}: {value:?}: {e}; {hint}"));
+            problems.push(SpecProblem::new(field, format!("{value:?}: {e}; {hint}")));
             None
         }
     }
@@ -195,13 +241,17 @@ mod tests {
             ),
         )
         .unwrap_err();
-        let all = e.join("\n");
+        let all = e
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
         for field in [
             "spec.target",
             "spec.target.goldenImageRef.name",
             "spec.keepLast",
             "spec: retainAtLeast must not exceed keepLast",
-            "spec.archiveAfter",
+            "archiveAfter",
             "spec.interval",
             "spec.archive: archive.backupStorage is required",
         ] {

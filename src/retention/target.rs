@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use super::policy::SpecProblem;
 use crate::api::template_retention::RetentionTarget;
 use crate::image::marker::Owner;
 use crate::image::tags::{TagSet, image_tag, is_valid_tag};
@@ -26,22 +27,29 @@ pub enum Target {
 
 impl Target {
     /// From a TemplateRetention's `spec.target` in `namespace`. Errors name the field.
-    pub fn from_spec(namespace: &str, spec: &RetentionTarget) -> Result<Self, String> {
+    pub fn from_spec(namespace: &str, spec: &RetentionTarget) -> Result<Self, SpecProblem> {
         match (&spec.golden_image_ref, &spec.tag_selector) {
             (Some(r), None) if !r.name.is_empty() => Ok(Self::Image {
                 namespace: namespace.to_string(),
                 name: r.name.clone(),
             }),
-            (Some(_), None) => Err("target.goldenImageRef.name: must not be empty".into()),
+            (Some(_), None) => Err(SpecProblem::new(
+                "target.goldenImageRef.name",
+                "must not be empty",
+            )),
             (None, Some(tags)) => {
                 if tags.is_empty() {
-                    return Err(
-                        "target.tagSelector: list at least one tag (e.g. [ubuntu, minimal])".into(),
-                    );
+                    return Err(SpecProblem::new(
+                        "target.tagSelector",
+                        "list at least one tag (e.g. [ubuntu, minimal])",
+                    ));
                 }
                 if let Some(bad) = tags.iter().find(|t| !is_valid_tag(t)) {
-                    return Err(format!(
-                        "target.tagSelector: {bad:?} is not a Proxmox tag; tagSelector entries must be Proxmox tags: lowercase letters, digits and _ + . -"
+                    return Err(SpecProblem::new(
+                        "target.tagSelector",
+                        format!(
+                            "{bad:?} is not a Proxmox tag; tagSelector entries must be Proxmox tags: lowercase letters, digits and _ + . -"
+                        ),
                     ));
                 }
                 Ok(Self::Tags {
@@ -49,9 +57,10 @@ impl Target {
                     tags: tags.clone(),
                 })
             }
-            _ => {
-                Err("target: set exactly one of target.goldenImageRef or target.tagSelector".into())
-            }
+            _ => Err(SpecProblem::new(
+                "target",
+                "set exactly one of target.goldenImageRef or target.tagSelector",
+            )),
         }
     }
 
@@ -214,7 +223,8 @@ mod tests {
         assert!(!tags.matches_tags(&TagSet::parse("ubuntu")));
 
         let err = Target::from_spec("x", &RetentionTarget::default()).unwrap_err();
-        assert!(err.contains("exactly one"), "{err}");
+        assert_eq!(err.field, "target");
+        assert!(err.message.contains("exactly one"), "{err}");
         let err = Target::from_spec(
             "x",
             &RetentionTarget {
@@ -223,7 +233,11 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(err.contains("tagSelector"), "{err}");
+        assert_eq!(err.field, "target.tagSelector");
+        assert!(
+            err.to_string().starts_with("spec.target.tagSelector: "),
+            "{err}"
+        );
     }
 
     #[test]
