@@ -21,7 +21,7 @@ use crate::image::marker::{
 use crate::image::naming::{CLAIMS, NameTemplate, NamingError};
 use crate::image::spec_hash::spec_hash;
 use crate::image::tags::base_tags;
-use crate::proxmox::readback::{TaskCall, run_task, settled_config};
+use crate::proxmox::readback::{self, TaskCall, run_task, settled_config};
 use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, DeleteVm, QemuConfig, Shutdown, VmConfig,
 };
@@ -973,8 +973,11 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// A VM gone meanwhile is not an error here: the next call on it says so.
     async fn stop(&self, node: &str, vmid: u32) -> proxmox::Result<()> {
-        stop_vm(self.client, node, vmid, self.timeouts).await
+        readback::stop_vm(self.client, node, vmid, self.timeouts.task)
+            .await
+            .map(|_| ())
     }
 
     /// Role `template`, final tags, the seed's metadata; the build network's settings removed.
@@ -1087,7 +1090,11 @@ pub(crate) async fn destroy_vm(
 ) -> proxmox::Result<()> {
     if maybe_running {
         match client.vm_status(node, vmid).await {
-            Ok(s) if s.is_running() => stop_vm(client, node, vmid, timeouts).await?,
+            Ok(s) if s.is_running() => {
+                if !readback::stop_vm(client, node, vmid, timeouts.task).await? {
+                    return Ok(());
+                }
+            }
             Ok(_) => {}
             Err(e) if e.is_not_found() => return Ok(()),
             Err(e) => return Err(e),
@@ -1097,40 +1104,7 @@ pub(crate) async fn destroy_vm(
         purge: true,
         destroy_unreferenced_disks: true,
     };
-    let what = TaskCall {
-        node,
-        vmid: Some(vmid),
-        task_type: "qmdestroy",
-        id: vmid.to_string(),
-    };
-    match run_task(client, &what, timeouts.task, move || async move {
-        client.delete_vm(node, vmid, opts).await.map(Some)
-    })
-    .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Hard stop, its task waited for (found again after a lost answer).
-async fn stop_vm(
-    client: &Client,
-    node: &str,
-    vmid: u32,
-    timeouts: &Timeouts,
-) -> proxmox::Result<()> {
-    let what = TaskCall {
-        node,
-        vmid: Some(vmid),
-        task_type: "qmstop",
-        id: vmid.to_string(),
-    };
-    run_task(client, &what, timeouts.task, move || async move {
-        client.stop_vm(node, vmid).await.map(Some)
-    })
-    .await?;
+    readback::destroy_vm(client, node, vmid, opts, timeouts.task).await?;
     Ok(())
 }
 

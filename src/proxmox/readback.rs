@@ -12,7 +12,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use crate::poll::poll_until;
-use crate::proxmox::{self, Client, PollSchedule, TaskOutcome, Upid, VmConfig};
+use crate::proxmox::{self, Client, DeleteVm, PollSchedule, TaskOutcome, Upid, VmConfig};
 
 /// Seconds before the call that a task found in the node's list may have started at: the
 /// node's clock and ours differ a little.
@@ -58,6 +58,65 @@ where
     match upid {
         Some(u) => client.wait_task(&u, timeout).await.map(Some),
         None => Ok(None),
+    }
+}
+
+/// Hard-stops `vmid` and waits for the task. `Ok(false)`: the VM is gone.
+pub async fn stop_vm(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    timeout: Duration,
+) -> proxmox::Result<bool> {
+    let what = TaskCall {
+        node,
+        vmid: Some(vmid),
+        task_type: "qmstop",
+        id: vmid.to_string(),
+    };
+    let stop = run_task(client, &what, timeout, move || async move {
+        client.stop_vm(node, vmid).await.map(Some)
+    });
+    match stop.await {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// What [`destroy_vm`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destroyed {
+    /// Destroyed now; the task's warnings.
+    Now { warnings: u32 },
+    /// It did not exist (any more): after a lost answer, what the first call did.
+    AlreadyGone,
+}
+
+/// Destroys `vmid` with `opts` and waits for the task. The one destroy of build VMs,
+/// validation clones and retired templates; each caller checks ownership right before.
+pub async fn destroy_vm(
+    client: &Client,
+    node: &str,
+    vmid: u32,
+    opts: DeleteVm,
+    timeout: Duration,
+) -> proxmox::Result<Destroyed> {
+    let what = TaskCall {
+        node,
+        vmid: Some(vmid),
+        task_type: "qmdestroy",
+        id: vmid.to_string(),
+    };
+    let delete = run_task(client, &what, timeout, move || async move {
+        client.delete_vm(node, vmid, opts).await.map(Some)
+    });
+    match delete.await {
+        Ok(outcome) => Ok(Destroyed::Now {
+            warnings: outcome.map_or(0, |o| o.warnings),
+        }),
+        Err(e) if e.is_not_found() => Ok(Destroyed::AlreadyGone),
+        Err(e) => Err(e),
     }
 }
 

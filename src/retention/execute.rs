@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::api::template_retention::ExecutedAction;
 use crate::image::tags::TagSet;
-use crate::proxmox::readback::{TaskCall, run_task};
+use crate::proxmox::readback::{Destroyed, TaskCall, destroy_vm, run_task};
 use crate::proxmox::{self, ConfigUpdate, DeleteVm, QemuConfig, Vzdump, client::Client};
 
 use super::inventory::{Checked, Refusal, recheck};
@@ -180,30 +180,13 @@ async fn destroy(client: &Client, vmid: u32, node: &str) -> Result<String, Failu
         purge: true,
         destroy_unreferenced_disks: false,
     };
-    // A lost answer is read back in the node's task list: the delete found is waited for;
-    // none, the call is made again (and finds the VM gone if the first one did it after all).
-    let what = TaskCall {
-        node,
-        vmid: Some(vmid),
-        task_type: "qmdestroy",
-        id: vmid.to_string(),
-    };
-    let outcome = match run_task(client, &what, DELETE_TIMEOUT, move || async move {
-        client.delete_vm(node, vmid, opts).await.map(Some)
-    })
-    .await
-    {
-        Ok(Some(o)) => o,
-        Ok(None) => return Ok(format!("deleted from {node}")),
+    match destroy_vm(client, node, vmid, opts, DELETE_TIMEOUT).await {
+        Ok(Destroyed::Now { warnings: 0 }) => Ok(format!("deleted from {node}")),
+        Ok(Destroyed::Now { warnings }) => Ok(format!("deleted from {node} ({warnings} warnings)")),
         // Gone between the re-check and the call: what we wanted.
-        Err(e) if e.is_not_found() => return Ok("already gone".into()),
-        Err(e) => return Err(failed("delete failed", e, "")),
-    };
-    Ok(if outcome.warnings > 0 {
-        format!("deleted from {node} ({} warnings)", outcome.warnings)
-    } else {
-        format!("deleted from {node}")
-    })
+        Ok(Destroyed::AlreadyGone) => Ok("already gone".into()),
+        Err(e) => Err(failed("delete failed", e, "")),
+    }
 }
 
 async fn tag(client: &Client, plan: &Plan, d: &Decision) -> Result<String, Failure> {

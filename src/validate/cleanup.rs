@@ -12,8 +12,8 @@ use super::VALIDATION_TAG;
 use super::error::ValidateError;
 use crate::image::marker::{Owner, Ownership, Role, ownership, parse_description};
 use crate::image::tags::OWNER_TAG;
-use crate::proxmox::readback::{TaskCall, run_task};
-use crate::proxmox::{self, Client, ConfigUpdate, DeleteVm, QemuConfig};
+use crate::proxmox::readback::{Destroyed, destroy_vm, stop_vm};
+use crate::proxmox::{Client, ConfigUpdate, DeleteVm, QemuConfig};
 
 /// Prefix of a validation clone's name (`sombrero-validate-<template vmid>`). The name is set by
 /// the clone call itself, so a clone whose tags were not written yet is still found.
@@ -105,29 +105,14 @@ pub async fn destroy_validation_vm(
         );
         return Ok(false);
     }
-    let gone = |e: &proxmox::Error| e.is_not_found();
-    // A lost answer is read back in the node's task list (found: waited for; not found: asked
-    // again, and a VM gone meanwhile is what the first call did).
-    let task = |task_type| TaskCall {
-        node,
-        vmid: Some(vmid),
-        task_type,
-        id: vmid.to_string(),
-    };
     match client.vm_status(node, vmid).await {
-        Ok(s) if s.is_running() => {
-            let what = task("qmstop");
-            let stop = run_task(client, &what, TASK_TIMEOUT, move || async move {
-                client.stop_vm(node, vmid).await.map(Some)
-            });
-            match stop.await {
-                Ok(_) => {}
-                Err(e) if gone(&e) => return Ok(false),
-                Err(e) => return Err(ValidateError::proxmox(during("stopping"), e)),
-            }
-        }
+        Ok(s) if s.is_running() => match stop_vm(client, node, vmid, TASK_TIMEOUT).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(e) => return Err(ValidateError::proxmox(during("stopping"), e)),
+        },
         Ok(_) => {}
-        Err(e) if gone(&e) => return Ok(false),
+        Err(e) if e.is_not_found() => return Ok(false),
         Err(e) => return Err(ValidateError::proxmox(during("reading the status of"), e)),
     }
     if config.protection {
@@ -141,13 +126,9 @@ pub async fn destroy_validation_vm(
         purge: true,
         destroy_unreferenced_disks: true,
     };
-    let what = task("qmdestroy");
-    let delete = run_task(client, &what, TASK_TIMEOUT, move || async move {
-        client.delete_vm(node, vmid, opts).await.map(Some)
-    });
-    match delete.await {
-        Ok(_) => Ok(true),
-        Err(e) if gone(&e) => Ok(false),
+    match destroy_vm(client, node, vmid, opts, TASK_TIMEOUT).await {
+        Ok(Destroyed::Now { .. }) => Ok(true),
+        Ok(Destroyed::AlreadyGone) => Ok(false),
         Err(e) => Err(ValidateError::proxmox(during("destroying"), e)),
     }
 }
