@@ -219,18 +219,19 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     st.plan = planned(&plan);
     st.planned_at = Some(crate::api::time::to_time(Utc::now()));
     st.target_versions = versions;
-    let removals = plan.removals().count();
     let summary = summary(&plan);
-
-    if policy.dry_run || removals == 0 {
-        let (reason, message) = if policy.dry_run && removals > 0 {
-            ("DryRun", format!("dry run: {summary}; nothing was changed"))
-        } else {
-            ("UpToDate", format!("{summary}; nothing to do"))
-        };
-        set_conditions(tr, &mut st, ready(reason, &message), None);
+    let nothing_to_execute = if policy.dry_run && plan.removals().next().is_some() {
+        Some(RunState::DryRun)
+    } else if plan.removals().next().is_none() {
+        Some(RunState::NothingToDo)
+    } else {
+        None
+    };
+    if let Some(run) = nothing_to_execute {
+        let outcome = run.outcome(&summary, policy.interval);
+        set_conditions(tr, &mut st, outcome.ready, outcome.reconciling);
         write_status(ctx, tr, &st).await?;
-        return Ok(Action::requeue(policy.interval));
+        return Ok(Action::requeue(outcome.requeue));
     }
 
     // The privileges of exactly what the plan does, before its first write: a missing one is
@@ -244,12 +245,8 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     crate::privileges::check(&client, &needs).await?;
 
     // Show the plan before the (possibly long) backups run.
-    set_conditions(
-        tr,
-        &mut st,
-        Cond::new(ConditionStatus::False, "Executing", summary.clone()),
-        Some(("Executing".into(), format!("executing: {summary}"))),
-    );
+    let executing = RunState::Executing.outcome(&summary, policy.interval);
+    set_conditions(tr, &mut st, executing.ready, executing.reconciling);
     write_status(ctx, tr, &st).await?;
 
     let progress = |line: &str| info!("{line}");
@@ -267,37 +264,75 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     // The GoldenImage controller must not plan on templates that are gone or re-tagged.
     let touched: Vec<u32> = executed.iter().map(|r| r.vmid).collect();
     shared.invalidate(&touched).await;
-    let failed: Vec<&ExecutedAction> = executed.iter().filter(|r| !r.succeeded).collect();
+    let outcome = RunState::Executed(&executed).outcome(&summary, policy.interval);
     st.executed = executed.clone();
-    let requeue = if failed.is_empty() {
-        set_conditions(
-            tr,
-            &mut st,
-            ready("Executed", &format!("{summary}; all done")),
-            None,
-        );
-        policy.interval
-    } else {
-        let message = format!(
-            "{} of {} actions failed: {}",
-            failed.len(),
-            executed.len(),
-            failed
-                .iter()
-                .map(|r| format!("{}: {}", r.vmid, r.message))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-        set_conditions(
-            tr,
-            &mut st,
-            Cond::new(ConditionStatus::False, "ActionsFailed", message.clone()),
-            Some(("RetryingFailedActions".into(), message)),
-        );
-        policy.interval.min(RETRY_FAILED)
-    };
+    set_conditions(tr, &mut st, outcome.ready, outcome.reconciling);
     write_status(ctx, tr, &st).await?;
-    Ok(Action::requeue(requeue))
+    Ok(Action::requeue(outcome.requeue))
+}
+
+/// Where a retention run stands once planned.
+#[derive(Debug, Clone, Copy)]
+enum RunState<'a> {
+    /// Nothing to archive or delete.
+    NothingToDo,
+    /// Something to archive or delete, but `dryRun`.
+    DryRun,
+    /// The plan's actions are running.
+    Executing,
+    /// The plan's actions ran; each one's result.
+    Executed(&'a [ExecutedAction]),
+}
+
+/// The conditions and the next run that follow from a [`RunState`] (no client required).
+#[derive(Debug, Clone)]
+struct RunOutcome {
+    ready: Cond,
+    reconciling: Option<(String, String)>,
+    requeue: Duration,
+}
+
+impl RunState<'_> {
+    /// `summary`: the plan's counts ("5 templates: 3 keep, 2 archive"); `interval`:
+    /// `spec.interval`. Failed actions are retried after at most [`RETRY_FAILED`].
+    fn outcome(self, summary: &str, interval: Duration) -> RunOutcome {
+        let done = |reason: &str, message: String| RunOutcome {
+            ready: ready(reason, &message),
+            reconciling: None,
+            requeue: interval,
+        };
+        match self {
+            RunState::NothingToDo => done("UpToDate", format!("{summary}; nothing to do")),
+            RunState::DryRun => done("DryRun", format!("dry run: {summary}; nothing was changed")),
+            RunState::Executing => RunOutcome {
+                ready: Cond::new(ConditionStatus::False, "Executing", summary),
+                reconciling: Some(("Executing".into(), format!("executing: {summary}"))),
+                requeue: interval,
+            },
+            RunState::Executed(executed) => {
+                let failed: Vec<&ExecutedAction> =
+                    executed.iter().filter(|r| !r.succeeded).collect();
+                if failed.is_empty() {
+                    return done("Executed", format!("{summary}; all done"));
+                }
+                let message = format!(
+                    "{} of {} actions failed: {}",
+                    failed.len(),
+                    executed.len(),
+                    failed
+                        .iter()
+                        .map(|r| format!("{}: {}", r.vmid, r.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+                RunOutcome {
+                    ready: Cond::new(ConditionStatus::False, "ActionsFailed", message.clone()),
+                    reconciling: Some(("RetryingFailedActions".into(), message)),
+                    requeue: interval.min(RETRY_FAILED),
+                }
+            }
+        }
+    }
 }
 
 /// `Some(time left)` when this generation was planned less than `spec.interval` ago (five
@@ -530,6 +565,89 @@ mod tests {
         // Planned for exactly these versions: not due.
         tr.status.as_mut().unwrap().target_versions = vec![8024];
         assert!(not_due(&tr, &policy, &[8024], now).is_some());
+    }
+
+    fn action(vmid: u32, succeeded: bool) -> ExecutedAction {
+        ExecutedAction {
+            vmid,
+            action: "archive".into(),
+            succeeded,
+            message: if succeeded { "tagged" } else { "locked" }.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_run_gives_its_conditions_and_next_run() {
+        let hour = Duration::from_secs(3600);
+        let ok = [action(1, true), action(2, true)];
+        let one_failed = [action(1, true), action(2, false)];
+        // (run, interval, Ready status, reason, Reconciling reason, requeue)
+        type Case<'a> = (
+            RunState<'a>,
+            Duration,
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            Duration,
+        );
+        let cases: [Case; 6] = [
+            (RunState::NothingToDo, hour, "True", "UpToDate", None, hour),
+            (RunState::DryRun, hour, "True", "DryRun", None, hour),
+            (
+                RunState::Executing,
+                hour,
+                "False",
+                "Executing",
+                Some("Executing"),
+                hour,
+            ),
+            (
+                RunState::Executed(&ok),
+                hour,
+                "True",
+                "Executed",
+                None,
+                hour,
+            ),
+            (
+                RunState::Executed(&one_failed),
+                hour,
+                "False",
+                "ActionsFailed",
+                Some("RetryingFailedActions"),
+                RETRY_FAILED,
+            ),
+            // A short interval is not stretched by the retry delay.
+            (
+                RunState::Executed(&one_failed),
+                Duration::from_secs(60),
+                "False",
+                "ActionsFailed",
+                Some("RetryingFailedActions"),
+                Duration::from_secs(60),
+            ),
+        ];
+        for (run, interval, status, reason, reconciling, requeue) in cases {
+            let o = run.outcome("2 templates: 2 archive", interval);
+            assert_eq!(o.ready.status.as_str(), status, "{run:?}");
+            assert_eq!(o.ready.reason, reason, "{run:?}");
+            assert_eq!(
+                o.reconciling.as_ref().map(|r| r.0.as_str()),
+                reconciling,
+                "{run:?}"
+            );
+            assert_eq!(o.requeue, requeue, "{run:?}");
+            // The plan's counts, except where the failures are the news.
+            assert_eq!(
+                o.ready.message.contains("2 templates"),
+                reason != "ActionsFailed",
+                "{run:?}: {}",
+                o.ready.message
+            );
+        }
+        let failed = RunState::Executed(&one_failed).outcome("s", hour);
+        assert_eq!(failed.ready.message, "1 of 2 actions failed: 2: locked");
     }
 
     #[test]
