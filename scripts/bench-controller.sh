@@ -25,8 +25,14 @@ target="${CARGO_TARGET_DIR:-target}"
 cargo build --quiet --locked --bin sombrero --example bench_controller
 # The controller binary is named explicitly: a target directory shared with another checkout
 # may hold an example built there, whose compiled-in repository path is not this one.
-export SOMBRERO_BIN="${SOMBRERO_BIN:-$PWD/$target/debug/sombrero}"
-case "$target" in /*) SOMBRERO_BIN="$target/debug/sombrero" ;; esac
+# SOMBRERO_BIN=path measures another binary (e.g. a copy of main's).
+if [ -z "${SOMBRERO_BIN:-}" ]; then
+  case "$target" in
+    /*) SOMBRERO_BIN="$target/debug/sombrero" ;;
+    *) SOMBRERO_BIN="$PWD/$target/debug/sombrero" ;;
+  esac
+fi
+export SOMBRERO_BIN
 for run in $runs; do
   n="${run%%:*}" others="${run#*:}"
   echo "== $n GoldenImages, $others other VMs"

@@ -37,15 +37,76 @@ pub struct OurVm {
     pub tags: TagSet,
 }
 
-/// What the cluster looked like at `taken`.
+/// A QEMU VM without our owner tag, as much of it as readers use: retention's in-use check
+/// looks up a clone's node by VMID, and its tag selector matches templates (so a template's
+/// tags are kept, a VM's are not). A cluster's 10,000 VMs cost a few hundred KiB.
+#[derive(Debug, Clone)]
+pub struct OtherVm {
+    pub vmid: u32,
+    /// Shared by the VMs of a node.
+    pub node: Arc<str>,
+    pub template: bool,
+    pub tags: Option<Box<str>>,
+}
+
+impl OtherVm {
+    /// Of a listed QEMU VM (pure); `nodes` interns the node names.
+    pub fn of(vm: &ClusterVm, nodes: &mut BTreeSet<Arc<str>>) -> OtherVm {
+        let node = match nodes.get(vm.node.as_str()) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = Arc::from(vm.node.as_str());
+                nodes.insert(n.clone());
+                n
+            }
+        };
+        OtherVm {
+            vmid: vm.vmid,
+            node,
+            template: vm.template,
+            tags: vm
+                .template
+                .then(|| vm.tags.as_deref().map(Box::from))
+                .flatten(),
+        }
+    }
+
+    /// As the listing's entry, with the fields readers use.
+    fn listed(&self) -> ClusterVm {
+        ClusterVm {
+            id: format!("qemu/{}", self.vmid),
+            kind: "qemu".into(),
+            vmid: self.vmid,
+            node: self.node.to_string(),
+            template: self.template,
+            tags: self.tags.as_deref().map(str::to_owned),
+            ..Default::default()
+        }
+    }
+}
+
+/// What the cluster looked like at `taken`: our VMs in full (listing entry, config, marker) and
+/// the other QEMU VMs in brief ([`OtherVm`]); containers are left out (no reader looks at
+/// them).
 #[derive(Debug)]
 pub struct Snapshot {
     pub taken: Instant,
-    pub vms: Vec<ClusterVm>,
     pub ours: Vec<OurVm>,
+    pub others: Vec<OtherVm>,
 }
 
 impl Snapshot {
+    /// The QEMU VMs of the listing with what readers use of them (retention's
+    /// `gather_from`): ours as listed, the others from [`OtherVm`]. Built on demand, for the
+    /// rare reader (a retention run, a deletion).
+    pub fn vms(&self) -> Vec<ClusterVm> {
+        self.ours
+            .iter()
+            .map(|o| o.vm.clone())
+            .chain(self.others.iter().map(OtherVm::listed))
+            .collect()
+    }
+
     /// Our VMs whose marker names this owner uid.
     pub fn of_owner<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = &'a OurVm> + 'a {
         self.ours
@@ -224,14 +285,17 @@ async fn fetch(
     configs: &mut HashMap<u32, (ConfigKey, Arc<VmConfig>)>,
 ) -> proxmox::Result<Arc<Snapshot>> {
     let vms = client.cluster_vms().await?;
-    let ours: Vec<(&ClusterVm, TagSet, ConfigKey)> = vms
-        .iter()
-        .filter(|v| v.is_qemu())
-        .filter_map(|vm| {
-            let tags = TagSet::parse(vm.tags.as_deref().unwrap_or(""));
-            tags.contains(OWNER_TAG).then(|| (vm, tags, config_key(vm)))
-        })
-        .collect();
+    let mut nodes = BTreeSet::new();
+    let mut others = Vec::new();
+    let mut ours: Vec<(&ClusterVm, TagSet, ConfigKey)> = Vec::new();
+    for vm in vms.iter().filter(|v| v.is_qemu()) {
+        let tags = TagSet::parse(vm.tags.as_deref().unwrap_or(""));
+        if tags.contains(OWNER_TAG) {
+            ours.push((vm, tags, config_key(vm)));
+        } else {
+            others.push(OtherVm::of(vm, &mut nodes));
+        }
+    }
     let cached: Vec<Option<Arc<VmConfig>>> = ours
         .iter()
         .map(|(vm, _, key)| match configs.get(&vm.vmid) {
@@ -284,10 +348,11 @@ async fn fetch(
         });
     }
     *configs = next;
+    others.shrink_to_fit();
     Ok(Arc::new(Snapshot {
         taken: Instant::now(),
-        vms,
         ours: out,
+        others,
     }))
 }
 
@@ -394,9 +459,45 @@ mod tests {
     fn snap(ours: Vec<OurVm>) -> Snapshot {
         Snapshot {
             taken: Instant::now(),
-            vms: ours.iter().map(|o| o.vm.clone()).collect(),
             ours,
+            others: Vec::new(),
         }
+    }
+
+    #[test]
+    fn other_vms_keep_what_readers_use() {
+        let listed = |v: serde_json::Value| -> ClusterVm { serde_json::from_value(v).unwrap() };
+        let mut nodes = BTreeSet::new();
+        let vm = OtherVm::of(
+            &listed(
+                serde_json::json!({"vmid": 700, "node": "pve2", "type": "qemu",
+                "name": "web", "status": "running", "tags": "team-a", "maxmem": 1}),
+            ),
+            &mut nodes,
+        );
+        let template = OtherVm::of(
+            &listed(
+                serde_json::json!({"vmid": 9000, "node": "pve2", "type": "qemu",
+                "name": "base", "template": 1, "tags": "os.debian-12"}),
+            ),
+            &mut nodes,
+        );
+        assert!(Arc::ptr_eq(&vm.node, &template.node), "node names shared");
+        let s = Snapshot {
+            taken: Instant::now(),
+            ours: vec![ours(100, "ns", "a", "sombrero")],
+            others: vec![vm, template],
+        };
+        let vms = s.vms();
+        assert_eq!(
+            vms.iter().map(|v| v.vmid).collect::<Vec<_>>(),
+            vec![100, 700, 9000]
+        );
+        // Retention's in-use check: a clone's node by VMID; its tag selector: a template's tags.
+        assert_eq!((vms[1].node.as_str(), vms[1].is_qemu()), ("pve2", true));
+        assert!(!vms[1].template && vms[1].tags.is_none());
+        assert!(vms[2].template);
+        assert_eq!(vms[2].tags.as_deref(), Some("os.debian-12"));
     }
 
     #[test]
