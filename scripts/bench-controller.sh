@@ -5,7 +5,8 @@
 # templates already exist, and optionally other VMs in the cluster (a consumer's 10,000 VMs).
 # Rerunnable; prints, asserts nothing about time.
 #   BENCH_RUNS="100:0 1000:0 1000:9000" BENCH_WINDOW=65 scripts/bench-controller.sh
-#   (each run: GoldenImages:other VMs; BENCH_SIZES="100 1000" is the same as "100:0 1000:0")
+#   (each run: GoldenImages:other VMs; BENCH_SIZES="100 1000" is the same as "100:0 1000:0";
+#   BENCH_CONCURRENCY=n runs the controller with --concurrency n)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -254,19 +254,19 @@ async fn refresher(
             (s.client.clone(), s.requested)
         };
         let result = fetch(&client, &mut configs).await;
-        if let Ok(snap) = &result {
-            if let Some(before) = &previous {
-                for image in changed_images(before, snap) {
-                    // No receiver (no controller running): nothing to wake.
-                    let _ = wake.send(image);
-                }
-            }
-            previous = Some(snap.clone());
-        }
         {
             let Some(inv) = inv.upgrade() else { return };
-            inv.published
-                .send_replace(Some(Published { generation, result }));
+            let changed = match (&previous, &result) {
+                (Some(before), Ok(snap)) => changed_images(before, snap),
+                _ => Vec::new(),
+            };
+            if let Ok(snap) = &result {
+                previous = Some(snap.clone());
+            }
+            publish_then_wake(&inv, Published { generation, result }, changed, |image| {
+                // No receiver (no controller running): nothing to wake.
+                let _ = wake.send(image);
+            });
             if inv.lock().requested > generation {
                 continue;
             }
@@ -275,6 +275,21 @@ async fn refresher(
             _ = tokio::time::sleep(resync) => {}
             _ = refresh_now.notified() => {}
         }
+    }
+}
+
+/// Publishes a refresh, then wakes the images it changed: a woken reconcile reads the snapshot
+/// that woke it (woken before the publish, it could read the previous one and see nothing
+/// changed until its requeue).
+fn publish_then_wake(
+    inv: &ClusterInventory,
+    published: Published,
+    changed: Vec<ImageRef>,
+    wake: impl Fn(ImageRef),
+) {
+    inv.published.send_replace(Some(published));
+    for image in changed {
+        wake(image);
     }
 }
 
@@ -462,6 +477,41 @@ mod tests {
             ours,
             others: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_woken_image_reads_the_snapshot_that_woke_it() {
+        let config = proxmox::Config::new("https://127.0.0.1:1", "a@pve!t", "s").unwrap();
+        let inv = ClusterInventory {
+            shared: Mutex::new(Shared {
+                client: proxmox::Client::new(config).unwrap(),
+                requested: 0,
+                forget: Vec::new(),
+            }),
+            refresh_now: Arc::new(Notify::new()),
+            published: watch::channel(None).0,
+        };
+        let before = snap(vec![ours(100, "ns", "a", "sombrero")]);
+        let after = Arc::new(snap(Vec::new()));
+        let changed = changed_images(&before, &after);
+        assert_eq!(changed.len(), 1);
+        let woken = std::cell::Cell::new(0);
+        publish_then_wake(
+            &inv,
+            Published {
+                generation: 3,
+                result: Ok(after.clone()),
+            },
+            changed,
+            |_| {
+                let seen = inv.published.borrow();
+                let p = seen.as_ref().expect("published before the wake");
+                assert_eq!(p.generation, 3);
+                assert!(Arc::ptr_eq(p.result.as_ref().unwrap(), &after));
+                woken.set(woken.get() + 1);
+            },
+        );
+        assert_eq!(woken.get(), 1);
     }
 
     #[test]
