@@ -33,7 +33,8 @@ pub const CONFIG_READS: usize = 8;
 pub struct OurVm {
     pub vm: ClusterVm,
     pub config: Arc<VmConfig>,
-    pub marker: Option<Marker>,
+    /// Parsed once per config read, shared by the snapshots that show the same config.
+    pub marker: Option<Arc<Marker>>,
     pub tags: TagSet,
 }
 
@@ -242,7 +243,7 @@ async fn refresher(
     resync: Duration,
     wake: broadcast::Sender<ImageRef>,
 ) {
-    let mut configs: HashMap<u32, (ConfigKey, Arc<VmConfig>)> = HashMap::new();
+    let mut configs: ConfigCache = HashMap::new();
     let mut previous: Option<Arc<Snapshot>> = None;
     loop {
         let (client, generation) = {
@@ -293,11 +294,14 @@ fn publish_then_wake(
     }
 }
 
+/// Per VMID, the config read under a listing key and the marker parsed from it.
+type ConfigCache = HashMap<u32, (ConfigKey, Arc<VmConfig>, Option<Arc<Marker>>)>;
+
 /// One list, and the configs of our VMs not cached under the same listing key, read
 /// [`CONFIG_READS`] at a time.
 async fn fetch(
     client: &proxmox::Client,
-    configs: &mut HashMap<u32, (ConfigKey, Arc<VmConfig>)>,
+    configs: &mut ConfigCache,
 ) -> proxmox::Result<Arc<Snapshot>> {
     let vms = client.cluster_vms().await?;
     let mut nodes = BTreeSet::new();
@@ -311,10 +315,11 @@ async fn fetch(
             others.push(OtherVm::of(vm, &mut nodes));
         }
     }
-    let cached: Vec<Option<Arc<VmConfig>>> = ours
+    type Read = (Arc<VmConfig>, Option<Arc<Marker>>);
+    let cached: Vec<Option<Read>> = ours
         .iter()
         .map(|(vm, _, key)| match configs.get(&vm.vmid) {
-            Some((k, c)) if k == key => Some(c.clone()),
+            Some((k, c, m)) if k == key => Some((c.clone(), m.clone())),
             _ => None,
         })
         .collect();
@@ -333,11 +338,16 @@ async fn fetch(
         .buffer_unordered(CONFIG_READS)
         .collect()
         .await;
-    let mut fresh: HashMap<usize, Arc<VmConfig>> = HashMap::new();
+    let mut fresh: HashMap<usize, Read> = HashMap::new();
     for (i, r) in read {
         match r {
             Ok(c) => {
-                fresh.insert(i, Arc::new(c));
+                let marker = c
+                    .description
+                    .as_deref()
+                    .and_then(|d| parse_description(d).ok().flatten())
+                    .map(Arc::new);
+                fresh.insert(i, (Arc::new(c), marker));
             }
             // Deleted between the list and now: it is gone, skip it.
             Err(e) if e.is_not_found() => {}
@@ -347,14 +357,10 @@ async fn fetch(
     let mut next = HashMap::new();
     let mut out = Vec::new();
     for (i, ((vm, tags, key), cached)) in ours.into_iter().zip(cached).enumerate() {
-        let Some(config) = cached.or_else(|| fresh.remove(&i)) else {
+        let Some((config, marker)) = cached.or_else(|| fresh.remove(&i)) else {
             continue;
         };
-        let marker = config
-            .description
-            .as_deref()
-            .and_then(|d| parse_description(d).ok().flatten());
-        next.insert(vm.vmid, (key, config.clone()));
+        next.insert(vm.vmid, (key, config.clone(), marker.clone()));
         out.push(OurVm {
             vm: vm.clone(),
             config,
@@ -466,7 +472,7 @@ mod tests {
         OurVm {
             vm,
             config: Arc::new(VmConfig::default()),
-            marker: Some(m),
+            marker: Some(Arc::new(m)),
             tags: TagSet::parse(tags),
         }
     }

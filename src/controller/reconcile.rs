@@ -199,7 +199,7 @@ fn versions(snap: &Snapshot, uid: &str) -> Vec<Version> {
         .of_owner(uid)
         .filter(|v| v.vm.template)
         .filter_map(|v| {
-            let m = v.marker.as_ref()?;
+            let m = v.marker.as_deref()?;
             if ownership(Some(m), v.vm.vmid) != Ownership::Ours(Role::Template) {
                 return None;
             }
@@ -283,7 +283,7 @@ async fn observe(
     };
     let leftovers = snap
         .of_owner(&key.uid)
-        .any(|v| ownership(v.marker.as_ref(), v.vm.vmid) == Ownership::Ours(Role::Validation));
+        .any(|v| ownership(v.marker.as_deref(), v.vm.vmid) == Ownership::Ours(Role::Validation));
     let source_check = match decide::source_check_due(gi, spec, now) {
         Some((url, image_url)) => Some(
             match super::source::upstream_checksum(url, image_url).await {
