@@ -5,7 +5,8 @@
 # templates already exist, and optionally other VMs in the cluster (a consumer's 10,000 VMs).
 # Rerunnable; prints, asserts nothing about time.
 #   BENCH_RUNS="100:0 1000:0 1000:9000" BENCH_WINDOW=65 scripts/bench-controller.sh
-#   (each run: GoldenImages:other VMs; BENCH_SIZES="100 1000" is the same as "100:0 1000:0")
+#   (each run: GoldenImages:other VMs; BENCH_SIZES="100 1000" is the same as "100:0 1000:0";
+#   BENCH_CONCURRENCY=n runs the controller with --concurrency n)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +26,14 @@ target="${CARGO_TARGET_DIR:-target}"
 cargo build --quiet --locked --bin sombrero --example bench_controller
 # The controller binary is named explicitly: a target directory shared with another checkout
 # may hold an example built there, whose compiled-in repository path is not this one.
-export SOMBRERO_BIN="${SOMBRERO_BIN:-$PWD/$target/debug/sombrero}"
-case "$target" in /*) SOMBRERO_BIN="$target/debug/sombrero" ;; esac
+# SOMBRERO_BIN=path measures another binary (e.g. a copy of main's).
+if [ -z "${SOMBRERO_BIN:-}" ]; then
+  case "$target" in
+    /*) SOMBRERO_BIN="$target/debug/sombrero" ;;
+    *) SOMBRERO_BIN="$PWD/$target/debug/sombrero" ;;
+  esac
+fi
+export SOMBRERO_BIN
 for run in $runs; do
   n="${run%%:*}" others="${run#*:}"
   echo "== $n GoldenImages, $others other VMs"

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use futures::future::BoxFuture;
 
-use super::connection::DefaultConnection;
+use super::connection::{ConnectionCache, DefaultConnection};
 use super::events::Recorder;
 use super::inventory::Inventories;
 use super::jobs::{JobOutcome, ProgressHandle, Tracker};
@@ -69,6 +69,10 @@ pub struct Context {
     pub tracker: Tracker,
     pub runner: Arc<dyn JobRunner>,
     pub settings: Settings,
+    /// Connections parsed from Secrets, by the Secret watch's resourceVersion.
+    pub connections: ConnectionCache,
+    /// The watched output ConfigMaps (an unchanged one is not applied again).
+    pub outputs: super::reconcile::OutputConfigMaps,
     /// Failed reconciles in a row per TemplateRetention, for the error backoff (the
     /// GoldenImages' is in their memory, [`Tracker`]).
     pub retention_errors: Mutex<HashMap<ObjectRef<TemplateRetention>, u32>>,

@@ -33,19 +33,81 @@ pub const CONFIG_READS: usize = 8;
 pub struct OurVm {
     pub vm: ClusterVm,
     pub config: Arc<VmConfig>,
-    pub marker: Option<Marker>,
+    /// Parsed once per config read, shared by the snapshots that show the same config.
+    pub marker: Option<Arc<Marker>>,
     pub tags: TagSet,
 }
 
-/// What the cluster looked like at `taken`.
+/// A QEMU VM without our owner tag, as much of it as readers use: retention's in-use check
+/// looks up a clone's node by VMID, and its tag selector matches templates (so a template's
+/// tags are kept, a VM's are not). A cluster's 10,000 VMs cost a few hundred KiB.
+#[derive(Debug, Clone)]
+pub struct OtherVm {
+    pub vmid: u32,
+    /// Shared by the VMs of a node.
+    pub node: Arc<str>,
+    pub template: bool,
+    pub tags: Option<Box<str>>,
+}
+
+impl OtherVm {
+    /// Of a listed QEMU VM (pure); `nodes` interns the node names.
+    pub fn of(vm: &ClusterVm, nodes: &mut BTreeSet<Arc<str>>) -> OtherVm {
+        let node = match nodes.get(vm.node.as_str()) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = Arc::from(vm.node.as_str());
+                nodes.insert(n.clone());
+                n
+            }
+        };
+        OtherVm {
+            vmid: vm.vmid,
+            node,
+            template: vm.template,
+            tags: vm
+                .template
+                .then(|| vm.tags.as_deref().map(Box::from))
+                .flatten(),
+        }
+    }
+
+    /// As the listing's entry, with the fields readers use.
+    fn listed(&self) -> ClusterVm {
+        ClusterVm {
+            id: format!("qemu/{}", self.vmid),
+            kind: "qemu".into(),
+            vmid: self.vmid,
+            node: self.node.to_string(),
+            template: self.template,
+            tags: self.tags.as_deref().map(str::to_owned),
+            ..Default::default()
+        }
+    }
+}
+
+/// What the cluster looked like at `taken`: our VMs in full (listing entry, config, marker) and
+/// the other QEMU VMs in brief ([`OtherVm`]); containers are left out (no reader looks at
+/// them).
 #[derive(Debug)]
 pub struct Snapshot {
     pub taken: Instant,
-    pub vms: Vec<ClusterVm>,
     pub ours: Vec<OurVm>,
+    pub others: Vec<OtherVm>,
 }
 
 impl Snapshot {
+    /// The QEMU VMs of the listing with what readers use of them (retention's
+    /// `gather_from`): ours as listed, the others from [`OtherVm`]. Built on demand, for the
+    /// rare reader (a retention run, a deletion).
+    pub fn vms(&self) -> Vec<ClusterVm> {
+        self.ours
+            .iter()
+            .map(|o| o.vm.clone())
+            .chain(self.others.iter().map(OtherVm::listed))
+            .collect()
+    }
+
     /// Our VMs whose marker names this owner uid.
     pub fn of_owner<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = &'a OurVm> + 'a {
         self.ours
@@ -181,7 +243,7 @@ async fn refresher(
     resync: Duration,
     wake: broadcast::Sender<ImageRef>,
 ) {
-    let mut configs: HashMap<u32, (ConfigKey, Arc<VmConfig>)> = HashMap::new();
+    let mut configs: ConfigCache = HashMap::new();
     let mut previous: Option<Arc<Snapshot>> = None;
     loop {
         let (client, generation) = {
@@ -193,19 +255,19 @@ async fn refresher(
             (s.client.clone(), s.requested)
         };
         let result = fetch(&client, &mut configs).await;
-        if let Ok(snap) = &result {
-            if let Some(before) = &previous {
-                for image in changed_images(before, snap) {
-                    // No receiver (no controller running): nothing to wake.
-                    let _ = wake.send(image);
-                }
-            }
-            previous = Some(snap.clone());
-        }
         {
             let Some(inv) = inv.upgrade() else { return };
-            inv.published
-                .send_replace(Some(Published { generation, result }));
+            let changed = match (&previous, &result) {
+                (Some(before), Ok(snap)) => changed_images(before, snap),
+                _ => Vec::new(),
+            };
+            if let Ok(snap) = &result {
+                previous = Some(snap.clone());
+            }
+            publish_then_wake(&inv, Published { generation, result }, changed, |image| {
+                // No receiver (no controller running): nothing to wake.
+                let _ = wake.send(image);
+            });
             if inv.lock().requested > generation {
                 continue;
             }
@@ -217,25 +279,47 @@ async fn refresher(
     }
 }
 
+/// Publishes a refresh, then wakes the images it changed: a woken reconcile reads the snapshot
+/// that woke it (woken before the publish, it could read the previous one and see nothing
+/// changed until its requeue).
+fn publish_then_wake(
+    inv: &ClusterInventory,
+    published: Published,
+    changed: Vec<ImageRef>,
+    wake: impl Fn(ImageRef),
+) {
+    inv.published.send_replace(Some(published));
+    for image in changed {
+        wake(image);
+    }
+}
+
+/// Per VMID, the config read under a listing key and the marker parsed from it.
+type ConfigCache = HashMap<u32, (ConfigKey, Arc<VmConfig>, Option<Arc<Marker>>)>;
+
 /// One list, and the configs of our VMs not cached under the same listing key, read
 /// [`CONFIG_READS`] at a time.
 async fn fetch(
     client: &proxmox::Client,
-    configs: &mut HashMap<u32, (ConfigKey, Arc<VmConfig>)>,
+    configs: &mut ConfigCache,
 ) -> proxmox::Result<Arc<Snapshot>> {
     let vms = client.cluster_vms().await?;
-    let ours: Vec<(&ClusterVm, TagSet, ConfigKey)> = vms
-        .iter()
-        .filter(|v| v.is_qemu())
-        .filter_map(|vm| {
-            let tags = TagSet::parse(vm.tags.as_deref().unwrap_or(""));
-            tags.contains(OWNER_TAG).then(|| (vm, tags, config_key(vm)))
-        })
-        .collect();
-    let cached: Vec<Option<Arc<VmConfig>>> = ours
+    let mut nodes = BTreeSet::new();
+    let mut others = Vec::new();
+    let mut ours: Vec<(&ClusterVm, TagSet, ConfigKey)> = Vec::new();
+    for vm in vms.iter().filter(|v| v.is_qemu()) {
+        let tags = TagSet::parse(vm.tags.as_deref().unwrap_or(""));
+        if tags.contains(OWNER_TAG) {
+            ours.push((vm, tags, config_key(vm)));
+        } else {
+            others.push(OtherVm::of(vm, &mut nodes));
+        }
+    }
+    type Read = (Arc<VmConfig>, Option<Arc<Marker>>);
+    let cached: Vec<Option<Read>> = ours
         .iter()
         .map(|(vm, _, key)| match configs.get(&vm.vmid) {
-            Some((k, c)) if k == key => Some(c.clone()),
+            Some((k, c, m)) if k == key => Some((c.clone(), m.clone())),
             _ => None,
         })
         .collect();
@@ -254,11 +338,16 @@ async fn fetch(
         .buffer_unordered(CONFIG_READS)
         .collect()
         .await;
-    let mut fresh: HashMap<usize, Arc<VmConfig>> = HashMap::new();
+    let mut fresh: HashMap<usize, Read> = HashMap::new();
     for (i, r) in read {
         match r {
             Ok(c) => {
-                fresh.insert(i, Arc::new(c));
+                let marker = c
+                    .description
+                    .as_deref()
+                    .and_then(|d| parse_description(d).ok().flatten())
+                    .map(Arc::new);
+                fresh.insert(i, (Arc::new(c), marker));
             }
             // Deleted between the list and now: it is gone, skip it.
             Err(e) if e.is_not_found() => {}
@@ -268,14 +357,10 @@ async fn fetch(
     let mut next = HashMap::new();
     let mut out = Vec::new();
     for (i, ((vm, tags, key), cached)) in ours.into_iter().zip(cached).enumerate() {
-        let Some(config) = cached.or_else(|| fresh.remove(&i)) else {
+        let Some((config, marker)) = cached.or_else(|| fresh.remove(&i)) else {
             continue;
         };
-        let marker = config
-            .description
-            .as_deref()
-            .and_then(|d| parse_description(d).ok().flatten());
-        next.insert(vm.vmid, (key, config.clone()));
+        next.insert(vm.vmid, (key, config.clone(), marker.clone()));
         out.push(OurVm {
             vm: vm.clone(),
             config,
@@ -284,10 +369,11 @@ async fn fetch(
         });
     }
     *configs = next;
+    others.shrink_to_fit();
     Ok(Arc::new(Snapshot {
         taken: Instant::now(),
-        vms,
         ours: out,
+        others,
     }))
 }
 
@@ -386,7 +472,7 @@ mod tests {
         OurVm {
             vm,
             config: Arc::new(VmConfig::default()),
-            marker: Some(m),
+            marker: Some(Arc::new(m)),
             tags: TagSet::parse(tags),
         }
     }
@@ -394,9 +480,80 @@ mod tests {
     fn snap(ours: Vec<OurVm>) -> Snapshot {
         Snapshot {
             taken: Instant::now(),
-            vms: ours.iter().map(|o| o.vm.clone()).collect(),
             ours,
+            others: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_woken_image_reads_the_snapshot_that_woke_it() {
+        let config = proxmox::Config::new("https://127.0.0.1:1", "a@pve!t", "s").unwrap();
+        let inv = ClusterInventory {
+            shared: Mutex::new(Shared {
+                client: proxmox::Client::new(config).unwrap(),
+                requested: 0,
+                forget: Vec::new(),
+            }),
+            refresh_now: Arc::new(Notify::new()),
+            published: watch::channel(None).0,
+        };
+        let before = snap(vec![ours(100, "ns", "a", "sombrero")]);
+        let after = Arc::new(snap(Vec::new()));
+        let changed = changed_images(&before, &after);
+        assert_eq!(changed.len(), 1);
+        let woken = std::cell::Cell::new(0);
+        publish_then_wake(
+            &inv,
+            Published {
+                generation: 3,
+                result: Ok(after.clone()),
+            },
+            changed,
+            |_| {
+                let seen = inv.published.borrow();
+                let p = seen.as_ref().expect("published before the wake");
+                assert_eq!(p.generation, 3);
+                assert!(Arc::ptr_eq(p.result.as_ref().unwrap(), &after));
+                woken.set(woken.get() + 1);
+            },
+        );
+        assert_eq!(woken.get(), 1);
+    }
+
+    #[test]
+    fn other_vms_keep_what_readers_use() {
+        let listed = |v: serde_json::Value| -> ClusterVm { serde_json::from_value(v).unwrap() };
+        let mut nodes = BTreeSet::new();
+        let vm = OtherVm::of(
+            &listed(
+                serde_json::json!({"vmid": 700, "node": "pve2", "type": "qemu",
+                "name": "web", "status": "running", "tags": "team-a", "maxmem": 1}),
+            ),
+            &mut nodes,
+        );
+        let template = OtherVm::of(
+            &listed(
+                serde_json::json!({"vmid": 9000, "node": "pve2", "type": "qemu",
+                "name": "base", "template": 1, "tags": "os.debian-12"}),
+            ),
+            &mut nodes,
+        );
+        assert!(Arc::ptr_eq(&vm.node, &template.node), "node names shared");
+        let s = Snapshot {
+            taken: Instant::now(),
+            ours: vec![ours(100, "ns", "a", "sombrero")],
+            others: vec![vm, template],
+        };
+        let vms = s.vms();
+        assert_eq!(
+            vms.iter().map(|v| v.vmid).collect::<Vec<_>>(),
+            vec![100, 700, 9000]
+        );
+        // Retention's in-use check: a clone's node by VMID; its tag selector: a template's tags.
+        assert_eq!((vms[1].node.as_str(), vms[1].is_qemu()), ("pve2", true));
+        assert!(!vms[1].template && vms[1].tags.is_none());
+        assert!(vms[2].template);
+        assert_eq!(vms[2].tags.as_deref(), Some("os.debian-12"));
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //! - [`inventory`]: one `cluster/resources` list per Proxmox cluster per resync interval,
 //!   shared by every object of that cluster.
 //! - [`connection`]: the Proxmox connection from a Secret or the controller's default; Secrets
-//!   are watched (metadata only, nothing of their data is cached) so a fixed credential takes
-//!   effect at once.
+//!   are watched (metadata only: their stores keep name and resourceVersion) and a Secret is
+//!   read once per resourceVersion (the parsed connection is kept in memory until the watch
+//!   shows another), so a fixed credential takes effect at once.
 //! - [`leader`]: a Lease (kube-lease-manager): only the leader acts; losing the lease stops the
 //!   controller and the process exits (the pod restarts as a standby).
 //! - [`http`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
@@ -55,8 +56,8 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ListParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Client, ResourceExt};
 
 use crate::api::GoldenImage;
@@ -133,6 +134,8 @@ pub async fn run(client: Client, opts: Options, runner: Arc<dyn JobRunner>) -> R
         inventories: Inventories::new(opts.settings.resync),
         runner,
         settings: opts.settings.clone(),
+        connections: Default::default(),
+        outputs: Default::default(),
         retention_errors: Mutex::new(HashMap::new()),
     });
 
@@ -178,8 +181,14 @@ fn golden_image_controller(
     let cms: Api<ConfigMap> = scoped(&client, namespace);
     // `PartialObjectMeta`: Secrets are listed and watched by their metadata only.
     let secrets: Api<PartialObjectMeta<Secret>> = scoped(&client, namespace);
-    let controller = Controller::new(gis, watcher::Config::default().any_semantic());
-    let store = controller.store();
+    // The objects are kept without their managed fields and kubectl's last-applied copy (per
+    // image the larger part of the object; nothing reads them).
+    let (store, writer) = reflector::store();
+    let images = watcher(gis, watcher::Config::default().any_semantic())
+        .modify(strip_image)
+        .reflect(writer)
+        .applied_objects();
+    let controller = Controller::for_stream(images, store.clone());
     let default_secret = match &opts.settings.default_connection {
         DefaultConnection::Secret { namespace, name } => Some((namespace.clone(), name.clone())),
         _ => None,
@@ -191,7 +200,9 @@ fn golden_image_controller(
     });
     // Secrets are watched by their metadata only: the controller must not hold every Secret's
     // data of the namespace (or cluster) in memory just to notice that a referenced one
-    // changed; the data of the one it needs is read on each reconcile.
+    // changed. Their stores keep name and resourceVersion ([`connection::strip_secret_meta`]):
+    // a reconcile reuses the connection parsed from the version the store shows, and reads the
+    // Secret again when it shows another.
     let mapper = move |s: PartialObjectMeta<Secret>| {
         let ns = s.namespace().unwrap_or_default();
         let name = s.name_any();
@@ -208,16 +219,34 @@ fn golden_image_controller(
             .map(|gi| ObjectRef::from_obj(&*gi))
             .collect::<Vec<_>>()
     };
+    // The store is written before the event reaches the mapper: the reconcile it triggers sees
+    // the new version.
+    let secret_stream = |api: Api<PartialObjectMeta<Secret>>| {
+        let (reader, writer) = reflector::store();
+        ctx.connections.watch(reader);
+        watcher(api, watcher::Config::default())
+            .modify(connection::strip_secret_meta)
+            .reflect(writer)
+            .touched_objects()
+    };
     let output_label = format!(
         "{}={}",
         reconcile::OUTPUT_LABEL.0,
         reconcile::OUTPUT_LABEL.1
     );
+    // The output ConfigMaps, kept (stripped to what the comparison needs) so that a reconcile
+    // applies one only when it differs from what the controller would write.
+    let (outputs, outputs_writer) = reflector::store();
+    ctx.outputs.watch(outputs);
+    let cm_stream = watcher(cms, watcher::Config::default().labels(&output_label))
+        .modify(reconcile::strip_config_map)
+        .reflect(outputs_writer)
+        .touched_objects();
     let mut c = controller
-        .owns(cms, watcher::Config::default().labels(&output_label))
-        .watches(secrets, watcher::Config::default(), mapper.clone());
+        .owns_stream(cm_stream)
+        .watches_stream(secret_stream(secrets), mapper.clone());
     if let Some(api) = default_watch {
-        c = c.watches(api, watcher::Config::default(), mapper);
+        c = c.watches_stream(secret_stream(api), mapper);
     }
     // A refresh of the shared inventory that changed an image's VMs (a template deleted in the
     // PVE UI, a tag edited) reconciles that image now rather than at its requeue.
@@ -246,6 +275,17 @@ fn golden_image_controller(
             }
         })
 }
+
+/// What the controller's store keeps of a GoldenImage: all but the managed fields and
+/// `kubectl.kubernetes.io/last-applied-configuration` (a copy of the spec).
+pub fn strip_image(gi: &mut GoldenImage) {
+    gi.metadata.managed_fields = None;
+    if let Some(a) = gi.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// `kind` in `namespace`, or in all namespaces.
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -276,5 +316,34 @@ impl Settings {
             default_connection,
             manager: "sombrero-controller".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_keeps_an_image_without_managed_fields_and_the_last_applied_copy() {
+        let mut gi: GoldenImage = serde_json::from_value(serde_json::json!({
+            "apiVersion": "images.sombrero.dev/v1alpha1", "kind": "GoldenImage",
+            "metadata": {"name": "img", "namespace": "ns",
+                "annotations": {LAST_APPLIED: "{}", triggers::REBUILD_ANNOTATION: "now"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"os": "ubuntu-24.04", "type": "minimal",
+                "source": {"cloudImage": {"url": "https://x/y.img"}},
+                "placement": {"node": "pve1"}}
+        }))
+        .unwrap();
+        let spec = gi.spec.clone();
+        strip_image(&mut gi);
+        assert!(gi.metadata.managed_fields.is_none());
+        let annotations = gi.metadata.annotations.unwrap();
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            vec![triggers::REBUILD_ANNOTATION],
+            "the rebuild request stays"
+        );
+        assert_eq!(gi.spec, spec);
     }
 }

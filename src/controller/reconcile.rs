@@ -17,6 +17,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -198,7 +199,7 @@ fn versions(snap: &Snapshot, uid: &str) -> Vec<Version> {
         .of_owner(uid)
         .filter(|v| v.vm.template)
         .filter_map(|v| {
-            let m = v.marker.as_ref()?;
+            let m = v.marker.as_deref()?;
             if ownership(Some(m), v.vm.vmid) != Ownership::Ours(Role::Template) {
                 return None;
             }
@@ -255,7 +256,13 @@ async fn observe(
     spec: &ValidSpec,
     now: DateTime<Utc>,
 ) -> Result<(Proxmox, Observation)> {
-    let conn = connection::resolve(&ctx.client, &ctx.settings.default_connection, gi).await?;
+    let conn = connection::resolve(
+        &ctx.client,
+        &ctx.connections,
+        &ctx.settings.default_connection,
+        gi,
+    )
+    .await?;
     let inv = ctx.inventories.get(&conn).await?;
     let client = inv.client().await;
     let job = ctx.tracker.view(key);
@@ -276,7 +283,7 @@ async fn observe(
     };
     let leftovers = snap
         .of_owner(&key.uid)
-        .any(|v| ownership(v.marker.as_ref(), v.vm.vmid) == Ownership::Ours(Role::Validation));
+        .any(|v| ownership(v.marker.as_deref(), v.vm.vmid) == Ownership::Ours(Role::Validation));
     let source_check = match decide::source_check_due(gi, spec, now) {
         Some((url, image_url)) => Some(
             match super::source::upstream_checksum(url, image_url).await {
@@ -475,22 +482,21 @@ async fn remove_rebuild_annotation(ctx: &Context, gi: &GoldenImage) -> Result<()
     Ok(())
 }
 
-/// The Terraform hand-off, `promote::config_map_data` of the latest template's marker:
-/// `template_id`, `template_name`, `node`, and a Packer-compatible `manifest.json` whose run
-/// uuid derives from the template's build id. Owned by the GoldenImage (garbage-collected with
-/// it).
 /// Label on the output ConfigMaps: the controller watches only ConfigMaps carrying it, instead
 /// of caching every ConfigMap of the cluster.
 pub const OUTPUT_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "sombrero");
 
-async fn write_config_map(
-    ctx: &Context,
+/// The Terraform hand-off, `promote::config_map_data` of the latest template's marker:
+/// `template_id`, `template_name`, `node`, and a Packer-compatible `manifest.json` whose run
+/// uuid derives from the template's build id. Owned by the GoldenImage (garbage-collected with
+/// it) and labelled [`OUTPUT_LABEL`].
+pub fn desired_config_map(
     gi: &GoldenImage,
     name: &str,
     data: BTreeMap<String, String>,
-) -> Result<()> {
+) -> ConfigMap {
     let owner_ref: Option<OwnerReference> = gi.controller_owner_ref(&());
-    let cm = ConfigMap {
+    ConfigMap {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: gi.namespace(),
@@ -503,9 +509,98 @@ async fn write_config_map(
         },
         data: Some(data),
         ..Default::default()
+    }
+}
+
+/// Whether the output ConfigMap as the watch shows it (`existing`; None: none) already has
+/// everything an apply of `desired` would set (pure): each of our data keys with our value, our
+/// label, our controller owner reference. Keys, labels and owner references others added are
+/// left alone, as the apply leaves them. Not up to date: missing, edited, relabelled.
+pub fn config_map_up_to_date(existing: Option<&ConfigMap>, desired: &ConfigMap) -> bool {
+    let Some(cm) = existing else {
+        return false;
     };
-    let api: Api<ConfigMap> =
-        Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
+    let data = cm.data.as_ref();
+    let data_ok = desired
+        .data
+        .iter()
+        .flatten()
+        .all(|(k, v)| data.and_then(|d| d.get(k)) == Some(v));
+    let labels = cm.metadata.labels.as_ref();
+    let labels_ok = desired
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+    let owners = cm.metadata.owner_references.as_deref().unwrap_or_default();
+    let owner_ok = desired
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .all(|o| owners.contains(o));
+    data_ok && labels_ok && owner_ok
+}
+
+/// The output ConfigMaps' watch objects as the store keeps them: what
+/// [`config_map_up_to_date`] compares (data, labels, owner references) and the names; managed
+/// fields, annotations and binary data are dropped before the store.
+pub fn strip_config_map(cm: &mut ConfigMap) {
+    let m = &mut cm.metadata;
+    *m = ObjectMeta {
+        name: m.name.take(),
+        namespace: m.namespace.take(),
+        resource_version: m.resource_version.take(),
+        uid: m.uid.take(),
+        labels: m.labels.take(),
+        owner_references: m.owner_references.take(),
+        ..Default::default()
+    };
+    cm.binary_data = None;
+}
+
+/// The watched output ConfigMaps (the reflector stores of the labelled ConfigMaps' watch, one
+/// per watched scope).
+#[derive(Default)]
+pub struct OutputConfigMaps {
+    stores: std::sync::Mutex<Vec<Store<ConfigMap>>>,
+}
+
+impl OutputConfigMaps {
+    pub fn watch(&self, store: Store<ConfigMap>) {
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(store);
+    }
+
+    /// The ConfigMap as last watched (None: not there, or not listed yet).
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<ConfigMap>> {
+        let key = ObjectRef::new(name).within(namespace);
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find_map(|s| s.get(&key))
+    }
+}
+
+/// Applies the output ConfigMap unless the watched one is up to date already: a reconcile
+/// where nothing changed writes nothing; an edited or deleted ConfigMap's watch event
+/// reconciles the image, whose apply restores it.
+async fn write_config_map(
+    ctx: &Context,
+    gi: &GoldenImage,
+    name: &str,
+    data: BTreeMap<String, String>,
+) -> Result<()> {
+    let cm = desired_config_map(gi, name, data);
+    let ns = gi.namespace().unwrap_or_default();
+    if config_map_up_to_date(ctx.outputs.get(&ns, name).as_deref(), &cm) {
+        return Ok(());
+    }
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let mut value = serde_json::to_value(&cm).map_err(|e| Error::Transient(e.to_string()))?;
     value["apiVersion"] = json!("v1");
     value["kind"] = json!("ConfigMap");
@@ -529,7 +624,14 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     let owner = owner_of(gi);
     ctx.tracker.forget(&ImageKey::of(gi));
     ctx.metrics.forget_image(&owner.namespace, &owner.name);
-    let conn = match connection::resolve(&ctx.client, &ctx.settings.default_connection, gi).await {
+    let conn = match connection::resolve(
+        &ctx.client,
+        &ctx.connections,
+        &ctx.settings.default_connection,
+        gi,
+    )
+    .await
+    {
         Ok(c) => c,
         Err(e) if e.is_stalled() => {
             // Without a connection nothing can be cleaned; do not block the deletion forever.
@@ -588,7 +690,7 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         &target,
         &scope,
         Purpose::ImageDeleted,
-        &snap.vms,
+        &snap.vms(),
         &configs,
     )
     .await?;
@@ -606,4 +708,128 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     let note = decide::deleted(&plan, &executed).map_err(Error::Proxmox)?;
     publish(ctx, gi, &note).await;
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> GoldenImage {
+        serde_json::from_value(json!({
+            "apiVersion": "images.sombrero.dev/v1alpha1", "kind": "GoldenImage",
+            "metadata": {"name": "img", "namespace": "ns", "uid": "u-1"},
+            "spec": {"os": "ubuntu-24.04", "type": "minimal",
+                "source": {"cloudImage": {"url": "https://x/y.img"}},
+                "placement": {"node": "pve1"}}
+        }))
+        .unwrap()
+    }
+
+    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_a_config_map_differing_in_what_we_set_is_applied_again() {
+        let gi = image();
+        let ours = data(&[("template_id", "9001"), ("node", "pve1")]);
+        let desired = desired_config_map(&gi, "img-template", ours.clone());
+        let same = desired.clone();
+        let edit = |f: &dyn Fn(&mut ConfigMap)| {
+            let mut cm = desired.clone();
+            f(&mut cm);
+            cm
+        };
+        let cases: Vec<(&str, Option<ConfigMap>, bool)> = vec![
+            ("as applied", Some(same), true),
+            ("deleted (or not listed yet)", None, false),
+            (
+                "a value edited",
+                Some(edit(&|cm| {
+                    cm.data
+                        .as_mut()
+                        .unwrap()
+                        .insert("template_id".into(), "1".into());
+                })),
+                false,
+            ),
+            (
+                "a key removed",
+                Some(edit(&|cm| {
+                    cm.data.as_mut().unwrap().remove("node");
+                })),
+                false,
+            ),
+            ("the data gone", Some(edit(&|cm| cm.data = None)), false),
+            (
+                "our label changed",
+                Some(edit(&|cm| {
+                    cm.metadata
+                        .labels
+                        .as_mut()
+                        .unwrap()
+                        .insert(OUTPUT_LABEL.0.into(), "x".into());
+                })),
+                false,
+            ),
+            (
+                "our owner reference gone",
+                Some(edit(&|cm| cm.metadata.owner_references = None)),
+                false,
+            ),
+            (
+                "owned by an earlier object of the same name",
+                Some(edit(&|cm| {
+                    cm.metadata.owner_references.as_mut().unwrap()[0].uid = "u-0".into();
+                })),
+                false,
+            ),
+            // What others added stays after an apply too: nothing to write for it.
+            (
+                "another key, label and owner added",
+                Some(edit(&|cm| {
+                    cm.data.as_mut().unwrap().insert("extra".into(), "v".into());
+                    cm.metadata
+                        .labels
+                        .as_mut()
+                        .unwrap()
+                        .insert("team".into(), "a".into());
+                    let mut other = cm.metadata.owner_references.as_ref().unwrap()[0].clone();
+                    other.uid = "u-other".into();
+                    other.controller = None;
+                    cm.metadata.owner_references.as_mut().unwrap().push(other);
+                })),
+                true,
+            ),
+        ];
+        for (what, existing, up_to_date) in cases {
+            assert_eq!(
+                config_map_up_to_date(existing.as_ref(), &desired),
+                up_to_date,
+                "{what}"
+            );
+        }
+        // A promotion: the desired data differs from the watched one.
+        let next = desired_config_map(
+            &gi,
+            "img-template",
+            data(&[("template_id", "9002"), ("node", "pve1")]),
+        );
+        assert!(!config_map_up_to_date(Some(&desired), &next));
+    }
+
+    #[test]
+    fn the_store_keeps_what_the_comparison_needs() {
+        let gi = image();
+        let mut cm = desired_config_map(&gi, "img-template", data(&[("template_id", "9001")]));
+        cm.metadata.annotations = Some(data(&[("big", "x")]));
+        cm.metadata.managed_fields = Some(vec![Default::default()]);
+        let desired = cm.clone();
+        strip_config_map(&mut cm);
+        assert!(cm.metadata.annotations.is_none() && cm.metadata.managed_fields.is_none());
+        assert!(config_map_up_to_date(Some(&cm), &desired));
+    }
 }

@@ -172,12 +172,19 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     }
     let (conn, scope) = match &image {
         Some(gi) => (
-            connection::resolve(&ctx.client, &ctx.settings.default_connection, gi).await?,
+            connection::resolve(
+                &ctx.client,
+                &ctx.connections,
+                &ctx.settings.default_connection,
+                gi,
+            )
+            .await?,
             policy.target.scope(&gi.uid().unwrap_or_default()),
         ),
         None => (
             connection::resolve_for(
                 &ctx.client,
+                &ctx.connections,
                 &ctx.settings.default_connection,
                 &ns,
                 tr.spec.proxmox.as_ref(),
@@ -201,7 +208,7 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
         &policy.target,
         &scope,
         Purpose::Rotation,
-        &snapshot.vms,
+        &snapshot.vms(),
         &configs,
     )
     .await?;

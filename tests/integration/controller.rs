@@ -413,6 +413,78 @@ async fn apply_builds_validates_and_promotes() {
         "the controller watches only ConfigMaps with its label"
     );
     assert_eq!(cm.data.unwrap()["template_id"], latest.vmid.to_string());
+
+    // The controller applies the ConfigMap only when the watched one differs from what it
+    // would write: an edited or deleted one is restored on the reconcile its watch event
+    // triggers (well before the 300 s requeue).
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let restored = |what: &'static str| {
+        let cms = cms.clone();
+        let want = latest.vmid.to_string();
+        async move {
+            let t = Instant::now();
+            loop {
+                let cm = cms.get_opt("img-template").await.unwrap();
+                if cm
+                    .as_ref()
+                    .and_then(|c| c.data.as_ref())
+                    .is_some_and(|d| d.get("template_id") == Some(&want))
+                {
+                    return;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "ConfigMap not restored after {what}: {cm:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    cms.patch(
+        "img-template",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"data": {"template_id": "1"}})),
+    )
+    .await
+    .unwrap();
+    restored("an edit").await;
+    cms.delete("img-template", &DeleteParams::default())
+        .await
+        .unwrap();
+    restored("a delete").await;
+
+    // The parsed connection is reused while the Secret's version stays: a changed Secret takes
+    // effect at once (a revoked token stalls), and so does the fix.
+    put_secret(
+        &client,
+        &ns,
+        "pve",
+        &pve,
+        "00000000-0000-0000-0000-000000000000",
+    )
+    .await;
+    wait_for(
+        &client,
+        &ns,
+        "img",
+        "Stalled after the token changed",
+        Duration::from_secs(30),
+        |gi| condition(gi, "Stalled").is_some_and(|c| c.1 == "ProxmoxAuthFailed"),
+    )
+    .await;
+    put_secret(&client, &ns, "pve", &pve, &pve.token_secret).await;
+    wait_for(
+        &client,
+        &ns,
+        "img",
+        "Ready again after the fix",
+        Duration::from_secs(30),
+        |gi| {
+            condition(gi, "Stalled").is_none()
+                && condition(gi, "Ready").is_some_and(|c| c.0 == "True")
+        },
+    )
+    .await;
     ctl.abort();
     rbac.assert_nothing_denied();
 }
