@@ -288,10 +288,10 @@ impl Progress for SourcePercents {
 /// as they rise, between its own 0 and 100.
 #[tokio::test]
 async fn download_percent_rises_from_the_task_log() {
-    // 0.2: the fake's download takes 1 s, a progress line every 100 ms, and the client polls
-    // at the start and half a second in (then every second), reading the log each time.
+    // 0.4: the fake's download takes 2 s, a progress line every 200 ms; the client polls every
+    // second and reads the log while the task runs, from a second in (about 50%).
     let pve = FakePve::start_with(Options {
-        time_scale: 0.2,
+        time_scale: 0.4,
         ..Default::default()
     })
     .await;
