@@ -207,7 +207,7 @@ fn log_read_due(running: bool, since_start: Duration, last_read: Option<Duration
 /// The first log read of a running task, after the wait began.
 const LOG_FIRST: Duration = Duration::from_secs(1);
 /// The least time between two log reads of one task.
-const LOG_EVERY: Duration = Duration::from_secs(3);
+const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// What [`Client::wait_task_observing`] hands new log lines to.
 type LogObserver<'a> = dyn FnMut(&[String]) + Send + 'a;
@@ -625,7 +625,8 @@ mod tests {
             (true, s(0), None, false),
             (true, s(1), None, true),
             (true, s(2), Some(s(1)), false),
-            (true, s(4), Some(s(1)), true),
+            (true, s(4), Some(s(1)), false),
+            (true, s(6), Some(s(1)), true),
             (false, s(1), None, false),
             (false, s(9), Some(s(1)), false),
         ];
