@@ -26,6 +26,8 @@ pub struct Request {
     pub today: NaiveDate,
     /// See [`BuildRequest::adopt_unvalidated`]: set whenever this run validates.
     pub adopt_unvalidated: bool,
+    /// See [`BuildRequest::fresh_id`].
+    pub fresh_id: bool,
     /// Validate the template (with `spec.validation`'s checks) after the build.
     pub validate: bool,
     /// Make the template the image's latest: after a passed validation, or (only when
@@ -209,6 +211,7 @@ pub async fn run(req: &Request, progress: &dyn Progress) -> Outcome {
         build_id: req.build_id.clone(),
         today: req.today,
         adopt_unvalidated: req.adopt_unvalidated,
+        fresh_id: req.fresh_id,
     };
     let built = match builder::run_build(&req.client, &build_req, progress).await {
         Ok(b) => b,

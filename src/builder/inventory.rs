@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::error::{BuildError, ErrorCategory};
 use crate::image::marker::{Marker, Owner, Role, ValidationRecord, parse_description};
 use crate::image::naming::NameTemplate;
-use crate::image::tags::{TagSet, image_tag};
+use crate::image::tags::{BUILD_TAG, TagSet, image_tag};
 use crate::poll::poll_until;
 use crate::proxmox::readback::is_creation_lock;
 use crate::proxmox::{Client, ClusterVm, PollSchedule, VmConfig};
@@ -146,13 +146,42 @@ pub fn may_be_ours_being_created(vm: &ClusterVm, tag: &str, names: Option<&Image
         && (tags.is_empty() || tags.iter().any(|t| t == tag) || may_be_our_clone(vm, names))
 }
 
+/// Whether the first look reads a tagged template's config: when it carries [`BUILD_TAG`] (a
+/// build VM converted, its Finalize not written: to resume), or when its listed name does not
+/// give its build number (renamed by hand, made under another name template: its marker's
+/// number must count; not for a clean-up of build VMs, without `image`). The others are read when
+/// a decision needs them ([`read_newest_template`], [`read_templates_named`]): a build reads
+/// no config per template of the image.
+pub fn read_template_at_once(vm: &ClusterVm, image: Option<&ImageNames>) -> bool {
+    vm.tag_list().iter().any(|t| t == BUILD_TAG)
+        || image.is_some_and(|n| vm.name.as_deref().is_none_or(|name| !n.matches(name)))
+}
+
+/// The tagged templates not read yet, newest by their listed name's (date, number) first, then
+/// the higher VMID. A template of ours is named by its marker (Finalize writes both), so the
+/// first of ours in this order is our newest.
+pub fn newest_first<'a>(unread: &[&'a ClusterVm], image: &ImageNames) -> Vec<&'a ClusterVm> {
+    let mut out = unread.to_vec();
+    out.sort_by_key(|vm| {
+        let number = vm
+            .name
+            .as_deref()
+            .and_then(|n| image.template.parse_name(n, &image.os, &image.image_type));
+        std::cmp::Reverse((number, vm.vmid))
+    });
+    out
+}
+
 /// What one `cluster/resources` list showed: the image's tagged VMs (and our unconfigured
 /// clones) with their configs, and the whole listing (names for build numbers, the base
-/// template of a template source), so one read answers all of them.
+/// template of a template source), so one read answers all of them. Templates whose names
+/// give their numbers are read only on demand ([`read_template_at_once`]).
 #[derive(Debug, Clone, Default)]
 pub struct Scan {
     pub vms: Vec<TaggedVm>,
     pub listing: Vec<ClusterVm>,
+    /// The image's tag.
+    pub tag: String,
 }
 
 impl std::ops::Deref for Scan {
@@ -171,6 +200,15 @@ impl IntoIterator for Scan {
 }
 
 impl Scan {
+    /// Tagged templates of the listing whose config is not read yet.
+    fn unread_templates(&self) -> Vec<&ClusterVm> {
+        self.listing
+            .iter()
+            .filter(|v| v.is_qemu() && v.template && v.tag_list().contains(&self.tag))
+            .filter(|v| !self.vms.iter().any(|t| t.vmid == v.vmid))
+            .collect()
+    }
+
     /// Names of every VM and template in the cluster.
     pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
         self.listing
@@ -194,8 +232,9 @@ fn listing_key(vm: &ClusterVm) -> (&str, Option<&str>, Option<&str>, bool, Optio
 }
 
 /// Lists the VMs tagged for this owner's image and reads their configs (one list + one config
-/// per tagged VM; the image's templates are few). With `names`, also the VMs that may be our
-/// clone not configured yet ([`may_be_our_clone`]: one config read each), kept only when their
+/// per tagged VM that is no template, and per template [`read_template_at_once`] picks by its
+/// name under `image`). With `names` (a template source), also the VMs that may be our clone
+/// not configured yet ([`may_be_our_clone`]: one config read each), kept only when their
 /// marker names them and this owner.
 ///
 /// First it waits (at most `wait`) until no VM that may be ours is being created: a run that
@@ -204,10 +243,11 @@ fn listing_key(vm: &ClusterVm) -> (&str, Option<&str>, Option<&str>, bool, Optio
 pub async fn scan(
     client: &Client,
     owner: &Owner,
+    image: Option<&ImageNames>,
     names: Option<&ImageNames>,
     wait: Duration,
 ) -> Result<Scan, BuildError> {
-    rescan(client, owner, names, wait, None).await
+    rescan(client, owner, image, names, wait, None).await
 }
 
 /// [`scan`] again, reading only the configs of VMs that are new or whose name, tags, template
@@ -216,6 +256,7 @@ pub async fn scan(
 pub async fn rescan(
     client: &Client,
     owner: &Owner,
+    image: Option<&ImageNames>,
     names: Option<&ImageNames>,
     wait: Duration,
     previous: Option<&Scan>,
@@ -269,6 +310,9 @@ pub async fn rescan(
         if !tagged && !may_be_our_clone(vm, names) {
             continue;
         }
+        if tagged && vm.template && !read_template_at_once(vm, image) {
+            continue;
+        }
         if let Some(same) = known(vm) {
             out.push(TaggedVm {
                 running: vm.status.as_deref() == Some("running"),
@@ -276,29 +320,99 @@ pub async fn rescan(
             });
             continue;
         }
-        let config = match client.vm_config(&vm.node, vm.vmid).await {
-            Ok(c) => c,
-            // Deleted since the listing.
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(BuildError::proxmox("read VM config", &e)),
-        };
-        let marker = parse_description(config.description.as_deref().unwrap_or(""))
-            .ok()
-            .flatten();
-        let found = TaggedVm {
-            vmid: vm.vmid,
-            node: vm.node.clone(),
-            name: config.name.clone().or(vm.name.clone()).unwrap_or_default(),
-            running: vm.status.as_deref() == Some("running"),
-            config,
-            marker,
+        // Deleted since the listing: skipped.
+        let Some(found) = read_one(client, vm).await? else {
+            continue;
         };
         // Untagged, only our own clone is of interest: a look-alike is nobody's business here.
         if tagged || found.owned_by(owner) {
             out.push(found);
         }
     }
-    Ok(Scan { vms: out, listing })
+    Ok(Scan {
+        vms: out,
+        listing,
+        tag,
+    })
+}
+
+/// One listed VM with its config and marker; `None` when it was deleted since the listing.
+async fn read_one(client: &Client, vm: &ClusterVm) -> Result<Option<TaggedVm>, BuildError> {
+    let config = match client.vm_config(&vm.node, vm.vmid).await {
+        Ok(c) => c,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(BuildError::proxmox("read VM config", &e)),
+    };
+    let marker = parse_description(config.description.as_deref().unwrap_or(""))
+        .ok()
+        .flatten();
+    Ok(Some(TaggedVm {
+        vmid: vm.vmid,
+        node: vm.node.clone(),
+        name: config.name.clone().or(vm.name.clone()).unwrap_or_default(),
+        running: vm.status.as_deref() == Some("running"),
+        config,
+        marker,
+    }))
+}
+
+/// Reads the image's templates not read yet, newest first ([`newest_first`]), until one of this
+/// owner's is found: our newest template, the only one [`unvalidated_template`] looks at.
+/// Others' templates on the way (a consumer's, a CLI run's of the same image) cost one read
+/// each.
+pub async fn read_newest_template(
+    client: &Client,
+    scan: &mut Scan,
+    owner: &Owner,
+    image: &ImageNames,
+) -> Result<(), BuildError> {
+    let order: Vec<ClusterVm> = newest_first(&scan.unread_templates(), image)
+        .into_iter()
+        .cloned()
+        .collect();
+    for vm in order {
+        if let Some(found) = read_one(client, &vm).await? {
+            let ours = found.is_our_template(owner);
+            scan.vms.push(found);
+            if ours {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads every template of the image not read yet (a build id asked again: its finished
+/// template may be any of them).
+pub async fn read_all_templates(client: &Client, scan: &mut Scan) -> Result<(), BuildError> {
+    let unread: Vec<ClusterVm> = scan.unread_templates().into_iter().cloned().collect();
+    for vm in unread {
+        if let Some(found) = read_one(client, &vm).await? {
+            scan.vms.push(found);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the image's templates named `name` not read yet: the finished template a build VM of
+/// that name may duplicate ([`number_taken_by_template`]).
+pub async fn read_templates_named(
+    client: &Client,
+    scan: &mut Scan,
+    name: &str,
+) -> Result<(), BuildError> {
+    let named: Vec<ClusterVm> = scan
+        .unread_templates()
+        .into_iter()
+        .filter(|v| v.name.as_deref() == Some(name))
+        .cloned()
+        .collect();
+    for vm in named {
+        if let Some(found) = read_one(client, &vm).await? {
+            scan.vms.push(found);
+        }
+    }
+    Ok(())
 }
 
 /// Every (date, build number) a new build of this image must not take: the markers of the
@@ -450,6 +564,56 @@ mod tests {
             }),
         ];
         assert!(unvalidated_template(&superseded, &owner, &hash).is_none());
+    }
+
+    #[test]
+    fn templates_are_read_when_their_names_do_not_say_their_number_and_newest_first() {
+        let names = ImageNames {
+            template: NameTemplate::default(),
+            os: "ubuntu-24.04".into(),
+            image_type: "minimal".into(),
+        };
+        let t = |vmid: u32, name: Option<&str>| ClusterVm {
+            kind: "qemu".into(),
+            vmid,
+            name: name.map(str::to_string),
+            template: true,
+            ..ClusterVm::default()
+        };
+        // (template, read at the first look with the image's names, without)
+        let cases = [
+            (
+                t(100, Some("ubuntu-24.04-minimal-20261201-001")),
+                false,
+                false,
+            ),
+            (t(101, Some("renamed-by-hand")), true, false),
+            (t(102, Some("ubuntu-24.04-other-20261201-001")), true, false),
+            (t(103, None), true, false),
+            (
+                ClusterVm {
+                    tags: Some("sombrero;sombrero-build".into()),
+                    ..t(104, Some("ubuntu-24.04-minimal-20261201-002"))
+                },
+                true,
+                true,
+            ),
+        ];
+        for (i, (vm, with, without)) in cases.iter().enumerate() {
+            assert_eq!(read_template_at_once(vm, Some(&names)), *with, "case {i}");
+            assert_eq!(read_template_at_once(vm, None), *without, "case {i}");
+        }
+        let listed = [
+            t(200, Some("ubuntu-24.04-minimal-20261201-002")),
+            t(201, Some("ubuntu-24.04-minimal-20261202-001")),
+            t(150, Some("ubuntu-24.04-minimal-20261202-001")),
+            t(300, Some("ubuntu-24.04-minimal-20261130-009")),
+            t(400, Some("renamed")),
+        ];
+        let refs: Vec<&ClusterVm> = listed.iter().collect();
+        let order: Vec<u32> = newest_first(&refs, &names).iter().map(|v| v.vmid).collect();
+        // By (date, number), then the higher VMID; a name that says nothing last.
+        assert_eq!(order, [201, 150, 200, 300, 400]);
     }
 
     #[test]

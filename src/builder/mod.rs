@@ -8,7 +8,8 @@
 //! use sombrero::builder::{BuildError, BuildRequest, NoProgress, run_build};
 //! # async fn example(client: Client, spec: GoldenImageSpec, owner: Owner) -> Result<(), BuildError> {
 //! let today = chrono::Utc::now().date_naive();
-//! let req = BuildRequest { spec, owner, build_id: "b-20250118-001".into(), today, adopt_unvalidated: true };
+//! let req = BuildRequest { spec, owner, build_id: "b-20250118-001".into(), today, adopt_unvalidated: true,
+//!                        fresh_id: false };
 //! let outcome = run_build(&client, &req, &NoProgress).await?;
 //! // outcome.vmid / outcome.name: an unvalidated template (validation `pending`).
 //! # Ok(()) }
@@ -103,6 +104,10 @@ pub struct BuildRequest {
     /// build in flight whose outcome was lost); the CLI does not, because it never validates:
     /// each `sombrero build` run asks for a new template.
     pub adopt_unvalidated: bool,
+    /// The caller made `build_id` for this call (a CLI run's): no template can carry it, so
+    /// none is looked for. `false` (the controller, which may ask its build again after a
+    /// crash): our newest template is read to see whether it is this build, finished.
+    pub fresh_id: bool,
 }
 
 /// What a finished build produced.

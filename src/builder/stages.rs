@@ -20,7 +20,7 @@ use crate::image::marker::{
 };
 use crate::image::naming::{CLAIMS, NameTemplate, NamingError};
 use crate::image::spec_hash::spec_hash;
-use crate::image::tags::base_tags;
+use crate::image::tags::{BUILD_TAG, base_tags};
 use crate::proxmox::readback::{self, TaskCall, run_task, settled_config};
 use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, DeleteVm, QemuConfig, Shutdown, VmConfig,
@@ -57,10 +57,40 @@ pub async fn run_build_with(
         .map_err(|e| BuildError::invalid_spec(e.to_string(), PROVISION_TIMEOUT_HINT))?;
     let hash = spec_hash(spec)
         .map_err(|e| BuildError::invalid_spec(e.to_string(), "the spec must serialize to JSON"))?;
+    let image = ImageNames {
+        template: names.clone(),
+        os: spec.os.clone(),
+        image_type: spec.type_.clone(),
+    };
     let clones = clone_names(spec);
-    let vms = inventory::scan(client, &req.owner, clones.as_ref(), timeouts.task).await?;
+    let mut vms = inventory::scan(
+        client,
+        &req.owner,
+        Some(&image),
+        clones.as_ref(),
+        timeouts.task,
+    )
+    .await?;
+    // The image's templates are read only as far as a decision below needs them: all of them
+    // for a build id that may have run before (its template may be any), else our newest one
+    // (an adoptable unvalidated template), and those a build VM's name may duplicate.
+    if !req.fresh_id {
+        inventory::read_all_templates(client, &mut vms).await?;
+    } else if req.adopt_unvalidated {
+        inventory::read_newest_template(client, &mut vms, &req.owner, &image).await?;
+    }
+    let build_names: Vec<String> = vms
+        .iter()
+        .filter(|v| v.is_our_build(&req.owner))
+        .filter_map(|v| Some(v.marker.as_ref()?.metadata.name.clone()))
+        .collect();
+    for name in build_names {
+        inventory::read_templates_named(client, &mut vms, &name).await?;
+    }
     // Finished already: the process died after Finalize, before the outcome was recorded.
-    if let Some((done, marker)) = inventory::finished_build(&vms, &req.owner, &req.build_id, &hash)
+    if let Some((done, marker)) = (!req.fresh_id)
+        .then(|| inventory::finished_build(&vms, &req.owner, &req.build_id, &hash))
+        .flatten()
     {
         progress.message(&format!(
             "build {} already finished: template {} (VM {})",
@@ -177,6 +207,19 @@ fn cloud_image_checksum(marker: &Marker) -> Option<String> {
     }
 }
 
+/// Whether the build numbers are listed again after a Source stage that took `source_took`:
+/// after a download, yes (another build may have taken a number meanwhile); after a template
+/// source or a cloud image already on the storage (well under a second), the first look is
+/// about as fresh as a second one would be (the same order as the nextid and create requests
+/// that follow, the window two processes share anyway; in one process `naming::CLAIMS`
+/// separates builds).
+fn reread_before_numbering(source_took: Duration) -> bool {
+    source_took >= REREAD_AFTER
+}
+
+/// See [`reread_before_numbering`].
+const REREAD_AFTER: Duration = Duration::from_secs(1);
+
 /// Proxmox trouble keeps the VM for the next run to resume; everything else is a failed build.
 fn destroys_on_failure(err: &BuildError) -> bool {
     match err.category {
@@ -196,7 +239,7 @@ pub async fn cleanup_abandoned_builds(
 ) -> Result<Vec<u32>, BuildError> {
     let timeouts = Timeouts::default();
     let mut removed = Vec::new();
-    for vm in inventory::scan(client, owner, names, timeouts.task).await? {
+    for vm in inventory::scan(client, owner, None, names, timeouts.task).await? {
         if vm.is_our_build(owner) {
             destroy_vm(client, &vm.node, vm.vmid, vm.running, &timeouts)
                 .await
@@ -232,9 +275,53 @@ struct State {
     vmid: u32,
     node: String,
     marker: Marker,
-    /// The last stage that finished.
+    /// The last stage recorded in the marker (Shutdown and Convert are not recorded: each
+    /// looks at the VM itself, its power state, its template flag).
     done: Stage,
     source_checksum: Option<String>,
+    /// What this run knows of the VM's config without reading it again: read by this run and
+    /// changed since by its own writes only. `None` (a resumed build): read when needed.
+    known: Option<Known>,
+    /// Whether the VM runs, when this run knows (it created, started or stopped it).
+    running: Option<bool>,
+    /// The build key this run wrote into the config (with the CreateVm record).
+    key: Option<ThrowawayKey>,
+}
+
+/// The parts of the build VM's config the later stages need, kept by the run that wrote them
+/// so it does not read the config before each write: the notes (around the marker), the system
+/// disk's size, the build-only settings present.
+#[derive(Debug, Clone, PartialEq)]
+struct Known {
+    template: bool,
+    notes: String,
+    disk_bytes: Option<u64>,
+    build_settings: Vec<String>,
+}
+
+impl Known {
+    fn of(config: &VmConfig) -> Known {
+        Known {
+            template: config.template,
+            notes: config.description.clone().unwrap_or_default(),
+            disk_bytes: boot_disk(config).and_then(|(_, s)| s),
+            build_settings: without_build_settings(config).delete,
+        }
+    }
+
+    /// After this run wrote `update`. A build-only setting it deleted still counts: deleted
+    /// while the VM runs it is only pending in PVE (until the next start), so Finalize deletes
+    /// it again on the stopped template (PVE skips a key that is not set, with a warning).
+    fn after(&mut self, update: &ConfigUpdate) {
+        if let Some(notes) = update.set.get("description") {
+            self.notes = notes.to_string();
+        }
+        for key in BUILD_ONLY_SETTINGS {
+            if update.set.get(key).is_some() && !self.build_settings.iter().any(|k| k == key) {
+                self.build_settings.push(key.to_string());
+            }
+        }
+    }
 }
 
 struct Run<'a> {
@@ -306,6 +393,9 @@ impl Run<'_> {
             marker,
             done,
             source_checksum,
+            known: None,
+            running: None,
+            key: None,
         }))
     }
 
@@ -326,23 +416,37 @@ impl Run<'_> {
             self.progress,
         )
         .await?;
+        let source_took = t.elapsed();
         self.end(Stage::Source, t);
 
         let t = self.begin(Stage::CreateVm);
-        // Numbers are read again right before the VM (which reserves the number) is created:
-        // one list, configs only of VMs new or changed since the first look.
-        let clones = clone_names(self.spec);
-        let vms = inventory::rescan(
-            self.client,
-            &req.owner,
-            clones.as_ref(),
-            self.timeouts.task,
-            Some(seen),
-        )
-        .await
-        .map_err(|e| e.at(Stage::CreateVm))?;
+        // Numbers are read again right before the VM (which reserves the number) is created,
+        // when the Source stage took long enough for another build to take one meanwhile: one
+        // list, configs only of VMs new or changed since the first look.
+        let reread;
+        let vms = if reread_before_numbering(source_took) {
+            let clones = clone_names(self.spec);
+            let image = ImageNames {
+                template: names.clone(),
+                os: self.spec.os.clone(),
+                image_type: self.spec.type_.clone(),
+            };
+            reread = inventory::rescan(
+                self.client,
+                &req.owner,
+                Some(&image),
+                clones.as_ref(),
+                self.timeouts.task,
+                Some(seen),
+            )
+            .await
+            .map_err(|e| e.at(Stage::CreateVm))?;
+            &reread
+        } else {
+            seen
+        };
         let used = inventory::used_numbers(
-            &vms,
+            vms,
             vms.cluster_names(),
             names,
             &self.spec.os,
@@ -398,6 +502,10 @@ impl Run<'_> {
             marker: Marker { vmid, ..marker },
             done: Stage::Source,
             source_checksum: prepared.checksum(),
+            known: None,
+            // Created (or cloned) stopped.
+            running: Some(false),
+            key: None,
         };
         self.finish_create(&mut state, Some(created)).await?;
         self.end(Stage::CreateVm, t);
@@ -415,7 +523,7 @@ impl Run<'_> {
         let stage = Stage::CreateVm;
         let spec = self.spec;
         let node = spec.placement.node.clone();
-        let tags = tags_of(marker)?;
+        let tags = build_tags_of(marker)?;
         for _attempt in 0..20 {
             let vmid = self
                 .client
@@ -528,7 +636,8 @@ impl Run<'_> {
         .at(stage))
     }
 
-    /// After the VM exists: hardware and cloud-init for a clone, the disk resized, stage recorded.
+    /// After the VM exists: the disk resized, then one write with the stage recorded, the build
+    /// key and, for a clone, its hardware, tags and cloud-init drive.
     /// `created`: its config as read once its create task ended (`None`: read it now).
     async fn finish_create(
         &mut self,
@@ -545,35 +654,7 @@ impl Run<'_> {
                 .await
                 .map_err(self.pve(stage, "read VM config"))?,
         };
-        if spec.source.template.is_some() {
-            let update = |config: &VmConfig| -> Result<ConfigUpdate, BuildError> {
-                let mut set = hardware_config(spec).tags(&tags_of(&state.marker)?);
-                if !has_cloudinit_drive(config) {
-                    set = set.ide(2, &format!("{}:cloudinit", spec.placement.storage));
-                }
-                Ok(ConfigUpdate::new(set))
-            };
-            match self
-                .client
-                .update_vm_config(&state.node, state.vmid, &update(&config)?)
-                .await
-            {
-                Ok(()) => {}
-                // A new cloud-init drive is not written twice blindly: look first.
-                Err(e) if e.outcome_unknown() => {
-                    let now = self
-                        .client
-                        .vm_config(&state.node, state.vmid)
-                        .await
-                        .map_err(self.pve(stage, "read VM config"))?;
-                    self.client
-                        .update_vm_config(&state.node, state.vmid, &update(&now)?)
-                        .await
-                        .map_err(self.pve(stage, "configure the cloned VM"))?;
-                }
-                Err(e) => return Err(self.pve(stage, "configure the cloned VM")(e)),
-            }
-        }
+        let mut known = Known::of(&config);
         let Some((disk, size)) = boot_disk(&config) else {
             return Err(BuildError::new(
                 ErrorCategory::Proxmox,
@@ -610,33 +691,98 @@ impl Run<'_> {
                     .await
                     .map_err(self.pve(stage, "resize"))?;
             }
+            known.disk_bytes = Some(want);
         }
-        // Neither the hardware update nor the resize touches the description read above.
-        let notes = config.description.clone().unwrap_or_default();
-        self.record_on(state, Stage::CreateVm, None, Some(notes), None)
+        // The resize does not touch the notes read above.
+        state.known = Some(known);
+        let key = match spec.provisioning.via {
+            ProvisioningChannel::Ssh => {
+                Some(ThrowawayKey::generate(BUILD_KEY_COMMENT).map_err(|e| {
+                    BuildError::new(ErrorCategory::Guest, e, "internal error").at(stage)
+                })?)
+            }
+            ProvisioningChannel::GuestAgent => None,
+        };
+        let settings = |config: &VmConfig| -> Result<QemuConfig, BuildError> {
+            let mut set = QemuConfig::new();
+            if spec.source.template.is_some() {
+                set = hardware_config(spec).tags(&build_tags_of(&state.marker)?);
+                if !has_cloudinit_drive(config) {
+                    set = set.ide(2, &format!("{}:cloudinit", spec.placement.storage));
+                }
+            }
+            // A changed cloud-init config is a new instance id: cloud-init runs at the first
+            // boot and installs this key.
+            if let Some(k) = &key {
+                set = set.sshkeys(&[k.public_openssh.as_str()]);
+            }
+            Ok(set)
+        };
+        let (update, marker) = self.record_update(state, stage, None, settings(&config)?, None)?;
+        let (update, marker) = match self
+            .client
+            .update_vm_config(&state.node, state.vmid, &update)
             .await
+        {
+            Ok(()) => (update, marker),
+            // A new cloud-init drive is not written twice blindly: look first (the other
+            // values are absolute, written again as they are).
+            Err(e) if e.outcome_unknown() => {
+                let now = self
+                    .client
+                    .vm_config(&state.node, state.vmid)
+                    .await
+                    .map_err(self.pve(stage, "read VM config"))?;
+                let again = self.record_update(state, stage, None, settings(&now)?, None)?;
+                self.client
+                    .update_vm_config(&state.node, state.vmid, &again.0)
+                    .await
+                    .map_err(self.pve(stage, "configure the build VM"))?;
+                again
+            }
+            Err(e) => return Err(self.pve(stage, "configure the build VM")(e)),
+        };
+        self.recorded(state, stage, &update, marker);
+        state.key = key;
+        Ok(())
     }
 
-    /// Writes the marker with `done` as the finished stage.
-    async fn record(
-        &self,
-        state: &mut State,
-        done: Stage,
-        packages: Option<Vec<String>>,
-    ) -> Result<(), BuildError> {
-        self.record_on(state, done, packages, None, None).await
-    }
-
-    /// [`Self::record`] with the VM's current description when the caller has just read it
-    /// (`None`: read it now), and a key to delete in the same write.
+    /// Writes the marker with `done` as the last recorded stage, and `delete` in the same write.
     async fn record_on(
         &self,
         state: &mut State,
         done: Stage,
         packages: Option<Vec<String>>,
-        existing: Option<String>,
         delete: Option<&str>,
     ) -> Result<(), BuildError> {
+        if state.known.is_none() {
+            let config = self
+                .client
+                .vm_config(&state.node, state.vmid)
+                .await
+                .map_err(self.pve(done, "read VM config"))?;
+            state.known = Some(Known::of(&config));
+        }
+        let (update, marker) =
+            self.record_update(state, done, packages, QemuConfig::new(), delete)?;
+        self.client
+            .update_vm_config(&state.node, state.vmid, &update)
+            .await
+            .map_err(self.pve(done, "write the marker"))?;
+        self.recorded(state, done, &update, marker);
+        Ok(())
+    }
+
+    /// The write recording `done` (the notes are the known ones, the marker's block replaced)
+    /// with `set` and `delete`, and the marker it writes.
+    fn record_update(
+        &self,
+        state: &State,
+        done: Stage,
+        packages: Option<Vec<String>>,
+        set: QemuConfig,
+        delete: Option<&str>,
+    ) -> Result<(ConfigUpdate, Marker), BuildError> {
         let mut marker = state.marker.clone();
         let mut progress = marker.build.clone().unwrap_or_default();
         progress.stage = done.as_str().into();
@@ -645,28 +791,26 @@ impl Run<'_> {
             progress.set_packages(&p);
         }
         marker.build = Some(progress);
-        let existing = match existing {
-            Some(e) => e,
-            None => self
-                .client
-                .vm_config(&state.node, state.vmid)
-                .await
-                .map_err(self.pve(done, "read VM config"))?
-                .description
-                .unwrap_or_default(),
-        };
-        let description = describe_fitting(&mut marker, &existing)?;
-        let mut update = ConfigUpdate::new(QemuConfig::new().description(&description));
+        let existing = state
+            .known
+            .as_ref()
+            .map(|k| k.notes.as_str())
+            .unwrap_or_default();
+        let description = describe_fitting(&mut marker, existing).map_err(|e| e.at(done))?;
+        let mut update = ConfigUpdate::new(set.description(&description));
         if let Some(key) = delete {
             update = update.delete(key);
         }
-        self.client
-            .update_vm_config(&state.node, state.vmid, &update)
-            .await
-            .map_err(self.pve(done, "write the marker"))?;
+        Ok((update, marker))
+    }
+
+    /// After a write of [`Self::record_update`]'s answer succeeded.
+    fn recorded(&self, state: &mut State, done: Stage, update: &ConfigUpdate, marker: Marker) {
+        if let Some(k) = state.known.as_mut() {
+            k.after(update);
+        }
         state.marker = marker;
         state.done = done;
-        Ok(())
     }
 
     async fn continue_build(&mut self, state: &mut State) -> Result<BuildOutcome, BuildError> {
@@ -682,53 +826,20 @@ impl Run<'_> {
             // The key is useless now (removed from the guest), but must not be inherited by
             // clones: deleted in the same write that records the stage.
             let key = (self.spec.provisioning.via == ProvisioningChannel::Ssh).then_some("sshkeys");
-            self.record_on(state, Stage::Provision, Some(packages.clone()), None, key)
+            self.record_on(state, Stage::Provision, Some(packages.clone()), key)
                 .await?;
             self.end(Stage::Provision, t);
         }
+        // Shutdown and Convert record nothing: a run resumed after either sees the VM stopped
+        // (and skips the shutdown) or a template (and skips the conversion).
+        // (A marker of an older version may record them.)
         if state.done < Stage::Shutdown {
             let t = self.begin(Stage::Shutdown);
             self.shutdown(state).await?;
-            self.record(state, Stage::Shutdown, None).await?;
             self.end(Stage::Shutdown, t);
         }
         if state.done < Stage::Convert {
-            let t = self.begin(Stage::Convert);
-            let config = self
-                .client
-                .vm_config(&state.node, state.vmid)
-                .await
-                .map_err(self.pve(Stage::Convert, "read VM config"))?;
-            if !config.template {
-                // Consumers' clones must not inherit the build's user, key or address; the
-                // cloud-init drive stays (clones set their own values into it).
-                let update = without_build_settings(&config);
-                if !update.delete.is_empty() {
-                    self.client
-                        .update_vm_config(&state.node, state.vmid, &update)
-                        .await
-                        .map_err(
-                            self.pve(Stage::Convert, "remove the build's cloud-init settings"),
-                        )?;
-                }
-                let what = TaskCall {
-                    node: &state.node,
-                    vmid: Some(state.vmid),
-                    task_type: "qmtemplate",
-                    id: state.vmid.to_string(),
-                };
-                let (client, node, vmid) = (self.client, state.node.as_str(), state.vmid);
-                run_task(client, &what, self.timeouts.task, move || async move {
-                    client.convert_to_template(node, vmid).await
-                })
-                .await
-                .map_err(self.pve(Stage::Convert, "template"))?;
-            }
-            // Neither the settings removal nor the conversion touches the description.
-            let notes = config.description.clone().unwrap_or_default();
-            self.record_on(state, Stage::Convert, None, Some(notes), None)
-                .await?;
-            self.end(Stage::Convert, t);
+            self.convert(state).await?;
         }
         let t = self.begin(Stage::Finalize);
         let size = self.finalize(state).await?;
@@ -749,6 +860,44 @@ impl Run<'_> {
         })
     }
 
+    /// `POST .../template`, unless the VM is one already (a run killed after it). The build-only
+    /// settings go in Finalize's write: PVE changes a template's options as any VM's.
+    async fn convert(&mut self, state: &mut State) -> Result<(), BuildError> {
+        let stage = Stage::Convert;
+        let t = self.begin(stage);
+        let template = match &state.known {
+            Some(k) => k.template,
+            None => {
+                let config = self
+                    .client
+                    .vm_config(&state.node, state.vmid)
+                    .await
+                    .map_err(self.pve(stage, "read VM config"))?;
+                state.known = Some(Known::of(&config));
+                config.template
+            }
+        };
+        if !template {
+            let what = TaskCall {
+                node: &state.node,
+                vmid: Some(state.vmid),
+                task_type: "qmtemplate",
+                id: state.vmid.to_string(),
+            };
+            let (client, node, vmid) = (self.client, state.node.as_str(), state.vmid);
+            run_task(client, &what, self.timeouts.task, move || async move {
+                client.convert_to_template(node, vmid).await
+            })
+            .await
+            .map_err(self.pve(stage, "template"))?;
+            if let Some(k) = state.known.as_mut() {
+                k.template = true;
+            }
+        }
+        self.end(stage, t);
+        Ok(())
+    }
+
     /// Starts the VM, runs the seed's steps, records the manifest, cleans for cloning.
     async fn provision(&mut self, state: &mut State) -> Result<Vec<String>, BuildError> {
         let stage = Stage::Provision;
@@ -759,36 +908,43 @@ impl Run<'_> {
             .map_err(|e| BuildError::invalid_spec(e.to_string(), PROVISION_TIMEOUT_HINT))?;
         let deadline = Instant::now() + limit;
         let (node, vmid) = (state.node.clone(), state.vmid);
-        let status = self
-            .client
-            .vm_status(&node, vmid)
-            .await
-            .map_err(self.pve(stage, "VM status"))?;
-        if status.is_running() {
+        let running = match state.running {
+            Some(r) => r,
+            None => self
+                .client
+                .vm_status(&node, vmid)
+                .await
+                .map_err(self.pve(stage, "VM status"))?
+                .is_running(),
+        };
+        if running {
             // An interrupted provisioning: start over from a clean boot with a new key.
             self.progress
                 .message("stopping the build VM left running by an interrupted run");
             self.stop(&node, vmid)
                 .await
                 .map_err(|e| BuildError::proxmox("stop", &e).at(stage))?;
+            state.running = Some(false);
         }
+        // Written with the CreateVm record by this run: a VM it has not started yet.
+        let written = state.key.take();
         let key = match p.via {
+            ProvisioningChannel::Ssh if written.is_some() => written,
             ProvisioningChannel::Ssh => {
                 let key = ThrowawayKey::generate(BUILD_KEY_COMMENT).map_err(|e| {
                     BuildError::new(ErrorCategory::Guest, e, "internal error").at(stage)
                 })?;
                 // A changed cloud-init config is a new instance id: cloud-init runs (again) at
                 // boot and installs this key.
+                let update =
+                    ConfigUpdate::new(QemuConfig::new().sshkeys(&[key.public_openssh.as_str()]));
                 self.client
-                    .update_vm_config(
-                        &node,
-                        vmid,
-                        &ConfigUpdate::new(
-                            QemuConfig::new().sshkeys(&[key.public_openssh.as_str()]),
-                        ),
-                    )
+                    .update_vm_config(&node, vmid, &update)
                     .await
                     .map_err(self.pve(stage, "set the build key"))?;
+                if let Some(k) = state.known.as_mut() {
+                    k.after(&update);
+                }
                 Some(key)
             }
             ProvisioningChannel::GuestAgent => None,
@@ -801,11 +957,14 @@ impl Run<'_> {
             id: vmid.to_string(),
         };
         let (client, on) = (self.client, node.as_str());
+        // Unknown from here until a look: a failed start may have started it.
+        state.running = None;
         run_task(client, &what, self.timeouts.task, move || async move {
             client.start_vm(on, vmid).await.map(Some)
         })
         .await
         .map_err(self.pve(stage, "start"))?;
+        state.running = Some(true);
         let mut channel = match &key {
             Some(key) => {
                 let host = self.ssh_host(&node, vmid, deadline).await?;
@@ -909,17 +1068,23 @@ impl Run<'_> {
     }
 
     /// Graceful shutdown with a timeout, then a hard stop; done when the VM is stopped.
-    async fn shutdown(&self, state: &State) -> Result<(), BuildError> {
+    /// `state.running`: this run started the VM and provisioned it, so no look first.
+    async fn shutdown(&self, state: &mut State) -> Result<(), BuildError> {
         let stage = Stage::Shutdown;
-        let (node, vmid) = (&state.node, state.vmid);
-        let status = self
-            .client
-            .vm_status(node, vmid)
-            .await
-            .map_err(self.pve(stage, "VM status"))?;
-        if !status.is_running() {
+        let running = match state.running.take() {
+            Some(r) => r,
+            None => self
+                .client
+                .vm_status(&state.node, state.vmid)
+                .await
+                .map_err(self.pve(stage, "VM status"))?
+                .is_running(),
+        };
+        if !running {
+            state.running = Some(false);
             return Ok(());
         }
+        let (node, vmid) = (&state.node, state.vmid);
         self.progress.message("shutting down");
         let secs = self.timeouts.shutdown.as_secs().max(1);
         let what = TaskCall {
@@ -950,7 +1115,10 @@ impl Run<'_> {
         .await;
         match graceful {
             // PVE ends a shutdown task with OK only once the VM is stopped.
-            Ok(Some(_)) => return Ok(()),
+            Ok(Some(_)) => {
+                state.running = Some(false);
+                return Ok(());
+            }
             Ok(None) => {}
             Err(e) => {
                 self.progress
@@ -980,32 +1148,42 @@ impl Run<'_> {
             .map(|_| ())
     }
 
-    /// Role `template`, final tags, the seed's metadata; the build network's settings removed.
+    /// Role `template`, final tags, the seed's metadata; the build-only settings removed
+    /// (consumers set their own user, network and keys at clone time).
     async fn finalize(&mut self, state: &mut State) -> Result<u64, BuildError> {
         let stage = Stage::Finalize;
-        let config = self
-            .client
-            .vm_config(&state.node, state.vmid)
-            .await
-            .map_err(self.pve(stage, "read VM config"))?;
-        let size = boot_disk(&config).and_then(|(_, s)| s).unwrap_or(0);
+        let known = match state.known.take() {
+            Some(k) => k,
+            None => Known::of(
+                &self
+                    .client
+                    .vm_config(&state.node, state.vmid)
+                    .await
+                    .map_err(self.pve(stage, "read VM config"))?,
+            ),
+        };
+        let size = known.disk_bytes.unwrap_or(0);
         let mut marker = state.marker.retarget(Role::Template, state.vmid);
         marker.metadata.created_at = Some(Utc::now());
         if let Some(b) = marker.build.as_mut() {
             b.stage = Stage::Finalize.as_str().into();
         }
-        let existing = config.description.clone().unwrap_or_default();
-        let description = describe_fitting(&mut marker, &existing).map_err(|e| e.at(stage))?;
+        let description = describe_fitting(&mut marker, &known.notes).map_err(|e| e.at(stage))?;
         let mut update = ConfigUpdate::new(
             QemuConfig::new()
                 .name(&marker.metadata.name)
                 .tags(&tags_of(&marker)?)
                 .description(&description),
         );
-        // Consumers set their own user, network and keys at clone time (a template converted
-        // by an older version may still have them).
-        for key in without_build_settings(&config).delete {
-            update = update.delete(&key);
+        for key in &known.build_settings {
+            update = update.delete(key);
+        }
+        // The build key's delete in the Provision record ran while the VM ran: pending in PVE,
+        // and a config read here may show the pending view. Deleted again on the stopped VM.
+        if self.spec.provisioning.via == ProvisioningChannel::Ssh
+            && !known.build_settings.iter().any(|k| k == "sshkeys")
+        {
+            update = update.delete("sshkeys");
         }
         self.client
             .update_vm_config(&state.node, state.vmid, &update)
@@ -1042,6 +1220,13 @@ fn tags_of(marker: &Marker) -> Result<Vec<String>, BuildError> {
     )
     .map_err(|e| BuildError::invalid_spec(e.to_string(), "fix spec.os / spec.type"))?;
     Ok(tags.iter().map(str::to_string).collect())
+}
+
+/// The tags of a build VM: the template's and [`BUILD_TAG`] (removed by Finalize).
+fn build_tags_of(marker: &Marker) -> Result<Vec<String>, BuildError> {
+    let mut tags = tags_of(marker)?;
+    tags.push(BUILD_TAG.to_string());
+    Ok(tags)
 }
 
 /// The system disk key and its size in bytes (if the config says).
@@ -1140,6 +1325,58 @@ mod tests {
         .unwrap();
         assert_eq!(boot_disk(&c), Some(("scsi0".into(), Some(3584 << 20))));
         assert!(has_cloudinit_drive(&c));
+    }
+
+    #[test]
+    fn what_a_run_knows_of_its_config_follows_its_own_writes() {
+        let c: VmConfig = serde_json::from_value(serde_json::json!({
+            "description": "notes",
+            "ciuser": "ubuntu",
+            "ipconfig0": "ip=dhcp",
+            "scsi0": "local-lvm:vm-100-disk-0,size=3584M"
+        }))
+        .unwrap();
+        let mut k = Known::of(&c);
+        assert_eq!((k.template, k.notes.as_str()), (false, "notes"));
+        assert_eq!(k.disk_bytes, Some(3584 << 20));
+        assert_eq!(k.build_settings, ["ciuser", "ipconfig0"]);
+        // (update, notes after, build-only settings after)
+        let cases = [
+            (
+                ConfigUpdate::new(QemuConfig::new().sshkeys(&["ssh-ed25519 AAAA k"])),
+                "notes",
+                vec!["ciuser", "ipconfig0", "sshkeys"],
+            ),
+            // Deleted while running: pending in PVE, so Finalize deletes it again.
+            (
+                ConfigUpdate::new(QemuConfig::new().description("marker")).delete("sshkeys"),
+                "marker",
+                vec!["ciuser", "ipconfig0", "sshkeys"],
+            ),
+            (
+                ConfigUpdate::new(QemuConfig::new().ciuser("debian")),
+                "marker",
+                vec!["ciuser", "ipconfig0", "sshkeys"],
+            ),
+        ];
+        for (i, (update, notes, settings)) in cases.into_iter().enumerate() {
+            k.after(&update);
+            assert_eq!(k.notes, notes, "case {i}");
+            assert_eq!(k.build_settings, settings, "case {i}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_listed_again_after_a_slow_source_only() {
+        let ms = Duration::from_millis;
+        for (took, again) in [
+            (ms(0), false),
+            (ms(300), false),
+            (ms(1000), true),
+            (ms(90_000), true),
+        ] {
+            assert_eq!(reread_before_numbering(took), again, "{took:?}");
+        }
     }
 
     #[test]

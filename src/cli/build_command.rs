@@ -138,6 +138,8 @@ pub async fn run(args: &BuildArgs) -> ExitCode {
         // Each plain `sombrero build` asks for a new template; a run that validates first
         // answers with an unvalidated template of this spec (its own interrupted run's).
         adopt_unvalidated: validate,
+        // Made just now (a resumed build VM keeps its marker's id).
+        fresh_id: true,
         validate,
         promote: args.promote,
     };

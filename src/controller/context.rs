@@ -27,6 +27,8 @@ pub struct JobRequest {
     pub owner: Owner,
     pub build_id: String,
     pub today: NaiveDate,
+    /// See [`crate::builder::BuildRequest::fresh_id`].
+    pub fresh_id: bool,
 }
 
 /// The engine behind the controller: build -> validate -> promote (or mark failed), and the

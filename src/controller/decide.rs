@@ -219,6 +219,9 @@ pub struct Start {
     pub today: NaiveDate,
     /// The rebuild annotation is present: remove it once the job started.
     pub remove_annotation: bool,
+    /// `build_id` was made by this decision (not a build resumed from the status): no template
+    /// can carry it yet ([`crate::builder::BuildRequest::fresh_id`]).
+    pub fresh_id: bool,
 }
 
 /// The output ConfigMap to apply.
@@ -478,6 +481,7 @@ pub fn decide(
                         message: format!("{why}: build {build_id} started"),
                     };
                     start = Some(Start {
+                        fresh_id: resume_id.is_none(),
                         build_id,
                         why,
                         started_at: now,

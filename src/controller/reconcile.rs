@@ -386,6 +386,7 @@ async fn act(
             owner: owner.clone(),
             build_id: start.build_id.clone(),
             today: start.today,
+            fresh_id: start.fresh_id,
         };
         let runner = ctx.runner.clone();
         match ctx.tracker.try_start(

@@ -46,6 +46,8 @@ async fn run(req: JobRequest, progress: ProgressHandle) -> JobOutcome {
         validate: req.spec.validation.enabled,
         promote: true,
         adopt_unvalidated: true,
+        // A build resumed from the status keeps its id: its finished template is looked for.
+        fresh_id: req.fresh_id,
         client: req.client,
         spec: req.spec,
         owner: req.owner,

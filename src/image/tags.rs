@@ -24,6 +24,10 @@ pub const MAX_TAG_LEN: usize = 63;
 /// Every VM the controller creates carries it. A hint for people and for selection, never proof
 /// of ownership on its own: clones copy tags, so the description marker decides.
 pub const OWNER_TAG: &str = "sombrero";
+/// A build VM carries it until Finalize, also once converted to a template: the build's
+/// inventory reads the marker of a template with it (a build killed between the conversion and
+/// Finalize, to resume), while a finished template's name gives its number without a read.
+pub const BUILD_TAG: &str = "sombrero-build";
 /// Channel tag: the one latest validated template of an image (combine with [`image_tag`]).
 pub const LATEST_TAG: &str = "sombrero-latest";
 /// The template passed validation.

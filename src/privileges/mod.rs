@@ -165,21 +165,44 @@ pub async fn check(client: &Client, needs: &[Need]) -> Result<(), PrivilegeError
     }))
 }
 
-/// The privileges held on each path of `needs`, one `GET /access/permissions` per path.
+/// The privileges held on the paths of `needs`, one `GET /access/permissions` per path: the
+/// first option's path of each need, and an alternative's only when the paths read so far do
+/// not meet the need ([`paths_to_read`]).
 pub async fn held_on(client: &Client, needs: &[Need]) -> Result<Held, PrivilegeError> {
-    let paths: BTreeSet<&str> = needs
-        .iter()
-        .flat_map(|n| n.options.iter().map(|g| g.path.as_str()))
-        .collect();
     let mut held = Held::new();
-    for path in paths {
-        let privs = client
-            .effective_privileges(path)
-            .await
-            .map_err(PrivilegeError::Proxmox)?;
-        held.insert(path.to_string(), privs);
+    loop {
+        let paths = paths_to_read(needs, &held);
+        if paths.is_empty() {
+            return Ok(held);
+        }
+        for path in paths {
+            let privs = client
+                .effective_privileges(path)
+                .await
+                .map_err(PrivilegeError::Proxmox)?;
+            held.insert(path.to_string(), privs);
+        }
     }
-    Ok(held)
+}
+
+/// The paths to read next: per need, its first option whose path is not read yet, unless an
+/// option read already meets it (e.g. `Sys.AccessNetwork` on the node: `Sys.Audit` and
+/// `Sys.Modify` on `/` need no read). Empty when every need is met or all its paths are read.
+pub fn paths_to_read<'a>(needs: &'a [Need], held: &Held) -> BTreeSet<&'a str> {
+    let meets = |g: &Grant| {
+        held.get(&g.path)
+            .is_some_and(|on| g.privileges.iter().all(|p| on.contains(*p)))
+    };
+    let mut out = BTreeSet::new();
+    for need in needs {
+        if need.options.iter().any(meets) {
+            continue;
+        }
+        if let Some(g) = need.options.iter().find(|g| !held.contains_key(&g.path)) {
+            out.insert(g.path.as_str());
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -203,6 +226,44 @@ mod tests {
                 })
                 .collect(),
             why: why.into(),
+        }
+    }
+
+    #[test]
+    fn an_alternative_path_is_read_only_when_the_first_does_not_meet_the_need() {
+        let needs = [
+            need(&[("/vms", &["VM.Audit"])], "list"),
+            need(
+                &[
+                    ("/nodes/pve1", &["Sys.AccessNetwork"]),
+                    ("/", &["Sys.Audit", "Sys.Modify"]),
+                ],
+                "download",
+            ),
+        ];
+        let first: Vec<&str> = paths_to_read(&needs, &Held::new()).into_iter().collect();
+        assert_eq!(first, ["/nodes/pve1", "/vms"]);
+        // (held after the first reads, paths read next)
+        let cases: [(Held, Vec<&str>); 3] = [
+            (
+                held(&[
+                    ("/vms", &["VM.Audit"]),
+                    ("/nodes/pve1", &["Sys.AccessNetwork"]),
+                ]),
+                vec![],
+            ),
+            (
+                held(&[("/vms", &["VM.Audit"]), ("/nodes/pve1", &[])]),
+                vec!["/"],
+            ),
+            (
+                held(&[("/vms", &[]), ("/nodes/pve1", &[]), ("/", &["Sys.Audit"])]),
+                vec![],
+            ),
+        ];
+        for (i, (h, next)) in cases.into_iter().enumerate() {
+            let got: Vec<&str> = paths_to_read(&needs, &h).into_iter().collect();
+            assert_eq!(got, next, "case {i}");
         }
     }
 

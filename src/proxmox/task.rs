@@ -174,13 +174,14 @@ impl Default for PollSchedule {
 
 impl PollSchedule {
     /// How a task's status is polled after the first look (made right after the task-starting
-    /// call, which catches tasks PVE ends at once): after half a second, then every second. At
-    /// most one poll per second once the task runs longer than that, and its end is noticed half
-    /// a second late on average (PVE's own durations are whole seconds often enough that the
-    /// half-second phase matters: a 2 s task is seen at 2.5 s, not at 3 s).
+    /// call, which catches tasks PVE ends at once): every second, on the second counted from
+    /// that first look (the wait keeps the phase; a slow answer does not push later polls
+    /// back). At most one poll per second. A task that ends at a random moment is noticed half
+    /// a second late on average; one of whole seconds (the task started before its UPID was
+    /// answered, so it ends just before the wait's whole second) at once.
     pub const TASK: PollSchedule = PollSchedule {
-        initial: Duration::from_millis(500),
-        factor: 2.0,
+        initial: Duration::from_secs(1),
+        factor: 1.0,
         max: Duration::from_secs(1),
     };
 
@@ -192,6 +193,21 @@ impl PollSchedule {
         }
     }
 }
+
+/// Whether a wait that follows a task's log reads it at this poll: only while the task runs
+/// (a stopped task's outcome is its exit status; a failure reads the log's tail anyway), not at
+/// the first look (the task has just started), and at most every [`LOG_EVERY`]. Progress from
+/// the log (a download's percent) needs no more; a read per poll doubled a download's requests.
+fn log_read_due(running: bool, since_start: Duration, last_read: Option<Duration>) -> bool {
+    running
+        && since_start >= LOG_FIRST
+        && last_read.is_none_or(|at| since_start.saturating_sub(at) >= LOG_EVERY)
+}
+
+/// The first log read of a running task, after the wait began.
+const LOG_FIRST: Duration = Duration::from_secs(1);
+/// The least time between two log reads of one task.
+const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// What [`Client::wait_task_observing`] hands new log lines to.
 type LogObserver<'a> = dyn FnMut(&[String]) + Send + 'a;
@@ -252,9 +268,9 @@ impl Client {
         self.wait_task_inner(upid, timeout, schedule, None).await
     }
 
-    /// [`Client::wait_task`] that also reads the task's log as it grows: after each status poll
-    /// (and once more when the task has stopped) `observe` gets the lines added since the last
-    /// call, in order. A failed log read is skipped (the next poll catches up); it never fails
+    /// [`Client::wait_task`] that also reads the task's log as it grows: while the task runs,
+    /// from a second after the wait began and then every few seconds ([`log_read_due`]),
+    /// `observe` gets the lines added since the last call, in order. A failed log read is skipped (the next poll catches up); it never fails
     /// the wait. For progress from a task's log, e.g. wget's percentages in `download-url`.
     pub async fn wait_task_observing(
         &self,
@@ -306,6 +322,9 @@ impl Client {
         let deadline = started + timeout;
         let mut delay = None;
         let mut next_line = 0;
+        let mut last_log_read = None;
+        // When the next poll is due: counted from the first look, so the polls keep their phase.
+        let mut due = started;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let status = match tokio::time::timeout(remaining, self.task_status(upid)).await {
@@ -326,18 +345,22 @@ impl Client {
                             ),
                         });
                     }
-                    tokio::time::sleep(d.min(remaining)).await;
+                    due = next_due(due, d);
+                    tokio::time::sleep_until(due.min(deadline).into()).await;
                     continue;
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(wait_timeout(upid, started)),
             };
             if let Some(observe) = observe.as_mut() {
-                // Read after the status, so a stopped task's log is complete here.
-                if let Some(lines) = self.new_log_lines(upid, &mut next_line, deadline).await
-                    && !lines.is_empty()
-                {
-                    observe(&lines);
+                let since_start = started.elapsed();
+                if log_read_due(status.is_running(), since_start, last_log_read) {
+                    last_log_read = Some(since_start);
+                    if let Some(lines) = self.new_log_lines(upid, &mut next_line, deadline).await
+                        && !lines.is_empty()
+                    {
+                        observe(&lines);
+                    }
                 }
             }
             if !status.is_running() {
@@ -376,9 +399,16 @@ impl Client {
             if remaining.is_zero() {
                 return Err(wait_timeout(upid, started));
             }
-            tokio::time::sleep(d.min(remaining)).await;
+            due = next_due(due, d);
+            tokio::time::sleep_until(due.min(deadline).into()).await;
         }
     }
+}
+
+/// The poll after one due at `due`, `delay` later; when answers were so slow that it has
+/// passed already, now (never two polls at once to catch up).
+fn next_due(due: Instant, delay: Duration) -> Instant {
+    (due + delay).max(Instant::now())
 }
 
 /// One entry of `GET /nodes/{node}/tasks`.
@@ -553,7 +583,7 @@ mod tests {
     }
 
     #[test]
-    fn task_polls_come_at_most_once_a_second_half_a_second_out_of_phase() {
+    fn task_polls_come_once_a_second_on_the_second() {
         let s = PollSchedule::TASK;
         let mut d = None;
         let mut at = Duration::ZERO;
@@ -564,32 +594,57 @@ mod tests {
             at += n;
             polls.push(at);
         }
-        assert_eq!(polls[1], Duration::from_millis(500));
         assert!(
             polls
                 .windows(2)
-                .skip(1)
                 .all(|w| w[1] - w[0] == Duration::from_secs(1))
         );
-        // A task of whole seconds (as PVE's often are) ends just after a poll would come on the
-        // second: seen half a second later, never a whole one.
+        // A task of whole seconds started just before the wait began (its UPID came back
+        // after it started) ends just before a poll: seen at once, not a second later.
         for secs in 1..9u64 {
-            let end = Duration::from_secs(secs) + Duration::from_millis(1);
+            let end = Duration::from_secs(secs) - Duration::from_millis(5);
             let seen = *polls.iter().find(|p| **p >= end).unwrap();
-            assert!(
-                seen - end < Duration::from_millis(500),
-                "{secs} s: {seen:?}"
-            );
+            assert!(seen - end < Duration::from_millis(10), "{secs} s: {seen:?}");
         }
-        // Polls of a task of D seconds: the first look, then about one per second.
+        // Polls of a task of D seconds: the first look, then one per second.
         let count = |d: u64| {
             polls
                 .iter()
-                .filter(|p| **p <= Duration::from_secs(d))
+                .filter(|p| **p < Duration::from_secs(d))
                 .count()
                 + 1
         };
-        assert_eq!(count(8), 10);
+        assert_eq!(count(8), 9);
+    }
+
+    #[test]
+    fn the_log_is_read_while_the_task_runs_every_few_seconds() {
+        let s = Duration::from_secs;
+        // (running, since the wait began, last read, read now?)
+        let cases = [
+            (true, s(0), None, false),
+            (true, s(1), None, true),
+            (true, s(2), Some(s(1)), false),
+            (true, s(4), Some(s(1)), false),
+            (true, s(6), Some(s(1)), true),
+            (false, s(1), None, false),
+            (false, s(9), Some(s(1)), false),
+        ];
+        for (i, (running, at, last, want)) in cases.into_iter().enumerate() {
+            assert_eq!(log_read_due(running, at, last), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_late_answer_does_not_bunch_the_polls() {
+        let start = Instant::now();
+        let next = next_due(start - Duration::from_secs(5), Duration::from_secs(1));
+        assert!(
+            next >= start,
+            "a due time passed long ago is now, not in the past"
+        );
+        let ahead = next_due(start, Duration::from_secs(1));
+        assert!(ahead >= start + Duration::from_secs(1));
     }
 
     #[test]

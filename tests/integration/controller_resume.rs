@@ -90,6 +90,7 @@ async fn a_template_finished_before_a_crash_is_validated_and_promoted_not_rebuil
             build_id: "b-before-the-crash".into(),
             today: chrono::Utc::now().date_naive(),
             adopt_unvalidated: true,
+            fresh_id: false,
         },
         &NoProgress,
     )
