@@ -1570,6 +1570,9 @@ mod controller_e2e {
         api.create(&PostParams::default(), &tr)
             .await
             .expect("create");
+        // The build slowed down (1 PVE s = 50 ms) so the first plan surely comes before the
+        // template: a build on the instant fake can finish before the retention's first run.
+        pve.set_time_scale(0.05).await;
         create_image_with(&client, &ns, "img", &pve, "pve", json!({})).await;
         let handle = start(&sa, options(&rbac, "retention-watch", false));
 
@@ -1583,6 +1586,7 @@ mod controller_e2e {
             "planned after the image had a template already: {:#?}",
             first.status
         );
+        pve.set_time_scale(0.0).await;
         // The image's first template lands: the retention plans it at once, not after 1h.
         let gi = wait_for_image(
             &client,
