@@ -67,6 +67,11 @@ use events::{Recorder, Reporter};
 use inventory::Inventories;
 use jobs::{Limits, Tracker};
 
+/// Objects per page of a watch's initial list: the page is held whole (with the managed fields
+/// the stores drop) while its objects go into the store, so a smaller page lowers the start's
+/// memory peak, which the process keeps as its resident size.
+const LIST_PAGE: u32 = 100;
+
 /// Everything `run` needs.
 #[derive(Clone)]
 pub struct Options {
@@ -184,10 +189,15 @@ fn golden_image_controller(
     // The objects are kept without their managed fields and kubectl's last-applied copy (per
     // image the larger part of the object; nothing reads them).
     let (store, writer) = reflector::store();
-    let images = watcher(gis, watcher::Config::default().any_semantic())
-        .modify(strip_image)
-        .reflect(writer)
-        .applied_objects();
+    let images = watcher(
+        gis,
+        watcher::Config::default()
+            .any_semantic()
+            .page_size(LIST_PAGE),
+    )
+    .modify(strip_image)
+    .reflect(writer)
+    .applied_objects();
     let controller = Controller::for_stream(images, store.clone());
     let default_secret = match &opts.settings.default_connection {
         DefaultConnection::Secret { namespace, name } => Some((namespace.clone(), name.clone())),
@@ -224,7 +234,7 @@ fn golden_image_controller(
     let secret_stream = |api: Api<PartialObjectMeta<Secret>>| {
         let (reader, writer) = reflector::store();
         ctx.connections.watch(reader);
-        watcher(api, watcher::Config::default())
+        watcher(api, watcher::Config::default().page_size(LIST_PAGE))
             .modify(connection::strip_secret_meta)
             .reflect(writer)
             .touched_objects()
@@ -238,10 +248,15 @@ fn golden_image_controller(
     // applies one only when it differs from what the controller would write.
     let (outputs, outputs_writer) = reflector::store();
     ctx.outputs.watch(outputs);
-    let cm_stream = watcher(cms, watcher::Config::default().labels(&output_label))
-        .modify(reconcile::strip_config_map)
-        .reflect(outputs_writer)
-        .touched_objects();
+    let cm_stream = watcher(
+        cms,
+        watcher::Config::default()
+            .labels(&output_label)
+            .page_size(LIST_PAGE),
+    )
+    .modify(reconcile::strip_config_map)
+    .reflect(outputs_writer)
+    .touched_objects();
     let mut c = controller
         .owns_stream(cm_stream)
         .watches_stream(secret_stream(secrets), mapper.clone());
