@@ -149,12 +149,13 @@ pub fn may_be_ours_being_created(vm: &ClusterVm, tag: &str, names: Option<&Image
 /// Whether the first look reads a tagged template's config: when it carries [`BUILD_TAG`] (a
 /// build VM converted, its Finalize not written: to resume), or when its listed name does not
 /// give its build number (renamed by hand, made under another name template: its marker's
-/// number must count; not for a clean-up of build VMs, without `image`). The others are read when
-/// a decision needs them ([`read_newest_template`], [`read_templates_named`]): a build reads
-/// no config per template of the image.
+/// number must count). The others are read when a decision needs them
+/// ([`read_newest_template`], [`read_templates_named`]): a build reads no config per template
+/// of the image. Without `image` (the clean-up of build VMs on deletion, rare) every template is
+/// read: a build VM converted by a version that did not tag it yet must not be left behind.
 pub fn read_template_at_once(vm: &ClusterVm, image: Option<&ImageNames>) -> bool {
     vm.tag_list().iter().any(|t| t == BUILD_TAG)
-        || image.is_some_and(|n| vm.name.as_deref().is_none_or(|name| !n.matches(name)))
+        || image.is_none_or(|n| vm.name.as_deref().is_none_or(|name| !n.matches(name)))
 }
 
 /// The tagged templates not read yet, newest by their listed name's (date, number) first, then
@@ -580,16 +581,16 @@ mod tests {
             template: true,
             ..ClusterVm::default()
         };
-        // (template, read at the first look with the image's names, without)
+        // (template, read at the first look with the image's names, without: the clean-up)
         let cases = [
             (
                 t(100, Some("ubuntu-24.04-minimal-20261201-001")),
                 false,
-                false,
+                true,
             ),
-            (t(101, Some("renamed-by-hand")), true, false),
-            (t(102, Some("ubuntu-24.04-other-20261201-001")), true, false),
-            (t(103, None), true, false),
+            (t(101, Some("renamed-by-hand")), true, true),
+            (t(102, Some("ubuntu-24.04-other-20261201-001")), true, true),
+            (t(103, None), true, true),
             (
                 ClusterVm {
                     tags: Some("sombrero;sombrero-build".into()),

@@ -957,6 +957,43 @@ async fn cleanup_removes_only_build_vms() {
     assert_eq!(vms[0].0, done.vmid);
 }
 
+/// A build VM converted to a template but not finalized, as a version without the
+/// `sombrero-build` tag left it (a template named like the image's, its marker's role `build`,
+/// no build tag): the clean-up on deletion still finds it by its marker and removes it.
+#[tokio::test]
+async fn cleanup_removes_a_converted_build_vm_without_the_build_tag() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve.add_image(Image::new(IMAGE)).await;
+    let o = owner("cleanup-converted");
+    let done = build(
+        &c,
+        &request(example_spec(&pve, &img, 11), o.clone(), day(18)),
+    )
+    .await
+    .unwrap();
+    settle(&c, &o, done.vmid).await;
+    let node = &done.node;
+    let cfg = c.vm_config(node, done.vmid).await.unwrap();
+    let description = cfg.description.unwrap_or_default();
+    let mut marker = parse_description(&description).unwrap().unwrap();
+    marker.role = Role::Build;
+    let update = sombrero::proxmox::ConfigUpdate::new(
+        sombrero::proxmox::QemuConfig::new()
+            .description(&render_description(&description, &marker).unwrap()),
+    );
+    c.update_vm_config(node, done.vmid, &update).await.unwrap();
+    let listed = c.cluster_vms().await.unwrap();
+    let vm = listed.iter().find(|v| v.vmid == done.vmid).unwrap();
+    assert!(vm.template && !vm.tag_list().iter().any(|t| t == "sombrero-build"));
+
+    let removed = sombrero::builder::cleanup_abandoned_builds(&c, &o, None)
+        .await
+        .unwrap();
+    assert_eq!(removed, [done.vmid]);
+    assert!(image_vms(&c, &o).await.is_empty());
+}
+
 fn sombrero() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_sombrero"))
 }
