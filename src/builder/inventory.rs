@@ -150,7 +150,7 @@ pub fn may_be_ours_being_created(vm: &ClusterVm, tag: &str, names: Option<&Image
 /// build VM converted, its Finalize not written: to resume), or when its listed name does not
 /// give its build number (renamed by hand, made under another name template: its marker's
 /// number must count). The others are read when a decision needs them
-/// ([`read_newest_template`], [`read_templates_named`]): a build reads no config per template
+/// ([`read_newest_template`], [`read_templates`]): a build reads no config per template
 /// of the image. Without `image` (the clean-up of build VMs on deletion, rare) every template is
 /// read: a build VM converted by a version that did not tag it yet must not be left behind.
 pub fn read_template_at_once(vm: &ClusterVm, image: Option<&ImageNames>) -> bool {
@@ -383,32 +383,21 @@ pub async fn read_newest_template(
     Ok(())
 }
 
-/// Reads every template of the image not read yet (a build id asked again: its finished
-/// template may be any of them).
-pub async fn read_all_templates(client: &Client, scan: &mut Scan) -> Result<(), BuildError> {
-    let unread: Vec<ClusterVm> = scan.unread_templates().into_iter().cloned().collect();
-    for vm in unread {
-        if let Some(found) = read_one(client, &vm).await? {
-            scan.vms.push(found);
-        }
-    }
-    Ok(())
-}
-
-/// Reads the image's templates named `name` not read yet: the finished template a build VM of
-/// that name may duplicate ([`number_taken_by_template`]).
-pub async fn read_templates_named(
+/// Reads the image's templates not read yet that `pick` selects: all of them for a build id
+/// asked again (its finished template may be any of them), or those of a build VM's name (the
+/// finished template it may duplicate, [`number_taken_by_template`]).
+pub async fn read_templates(
     client: &Client,
     scan: &mut Scan,
-    name: &str,
+    pick: impl Fn(&ClusterVm) -> bool,
 ) -> Result<(), BuildError> {
-    let named: Vec<ClusterVm> = scan
+    let picked: Vec<ClusterVm> = scan
         .unread_templates()
         .into_iter()
-        .filter(|v| v.name.as_deref() == Some(name))
+        .filter(|v| pick(v))
         .cloned()
         .collect();
-    for vm in named {
+    for vm in picked {
         if let Some(found) = read_one(client, &vm).await? {
             scan.vms.push(found);
         }

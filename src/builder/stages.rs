@@ -75,7 +75,7 @@ pub async fn run_build_with(
     // for a build id that may have run before (its template may be any), else our newest one
     // (an adoptable unvalidated template), and those a build VM's name may duplicate.
     if !req.fresh_id {
-        inventory::read_all_templates(client, &mut vms).await?;
+        inventory::read_templates(client, &mut vms, |_| true).await?;
     } else if req.adopt_unvalidated {
         inventory::read_newest_template(client, &mut vms, &req.owner, &image).await?;
     }
@@ -85,7 +85,10 @@ pub async fn run_build_with(
         .filter_map(|v| Some(v.marker.as_ref()?.metadata.name.clone()))
         .collect();
     for name in build_names {
-        inventory::read_templates_named(client, &mut vms, &name).await?;
+        inventory::read_templates(client, &mut vms, |v| {
+            v.name.as_deref() == Some(name.as_str())
+        })
+        .await?;
     }
     // Finished already: the process died after Finalize, before the outcome was recorded.
     if let Some((done, marker)) = (!req.fresh_id)

@@ -227,12 +227,10 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     st.planned_at = Some(crate::api::time::to_time(Utc::now()));
     st.target_versions = versions;
     let summary = summary(&plan);
-    let nothing_to_execute = if policy.dry_run && plan.removals().next().is_some() {
-        Some(RunState::DryRun)
-    } else if plan.removals().next().is_none() {
-        Some(RunState::NothingToDo)
-    } else {
-        None
+    let nothing_to_execute = match (plan.removals().next().is_some(), policy.dry_run) {
+        (false, _) => Some(RunState::NothingToDo),
+        (true, true) => Some(RunState::DryRun),
+        (true, false) => None,
     };
     if let Some(run) = nothing_to_execute {
         let outcome = run.outcome(&summary, policy.interval);
@@ -272,7 +270,7 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     let touched: Vec<u32> = executed.iter().map(|r| r.vmid).collect();
     shared.invalidate(&touched).await;
     let outcome = RunState::Executed(&executed).outcome(&summary, policy.interval);
-    st.executed = executed.clone();
+    st.executed = executed;
     set_conditions(tr, &mut st, outcome.ready, outcome.reconciling);
     write_status(ctx, tr, &st).await?;
     Ok(Action::requeue(outcome.requeue))
