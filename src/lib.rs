@@ -3,6 +3,7 @@
 pub mod api;
 pub mod builder;
 pub mod cli;
+pub mod config_reads;
 pub mod controller;
 pub mod engine;
 pub mod image;

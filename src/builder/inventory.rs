@@ -7,7 +7,8 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use super::error::{BuildError, ErrorCategory};
-use crate::image::marker::{Marker, Owner, Role, ValidationRecord, parse_description};
+use crate::config_reads::{ConfigCache, read_config};
+use crate::image::marker::{Marker, Owner, Role, ValidationRecord};
 use crate::image::naming::NameTemplate;
 use crate::image::tags::{BUILD_TAG, TagSet, image_tag};
 use crate::poll::poll_until;
@@ -183,6 +184,8 @@ pub struct Scan {
     pub listing: Vec<ClusterVm>,
     /// The image's tag.
     pub tag: String,
+    /// The configs read so far, for a [`rescan`] to keep.
+    configs: ConfigCache,
 }
 
 impl std::ops::Deref for Scan {
@@ -219,19 +222,6 @@ impl Scan {
     }
 }
 
-/// What decides whether a config read earlier still holds: Proxmox changes none of these
-/// without changing the config, and a marker is only written with a tag or name change or by
-/// this very run (which reads its own VM itself).
-fn listing_key(vm: &ClusterVm) -> (&str, Option<&str>, Option<&str>, bool, Option<&str>) {
-    (
-        vm.node.as_str(),
-        vm.name.as_deref(),
-        vm.tags.as_deref(),
-        vm.template,
-        vm.lock.as_deref(),
-    )
-}
-
 /// Lists the VMs tagged for this owner's image and reads their configs (one list + one config
 /// per tagged VM that is no template, and per template [`read_template_at_once`] picks by its
 /// name under `image`). With `names` (a template source), also the VMs that may be our clone
@@ -252,8 +242,9 @@ pub async fn scan(
 }
 
 /// [`scan`] again, reading only the configs of VMs that are new or whose name, tags, template
-/// flag or lock changed since `previous` (the others keep the config read then): numbers are
-/// read right before the VM that reserves one is created without a second read per template.
+/// flag or lock changed since `previous` (the others keep the config read then,
+/// [`ConfigCache`]): numbers are read right before the VM that reserves one is created without
+/// a second read per template.
 pub async fn rescan(
     client: &Client,
     owner: &Owner,
@@ -297,14 +288,7 @@ pub async fn rescan(
             ));
         }
     };
-    let known = |vm: &ClusterVm| -> Option<&TaggedVm> {
-        let prev = previous?;
-        let before = prev.listing.iter().find(|p| p.vmid == vm.vmid)?;
-        if listing_key(before) != listing_key(vm) {
-            return None;
-        }
-        prev.vms.iter().find(|t| t.vmid == vm.vmid)
-    };
+    let mut configs = previous.map(|p| p.configs.clone()).unwrap_or_default();
     let mut out = Vec::new();
     for vm in listing.iter().filter(|v| v.is_qemu()) {
         let tagged = vm.tag_list().contains(&tag);
@@ -314,15 +298,8 @@ pub async fn rescan(
         if tagged && vm.template && !read_template_at_once(vm, image) {
             continue;
         }
-        if let Some(same) = known(vm) {
-            out.push(TaggedVm {
-                running: vm.status.as_deref() == Some("running"),
-                ..same.clone()
-            });
-            continue;
-        }
         // Deleted since the listing: skipped.
-        let Some(found) = read_one(client, vm).await? else {
+        let Some(found) = read_one(client, &mut configs, vm).await? else {
             continue;
         };
         // Untagged, only our own clone is of interest: a look-alike is nobody's business here.
@@ -330,30 +307,45 @@ pub async fn rescan(
             out.push(found);
         }
     }
+    configs.retain(|vmid| listing.iter().any(|v| v.vmid == vmid));
     Ok(Scan {
         vms: out,
         listing,
         tag,
+        configs,
     })
 }
 
-/// One listed VM with its config and marker; `None` when it was deleted since the listing.
-async fn read_one(client: &Client, vm: &ClusterVm) -> Result<Option<TaggedVm>, BuildError> {
-    let config = match client.vm_config(&vm.node, vm.vmid).await {
-        Ok(c) => c,
-        Err(e) if e.is_not_found() => return Ok(None),
-        Err(e) => return Err(BuildError::proxmox("read VM config", &e)),
+/// One listed VM with its config and marker, from `configs` while the listing shows it
+/// unchanged; `None` when it was deleted since the listing.
+async fn read_one(
+    client: &Client,
+    configs: &mut ConfigCache,
+    vm: &ClusterVm,
+) -> Result<Option<TaggedVm>, BuildError> {
+    let read = match configs.get(vm) {
+        Some(read) => read.clone(),
+        None => match read_config(client, vm).await {
+            Ok(Some(read)) => {
+                configs.insert(vm, read.clone());
+                read
+            }
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(BuildError::proxmox("read VM config", &e)),
+        },
     };
-    let marker = parse_description(config.description.as_deref().unwrap_or(""))
-        .ok()
-        .flatten();
     Ok(Some(TaggedVm {
         vmid: vm.vmid,
         node: vm.node.clone(),
-        name: config.name.clone().or(vm.name.clone()).unwrap_or_default(),
+        name: read
+            .config
+            .name
+            .clone()
+            .or(vm.name.clone())
+            .unwrap_or_default(),
         running: vm.status.as_deref() == Some("running"),
-        config,
-        marker,
+        config: (*read.config).clone(),
+        marker: read.marker.as_deref().cloned(),
     }))
 }
 
@@ -372,7 +364,7 @@ pub async fn read_newest_template(
         .cloned()
         .collect();
     for vm in order {
-        if let Some(found) = read_one(client, &vm).await? {
+        if let Some(found) = read_one(client, &mut scan.configs, &vm).await? {
             let ours = found.is_our_template(owner);
             scan.vms.push(found);
             if ours {
@@ -398,7 +390,7 @@ pub async fn read_templates(
         .cloned()
         .collect();
     for vm in picked {
-        if let Some(found) = read_one(client, &vm).await? {
+        if let Some(found) = read_one(client, &mut scan.configs, &vm).await? {
             scan.vms.push(found);
         }
     }

@@ -1,7 +1,7 @@
 //! One shared Proxmox inventory per cluster (key: URL + token id). Every GoldenImage of that
 //! cluster reads the same snapshot: one `GET /cluster/resources?type=vm` per resync interval,
 //! plus the config (for the description marker) of each VM carrying our owner tag, cached
-//! while its name, tags, template flag and lock stay the same. Steady state therefore costs one
+//! while its name, tags, template flag and lock stay the same ([`crate::config_reads`]). Steady state therefore costs one
 //! request per cluster per interval, however many objects there are.
 //!
 //! The snapshot is refreshed by a background task and published through a
@@ -13,15 +13,15 @@
 //! image is woken ([`Inventories::subscribe`]): it shows in its status at the next resync, not
 //! at its next requeue.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use tokio::sync::{Notify, broadcast, watch};
 
 use super::connection::Connection;
-use crate::image::marker::{Marker, parse_description};
+use crate::config_reads::{ConfigCache, ConfigRead, ListingKey};
+use crate::image::marker::Marker;
 use crate::image::tags::{OWNER_TAG, TagSet};
 use crate::proxmox::{self, ClusterVm, VmConfig};
 
@@ -108,6 +108,21 @@ impl Snapshot {
             .collect()
     }
 
+    /// The config reads of our VMs by VMID, for a reader that reads only what they lack
+    /// (retention's `gather_from`).
+    pub fn config_reads(&self) -> BTreeMap<u32, ConfigRead> {
+        self.ours
+            .iter()
+            .map(|o| {
+                let read = ConfigRead {
+                    config: o.config.clone(),
+                    marker: o.marker.clone(),
+                };
+                (o.vm.vmid, read)
+            })
+            .collect()
+    }
+
     /// Our VMs whose marker names this owner uid.
     pub fn of_owner<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = &'a OurVm> + 'a {
         self.ours
@@ -116,30 +131,18 @@ impl Snapshot {
     }
 }
 
-type ConfigKey = (String, String, String, bool, String);
-
-fn config_key(vm: &ClusterVm) -> ConfigKey {
-    (
-        vm.node.clone(),
-        vm.name.clone().unwrap_or_default(),
-        vm.tags.clone().unwrap_or_default(),
-        vm.template,
-        vm.lock.clone().unwrap_or_default(),
-    )
-}
-
 /// An image, as its VMs' markers name it: namespace and name.
 pub type ImageRef = (String, String);
 
 /// Per image, what of its VMs a snapshot shows (VMID and the listing's key): two snapshots
 /// differing here differ for that image.
-fn by_image(snap: &Snapshot) -> BTreeMap<ImageRef, BTreeSet<(u32, ConfigKey)>> {
-    let mut out: BTreeMap<ImageRef, BTreeSet<(u32, ConfigKey)>> = BTreeMap::new();
+fn by_image(snap: &Snapshot) -> BTreeMap<ImageRef, BTreeSet<(u32, ListingKey)>> {
+    let mut out: BTreeMap<ImageRef, BTreeSet<(u32, ListingKey)>> = BTreeMap::new();
     for v in &snap.ours {
         if let Some(m) = &v.marker {
             out.entry((m.owner.namespace.clone(), m.owner.name.clone()))
                 .or_default()
-                .insert((v.vm.vmid, config_key(&v.vm)));
+                .insert((v.vm.vmid, ListingKey::of(&v.vm)));
         }
     }
     out
@@ -243,14 +246,14 @@ async fn refresher(
     resync: Duration,
     wake: broadcast::Sender<ImageRef>,
 ) {
-    let mut configs: ConfigCache = HashMap::new();
+    let mut configs = ConfigCache::default();
     let mut previous: Option<Arc<Snapshot>> = None;
     loop {
         let (client, generation) = {
             let Some(inv) = inv.upgrade() else { return };
             let mut s = inv.lock();
             for id in std::mem::take(&mut s.forget) {
-                configs.remove(&id);
+                configs.forget(id);
             }
             (s.client.clone(), s.requested)
         };
@@ -294,9 +297,6 @@ fn publish_then_wake(
     }
 }
 
-/// Per VMID, the config read under a listing key and the marker parsed from it.
-type ConfigCache = HashMap<u32, (ConfigKey, Arc<VmConfig>, Option<Arc<Marker>>)>;
-
 /// One list, and the configs of our VMs not cached under the same listing key, read
 /// [`CONFIG_READS`] at a time.
 async fn fetch(
@@ -306,61 +306,25 @@ async fn fetch(
     let vms = client.cluster_vms().await?;
     let mut nodes = BTreeSet::new();
     let mut others = Vec::new();
-    let mut ours: Vec<(&ClusterVm, TagSet, ConfigKey)> = Vec::new();
+    let mut ours: Vec<(&ClusterVm, TagSet)> = Vec::new();
     for vm in vms.iter().filter(|v| v.is_qemu()) {
         let tags = TagSet::parse(vm.tags.as_deref().unwrap_or(""));
         if tags.contains(OWNER_TAG) {
-            ours.push((vm, tags, config_key(vm)));
+            ours.push((vm, tags));
         } else {
             others.push(OtherVm::of(vm, &mut nodes));
         }
     }
-    type Read = (Arc<VmConfig>, Option<Arc<Marker>>);
-    let cached: Vec<Option<Read>> = ours
-        .iter()
-        .map(|(vm, _, key)| match configs.get(&vm.vmid) {
-            Some((k, c, m)) if k == key => Some((c.clone(), m.clone())),
-            _ => None,
-        })
-        .collect();
-    // Owned inputs: the stream's futures must not borrow the listing (the task is spawned).
-    let wanted: Vec<(usize, String, u32)> = ours
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| cached[*i].is_none())
-        .map(|(i, (vm, _, _))| (i, vm.node.clone(), vm.vmid))
-        .collect();
-    let read: Vec<(usize, proxmox::Result<VmConfig>)> = futures::stream::iter(wanted)
-        .map(|(i, node, vmid)| {
-            let client = client.clone();
-            async move { (i, client.vm_config(&node, vmid).await) }
-        })
-        .buffer_unordered(CONFIG_READS)
-        .collect()
-        .await;
-    let mut fresh: HashMap<usize, Read> = HashMap::new();
-    for (i, r) in read {
-        match r {
-            Ok(c) => {
-                let marker = c
-                    .description
-                    .as_deref()
-                    .and_then(|d| parse_description(d).ok().flatten())
-                    .map(Arc::new);
-                fresh.insert(i, (Arc::new(c), marker));
-            }
-            // Deleted between the list and now: it is gone, skip it.
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
-    }
-    let mut next = HashMap::new();
+    let listed: Vec<&ClusterVm> = ours.iter().map(|(vm, _)| *vm).collect();
+    let reads = configs.read_all(client, &listed, CONFIG_READS).await?;
+    let kept: HashSet<u32> = listed.iter().map(|vm| vm.vmid).collect();
+    configs.retain(|vmid| kept.contains(&vmid));
     let mut out = Vec::new();
-    for (i, ((vm, tags, key), cached)) in ours.into_iter().zip(cached).enumerate() {
-        let Some((config, marker)) = cached.or_else(|| fresh.remove(&i)) else {
+    for ((vm, tags), read) in ours.into_iter().zip(reads) {
+        // Deleted between the list and now: it is gone, skip it.
+        let Some(ConfigRead { config, marker }) = read else {
             continue;
         };
-        next.insert(vm.vmid, (key, config.clone(), marker.clone()));
         out.push(OurVm {
             vm: vm.clone(),
             config,
@@ -368,7 +332,6 @@ async fn fetch(
             tags,
         });
     }
-    *configs = next;
     others.shrink_to_fit();
     Ok(Arc::new(Snapshot {
         taken: Instant::now(),

@@ -676,11 +676,6 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let snap = inv.snapshot(Duration::ZERO).await?;
-    let configs: BTreeMap<u32, &proxmox::VmConfig> = snap
-        .ours
-        .iter()
-        .map(|o| (o.vm.vmid, o.config.as_ref()))
-        .collect();
     let target = Target::Image {
         namespace: owner.namespace.clone(),
         name: owner.name.clone(),
@@ -692,7 +687,7 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         &scope,
         Purpose::ImageDeleted,
         &snap.vms(),
-        &configs,
+        &snap.config_reads(),
     )
     .await?;
     let plan = retention::plan_image_deletion(&found.versions, &scope);

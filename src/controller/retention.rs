@@ -39,7 +39,6 @@ use crate::api::common::{ConditionStatus, find_condition};
 use crate::api::template_retention::{
     ExecutedAction, PlannedAction, TemplateRetention, TemplateRetentionStatus,
 };
-use crate::proxmox;
 use crate::retention::policy::SpecProblem;
 use crate::retention::{self, Plan, Policy, Purpose, Target};
 
@@ -198,18 +197,13 @@ async fn apply(tr: &TemplateRetention, ctx: &Context) -> Result<Action> {
     let shared = ctx.inventories.get(&conn).await?;
     let snapshot = shared.snapshot(ctx.settings.resync).await?;
     let client = shared.client().await;
-    let configs: BTreeMap<u32, &proxmox::VmConfig> = snapshot
-        .ours
-        .iter()
-        .map(|v| (v.vm.vmid, &*v.config))
-        .collect();
     let inventory = retention::gather_from(
         &client,
         &policy.target,
         &scope,
         Purpose::Rotation,
         &snapshot.vms(),
-        &configs,
+        &snapshot.config_reads(),
     )
     .await?;
     let plan = retention::plan(

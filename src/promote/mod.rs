@@ -39,6 +39,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tracing::info;
 
+use crate::config_reads::{ConfigRead, read_config};
 use crate::image::marker::{
     Marker, Owner, Ownership, Role, ValidationRecord, ownership, parse_description,
     render_description,
@@ -145,46 +146,46 @@ fn owner_matches(marker: &Marker, owner: &Owner) -> bool {
     marker.owner.namespace == owner.namespace && marker.owner.name == owner.name
 }
 
-/// The image's templates that are ours: `template=1`, carrying the image tag, our marker
-/// written for their VMID with role `template`, naming this image.
-async fn image_templates(
+/// Whether a listed VM may hold this image's channel: a template listed with the image tag and
+/// the channel tag. The listing shows every VM's tags as its config has them, so only these
+/// configs are read: a promotion costs the same however many templates the image has.
+fn may_hold_channel(vm: &ClusterVm, image_tag: &str) -> bool {
+    let tags = vm.tag_list();
+    vm.is_qemu()
+        && vm.template
+        && tags.iter().any(|t| t == image_tag)
+        && tags.iter().any(|t| t == LATEST_TAG)
+}
+
+/// The image's templates that are ours and were listed holding the channel tag: `template=1`,
+/// our marker written for their VMID with role `template`, naming this image. Their tags are
+/// read from their configs (the listing only picks whom to read).
+async fn channel_holders(
     client: &Client,
     vms: &[ClusterVm],
     owner: &Owner,
 ) -> Result<Vec<ImageTemplate>, PromoteError> {
     let tag = image_tag(&owner.namespace, &owner.name);
     let mut out = Vec::new();
-    for vm in vms
-        .iter()
-        .filter(|vm| vm.is_qemu() && vm.template && vm.tag_list().contains(&tag))
-    {
-        let config = match client.vm_config(&vm.node, vm.vmid).await {
-            Ok(c) => c,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => {
-                return Err(PromoteError::proxmox(
-                    format!("reading the config of {}", vm.vmid),
-                    e,
-                ));
-            }
-        };
-        if let Some(t) = ours(vm.vmid, &vm.node, &config, owner) {
+    for vm in vms.iter().filter(|vm| may_hold_channel(vm, &tag)) {
+        let read = read_config(client, vm)
+            .await
+            .map_err(|e| PromoteError::proxmox(format!("reading the config of {}", vm.vmid), e))?;
+        if let Some(t) = read.and_then(|r| ours(vm.vmid, &vm.node, &r, owner)) {
             out.push(t);
         }
     }
     Ok(out)
 }
 
-fn ours(vmid: u32, node: &str, config: &VmConfig, owner: &Owner) -> Option<ImageTemplate> {
-    let marker = parse_description(config.description.as_deref().unwrap_or(""))
-        .ok()
-        .flatten()?;
-    our_template(vmid, owner)(config, &marker).ok()?;
+fn ours(vmid: u32, node: &str, read: &ConfigRead, owner: &Owner) -> Option<ImageTemplate> {
+    let marker = read.marker.as_deref()?;
+    our_template(vmid, owner)(&read.config, marker).ok()?;
     Some(ImageTemplate {
         vmid,
         node: node.to_string(),
-        tags: TagSet::parse(config.tags.as_deref().unwrap_or("")),
-        marker,
+        tags: TagSet::parse(read.config.tags.as_deref().unwrap_or("")),
+        marker: marker.clone(),
     })
 }
 
@@ -359,8 +360,9 @@ pub async fn promote(
         Evidence::Report(r) => Some(r.finished_at),
         Evidence::Recorded | Evidence::ValidationDisabled => None,
     };
-    // One listing serves both: where `vmid` is, and which templates carry the image tag (their
-    // tags are read from each config, so a listing taken before write 1 is good enough).
+    // One listing serves both: where `vmid` is, and which templates held the channel before
+    // write 1 (their tags are read from each config). The controller runs one promotion per
+    // image at a time; two racing CLI runs may leave two holders, which converge_channel mends.
     let vms = list_vms(client).await?;
     let node = locate(&vms, vmid)?;
     let check = our_template(vmid, owner);
@@ -390,13 +392,16 @@ pub async fn promote(
     if let Some(reason) = refused {
         return Err(not_validated(reason));
     }
-    // Write 2: take the tag from every other holder of this image.
+    // Write 2: take the tag from every other holder of this image. Each is read, checked and
+    // rewritten in one read-modify-write; one that is not ours (a consumer's template cloned
+    // with our tags and marker) or is gone since the listing is left alone.
+    let tag = image_tag(&owner.namespace, &owner.name);
     let mut previous = Vec::new();
-    for other in image_templates(client, &vms, owner).await? {
-        if other.vmid == vmid || !other.tags.is_latest() {
-            continue;
-        }
-        let (removed, _) = rewrite(
+    for other in vms
+        .iter()
+        .filter(|vm| vm.vmid != vmid && may_hold_channel(vm, &tag))
+    {
+        let removed = rewrite(
             client,
             &other.node,
             other.vmid,
@@ -405,9 +410,13 @@ pub async fn promote(
                 tags.remove(LATEST_TAG);
             },
         )
-        .await?;
-        if removed {
-            previous.push(other.vmid);
+        .await;
+        match removed {
+            Ok((true, _)) => previous.push(other.vmid),
+            Ok((false, _))
+            | Err(PromoteError::NotOurs { .. })
+            | Err(PromoteError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
         }
     }
     info!(vmid, ?previous, "promoted to latest");
@@ -438,7 +447,7 @@ fn holder_key(t: &ImageTemplate) -> (Option<DateTime<Utc>>, chrono::NaiveDate, u
 /// tag from the rest. Returns the holder, `None` when there is none (never invents one).
 pub async fn converge_channel(client: &Client, owner: &Owner) -> Result<Option<u32>, PromoteError> {
     let vms = list_vms(client).await?;
-    let templates = image_templates(client, &vms, owner).await?;
+    let templates = channel_holders(client, &vms, owner).await?;
     let mut holders: Vec<&ImageTemplate> =
         templates.iter().filter(|t| t.tags.is_latest()).collect();
     holders.sort_by_key(|t| std::cmp::Reverse(holder_key(t)));

@@ -23,7 +23,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::image::marker::{Marker, Ownership, Role, ownership, parse_description};
+use std::sync::Arc;
+
+use crate::config_reads::{ConfigRead, read_config};
+use crate::image::marker::{Marker, Ownership, Role, ownership};
 use crate::image::tags::{OWNER_TAG, TagSet};
 use crate::image::version::{TemplateVersion, VmFacts};
 use crate::proxmox::{ClusterVm, Result, StorageInfo, StorageVolume, VmConfig, client::Client};
@@ -59,9 +62,10 @@ impl<'a> Counted<'a> {
         self.client.cluster_vms().await
     }
 
-    pub async fn vm_config(&self, node: &str, vmid: u32) -> Result<VmConfig> {
+    /// A listed VM's config and marker; `None` when it was deleted since the listing.
+    pub async fn read_config(&self, vm: &ClusterVm) -> Result<Option<ConfigRead>> {
         self.tick();
-        self.client.vm_config(node, vmid).await
+        read_config(self.client, vm).await
     }
 
     async fn storages(&self, node: &str) -> Result<Vec<StorageInfo>> {
@@ -82,8 +86,17 @@ impl<'a> Counted<'a> {
 pub struct TemplateInfo {
     pub vmid: u32,
     pub node: String,
-    pub config: VmConfig,
-    pub marker: Option<Marker>,
+    pub config: Arc<VmConfig>,
+    pub marker: Option<Arc<Marker>>,
+}
+
+impl TemplateInfo {
+    fn read(&self) -> ConfigRead {
+        ConfigRead {
+            config: self.config.clone(),
+            marker: self.marker.clone(),
+        }
+    }
 }
 
 /// What a gathering found.
@@ -110,21 +123,14 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    pub fn from_config(vmid: u32, node: &str, config: &VmConfig) -> Self {
-        let marker = marker_of(config);
+    pub fn of(vmid: u32, node: &str, read: &ConfigRead) -> Self {
         Self {
             vmid,
             node: node.to_string(),
-            disks: disk_volumes(config),
-            build_id: marker.map(|m| m.build_id),
+            disks: disk_volumes(&read.config),
+            build_id: read.marker.as_ref().map(|m| m.build_id.clone()),
         }
     }
-}
-
-fn marker_of(config: &VmConfig) -> Option<Marker> {
-    parse_description(config.description.as_deref().unwrap_or(""))
-        .ok()
-        .flatten()
 }
 
 /// Reads the target's templates and what protects them. A VM that disappears between the list
@@ -150,7 +156,7 @@ pub async fn gather_from(
     scope: &Scope,
     purpose: Purpose,
     vms: &[ClusterVm],
-    configs: &BTreeMap<u32, &VmConfig>,
+    configs: &BTreeMap<u32, ConfigRead>,
 ) -> Result<Inventory> {
     gather_counted(&Counted::new(client), target, scope, purpose, vms, configs).await
 }
@@ -161,33 +167,31 @@ async fn gather_counted(
     scope: &Scope,
     purpose: Purpose,
     vms: &[ClusterVm],
-    configs: &BTreeMap<u32, &VmConfig>,
+    configs: &BTreeMap<u32, ConfigRead>,
 ) -> Result<Inventory> {
     let mut templates = BTreeMap::new();
     for vm in vms.iter().filter(|v| v.is_qemu() && v.template) {
         if !target.matches_tags(&TagSet::parse(vm.tags.as_deref().unwrap_or(""))) {
             continue;
         }
-        let config = match configs.get(&vm.vmid) {
-            Some(c) => (*c).clone(),
-            None => match api.vm_config(&vm.node, vm.vmid).await {
-                Ok(c) => c,
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e),
+        let read = match configs.get(&vm.vmid) {
+            Some(read) => read.clone(),
+            None => match api.read_config(vm).await? {
+                Some(read) => read,
+                None => continue,
             },
         };
         // /cluster/resources lags behind; the config is the truth.
-        if !config.template {
+        if !read.config.template {
             continue;
         }
-        let marker = marker_of(&config);
         templates.insert(
             vm.vmid,
             TemplateInfo {
                 vmid: vm.vmid,
                 node: vm.node.clone(),
-                config,
-                marker,
+                config: read.config,
+                marker: read.marker,
             },
         );
     }
@@ -201,11 +205,11 @@ async fn gather_counted(
         .iter()
         .filter(|v| not_ours(v, scope).is_none() && removable(v))
         .filter_map(|v| templates.get(&v.vmid))
-        .map(|t| Candidate::from_config(t.vmid, &t.node, &t.config))
+        .map(|t| Candidate::of(t.vmid, &t.node, &t.read()))
         .collect();
     if !candidates.is_empty() {
-        let mut known: BTreeMap<u32, &VmConfig> = configs.clone();
-        known.extend(templates.values().map(|t| (t.vmid, &t.config)));
+        let mut known = configs.clone();
+        known.extend(templates.values().map(|t| (t.vmid, t.read())));
         let usage = find_users(api, vms, &candidates, &known).await?;
         for v in &mut versions {
             v.in_use_by = usage.users(v.vmid);
@@ -226,7 +230,7 @@ fn version_of(t: &TemplateInfo) -> TemplateVersion {
         node: &t.node,
         name: &name,
         tags: &tags,
-        marker: t.marker.as_ref(),
+        marker: t.marker.as_deref(),
         protected: t.config.protection,
         in_use_by: &[],
     })
@@ -242,7 +246,7 @@ pub async fn find_users(
     api: &Counted<'_>,
     vms: &[ClusterVm],
     candidates: &[Candidate],
-    known: &BTreeMap<u32, &VmConfig>,
+    known: &BTreeMap<u32, ConfigRead>,
 ) -> Result<Usage> {
     let mut usage = Usage::default();
     let candidate_ids: BTreeSet<u32> = candidates.iter().map(|c| c.vmid).collect();
@@ -323,26 +327,23 @@ pub async fn find_users(
         if candidate_ids.contains(&vmid) {
             continue;
         }
-        let fetched;
-        let config = match known.get(&vmid) {
-            Some(c) => *c,
+        let read = match known.get(&vmid) {
+            Some(read) => read.clone(),
             None => {
                 let Some(vm) = by_id.get(&vmid) else { continue };
-                fetched = match api.vm_config(&vm.node, vmid).await {
-                    Ok(c) => c,
-                    Err(e) if e.is_not_found() => continue,
-                    Err(e) => return Err(e),
-                };
-                &fetched
+                match api.read_config(vm).await? {
+                    Some(read) => read,
+                    None => continue,
+                }
             }
         };
-        for base in bases_in_config(vmid, config) {
+        for base in bases_in_config(vmid, &read.config) {
             usage.add(base, vmid);
         }
-        let Some(marker) = marker_of(config) else {
+        let Some(marker) = read.marker.as_deref() else {
             continue;
         };
-        match ownership(Some(&marker), vmid) {
+        match ownership(Some(marker), vmid) {
             Ownership::Ours(Role::Validation) => {
                 for c in candidates {
                     if c.build_id.as_deref() == Some(marker.build_id.as_str()) {
@@ -402,7 +403,7 @@ impl std::fmt::Display for Refusal {
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub node: String,
-    pub config: VmConfig,
+    pub config: Arc<VmConfig>,
 }
 
 /// Re-reads one template and its users just before a destructive call: still ours (a template
@@ -420,15 +421,13 @@ pub async fn recheck(
         return Ok(Err(Refusal::Gone));
     };
     let node = vm.node.clone();
-    let config = match api.vm_config(&node, vmid).await {
-        Ok(c) => c,
-        Err(e) if e.is_not_found() => return Ok(Err(Refusal::Gone)),
-        Err(e) => return Err(e),
+    let Some(read) = api.read_config(vm).await? else {
+        return Ok(Err(Refusal::Gone));
     };
-    let marker = marker_of(&config);
-    let refusal = if ownership(marker.as_ref(), vmid) != Ownership::Ours(Role::Template) {
+    let (config, marker) = (&read.config, read.marker.as_deref());
+    let refusal = if ownership(marker, vmid) != Ownership::Ours(Role::Template) {
         Some(Refusal::NotOwned)
-    } else if let Some(Err(why)) = marker.as_ref().map(|m| scope.check(&m.owner)) {
+    } else if let Some(Err(why)) = marker.map(|m| scope.check(&m.owner)) {
         Some(Refusal::NotInScope(why))
     } else if !config.template {
         Some(Refusal::NotATemplate)
@@ -446,8 +445,9 @@ pub async fn recheck(
     if let Some(r) = refusal {
         return Ok(Err(r));
     }
-    let candidate = Candidate::from_config(vmid, &node, &config);
-    let known = BTreeMap::from([(vmid, &config)]);
+    let candidate = Candidate::of(vmid, &node, &read);
+    let config = read.config.clone();
+    let known = BTreeMap::from([(vmid, read)]);
     let users = find_users(&api, &vms, &[candidate], &known)
         .await?
         .users(vmid);

@@ -10,7 +10,8 @@ use tracing::{info, warn};
 
 use super::VALIDATION_TAG;
 use super::error::ValidateError;
-use crate::image::marker::{Owner, Ownership, Role, ownership, parse_description};
+use crate::config_reads::read_config;
+use crate::image::marker::{Marker, Owner, Ownership, Role, ownership, parse_description};
 use crate::image::tags::OWNER_TAG;
 use crate::proxmox::readback::{Destroyed, destroy_vm, stop_vm};
 use crate::proxmox::{Client, ConfigUpdate, DeleteVm, QemuConfig};
@@ -51,17 +52,11 @@ pub async fn cleanup_stale_validation_vms(
         if !(named || fresh_and_tagged || tags.iter().any(|t| t == VALIDATION_TAG)) {
             continue;
         }
-        let config = match client.vm_config(&vm.node, vm.vmid).await {
-            Ok(c) => c,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => {
-                return Err(ValidateError::proxmox(
-                    format!("reading the config of VM {}", vm.vmid),
-                    e,
-                ));
-            }
-        };
-        if !is_validation_clone_of(config.description.as_deref(), vm.vmid, Some(owner)) {
+        let read = read_config(client, vm).await.map_err(|e| {
+            ValidateError::proxmox(format!("reading the config of VM {}", vm.vmid), e)
+        })?;
+        let Some(read) = read else { continue };
+        if !is_validation_clone_marker(read.marker.as_deref(), vm.vmid, Some(owner)) {
             continue;
         }
         info!(vmid = vm.vmid, node = %vm.node, "destroying a leftover validation clone");
@@ -78,11 +73,16 @@ pub(crate) fn is_validation_clone_of(
     vmid: u32,
     owner: Option<&Owner>,
 ) -> bool {
-    let Ok(Some(marker)) = parse_description(description.unwrap_or("")) else {
-        return false;
-    };
-    ownership(Some(&marker), vmid) == Ownership::Ours(Role::Validation)
-        && owner.is_none_or(|o| marker.owner == *o)
+    let marker = parse_description(description.unwrap_or("")).ok().flatten();
+    is_validation_clone_marker(marker.as_ref(), vmid, owner)
+}
+
+/// Whether a parsed marker marks `vmid` as our validation clone (of `owner`, when given).
+fn is_validation_clone_marker(marker: Option<&Marker>, vmid: u32, owner: Option<&Owner>) -> bool {
+    marker.is_some_and(|m| {
+        ownership(Some(m), vmid) == Ownership::Ours(Role::Validation)
+            && owner.is_none_or(|o| m.owner == *o)
+    })
 }
 
 /// Stops and destroys `vmid` after checking, right before, that it is our validation clone.

@@ -906,11 +906,11 @@ async fn gather_request_count() {
     let vms = c.cluster_vms().await.unwrap();
     let mut configs = std::collections::BTreeMap::new();
     for vmid in 1401..=1404 {
-        configs.insert(vmid, c.vm_config(&pve.node, vmid).await.unwrap());
+        let config = c.vm_config(&pve.node, vmid).await.unwrap();
+        configs.insert(vmid, sombrero::config_reads::ConfigRead::of(config));
     }
-    let refs = configs.iter().map(|(k, v)| (*k, v)).collect();
     let seq = last_seq(&pve).await;
-    let shared = retention::gather_from(&c, &target(), &scope(), Purpose::Rotation, &vms, &refs)
+    let shared = retention::gather_from(&c, &target(), &scope(), Purpose::Rotation, &vms, &configs)
         .await
         .unwrap();
     assert_eq!(shared.requests, 2);

@@ -828,3 +828,53 @@ async fn losing_the_answer_to_every_write_of_a_validate_and_promote_run() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_promotion_costs_the_same_however_many_templates_the_image_has() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let o = owner("ubuntu");
+    add_template(
+        &pve,
+        &o,
+        9001,
+        true,
+        &[LATEST_TAG, VALIDATED_TAG],
+        json!({"status": "passed", "at": "2025-01-17T10:00:00Z"}),
+    )
+    .await;
+    // Requests of promoting `vmid` (recorded as passed), after `older` templates not holding
+    // the channel were added.
+    let cost = |vmid: u32| {
+        let (pve, c, o) = (&pve, &c, &o);
+        async move {
+            add_template(
+                pve,
+                o,
+                vmid,
+                true,
+                &[VALIDATED_TAG],
+                json!({"status": "passed", "at": "2025-01-18T10:00:00Z"}),
+            )
+            .await;
+            let seq = pve.requests().await.last().map_or(0, |r| r.seq);
+            let out = promote::promote(c, o, vmid, Evidence::Recorded)
+                .await
+                .unwrap();
+            assert_eq!(out.previous.len(), 1, "{out:?}");
+            let made = pve.requests_since(seq).await;
+            made.iter()
+                .map(|r| format!("{} {}", r.method, r.path))
+                .collect::<Vec<_>>()
+        }
+    };
+    let first = cost(9002).await;
+    for vmid in 9003..9010 {
+        add_template(&pve, &o, vmid, true, &[], json!({"status": "pending"})).await;
+    }
+    let with_nine = cost(9010).await;
+    assert_eq!(holders(&c, &o).await, [9010]);
+    // A list, the new holder's read and write, the old holder's read and write.
+    assert_eq!(first.len(), 5, "{first:#?}");
+    assert_eq!(with_nine.len(), first.len(), "{with_nine:#?}");
+}
