@@ -39,7 +39,7 @@ exec 7<>"$fifo"
 "$PY" tests/fakepve/harness.py --host "$host" --dir "$work" --time-scale "$TIME_SCALE" \
   <"$fifo" >"$work/handoff" 2>"$work/harness.log" &
 harness=$!
-cleanup() { kill "$harness" 2>/dev/null || true; exec 7>&-; rm -rf "$work"; }
+cleanup() { kill "$harness" 2>/dev/null || true; exec 7>&-; [ -n "${KEEP:-}" ] && cp "$work/requests.json" "$KEEP"; rm -rf "$work"; }
 trap cleanup EXIT
 for _ in $(seq 1 300); do [ -s "$work/handoff" ] && break; sleep 0.1; done
 [ -s "$work/handoff" ] || { echo "the fake Proxmox did not start:" >&2; cat "$work/harness.log" >&2; exit 1; }

@@ -287,7 +287,8 @@ struct State {
     known: Option<Known>,
     /// Whether the VM runs, when this run knows (it created, started or stopped it).
     running: Option<bool>,
-    /// The build key this run wrote into the config (with the CreateVm record).
+    /// The build key this run wrote into the config (in the create call, or with the CreateVm
+    /// record).
     key: Option<ThrowawayKey>,
 }
 
@@ -498,7 +499,18 @@ impl Run<'_> {
             }),
         };
         self.progress.message(&format!("creating build VM {name}"));
-        let (vmid, node, created) = self.create_vm(&prepared, &marker, &name).await?;
+        // A cloud image's VM gets its build key in the create call (a clone cannot take one).
+        let key = match (&prepared, &self.spec.provisioning.via) {
+            (Prepared::Image { .. }, ProvisioningChannel::Ssh) => {
+                Some(ThrowawayKey::generate(BUILD_KEY_COMMENT).map_err(|e| {
+                    BuildError::new(ErrorCategory::Guest, e, "internal error").at(Stage::CreateVm)
+                })?)
+            }
+            _ => None,
+        };
+        let (vmid, node, created) = self
+            .create_vm(&prepared, &marker, &name, key.as_ref())
+            .await?;
         let mut state = State {
             vmid,
             node,
@@ -508,20 +520,21 @@ impl Run<'_> {
             known: None,
             // Created (or cloned) stopped.
             running: Some(false),
-            key: None,
+            key,
         };
         self.finish_create(&mut state, Some(created)).await?;
         self.end(Stage::CreateVm, t);
         Ok(state)
     }
 
-    /// nextid + create (or clone) with the marker in the same call; "already exists" takes the
-    /// next id.
+    /// nextid + create (or clone) with the marker (and a cloud image's build key) in the same
+    /// call; "already exists" takes the next id.
     async fn create_vm(
         &self,
         prepared: &Prepared,
         marker: &Marker,
         name: &str,
+        key: Option<&ThrowawayKey>,
     ) -> Result<(u32, String, VmConfig), BuildError> {
         let stage = Stage::CreateVm;
         let spec = self.spec;
@@ -557,6 +570,9 @@ impl Run<'_> {
                         .description(&description);
                     if let Some(pool) = &spec.placement.pool {
                         config = config.pool(pool);
+                    }
+                    if let Some(k) = key {
+                        config = config.sshkeys(&[k.public_openssh.as_str()]);
                     }
                     let what = TaskCall {
                         node: &node,
@@ -640,7 +656,8 @@ impl Run<'_> {
     }
 
     /// After the VM exists: the disk resized, then one write with the stage recorded, the build
-    /// key and, for a clone, its hardware, tags and cloud-init drive.
+    /// key and, for a clone, its hardware, tags and cloud-init drive. A cloud image's VM this
+    /// run just created has all of that from the create call: no write.
     /// `created`: its config as read once its create task ended (`None`: read it now).
     async fn finish_create(
         &mut self,
@@ -649,6 +666,7 @@ impl Run<'_> {
     ) -> Result<(), BuildError> {
         let stage = Stage::CreateVm;
         let spec = self.spec;
+        let created_here = created.is_some();
         let config = match created {
             Some(c) => c,
             None => self
@@ -698,6 +716,12 @@ impl Run<'_> {
         }
         // The resize does not touch the notes read above.
         state.known = Some(known);
+        if created_here && spec.source.template.is_none() {
+            // The marker still records Source until Provision's write: a run resuming from it
+            // repeats this stage (the resize is done once; a new key is written).
+            state.done = stage;
+            return Ok(());
+        }
         let key = match spec.provisioning.via {
             ProvisioningChannel::Ssh => {
                 Some(ThrowawayKey::generate(BUILD_KEY_COMMENT).map_err(|e| {
@@ -929,7 +953,8 @@ impl Run<'_> {
                 .map_err(|e| BuildError::proxmox("stop", &e).at(stage))?;
             state.running = Some(false);
         }
-        // Written with the CreateVm record by this run: a VM it has not started yet.
+        // Written by this run (in the create call or with the CreateVm record): a VM it has not
+        // started yet.
         let written = state.key.take();
         let key = match p.via {
             ProvisioningChannel::Ssh if written.is_some() => written,

@@ -1419,7 +1419,7 @@ async fn cli_losing_the_answer_to_every_write_reads_back_and_finishes() {
     let m = consumer_marker(&pve, &c, &img).await;
     let cli = CliBuild::new(&pve, &img);
     let (_, writes) = count_requests(&pve, &c, &cli, &m).await;
-    assert!(writes > 8, "a build makes more writes than {writes}");
+    assert!(writes >= 8, "a build makes at least 8 writes, not {writes}");
     for k in 1..=writes {
         let (foreign, seq) = crash_start(&pve, &c, &m, cli.base).await;
         let out = cli
