@@ -481,21 +481,26 @@ async fn validating_a_vm_that_is_not_ours_is_refused() {
     assert!(err.to_string().contains("validation.timeout"), "{err}");
 }
 
+/// A template of `o` holding the channel: validated and tagged latest.
+async fn add_latest(pve: &FakePve, o: &Owner, vmid: u32) {
+    add_template(
+        pve,
+        o,
+        vmid,
+        true,
+        &[LATEST_TAG, VALIDATED_TAG],
+        json!({"status": "passed", "at": "2025-01-17T10:00:00Z"}),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn promotion_moves_the_channel_tag_to_exactly_one_template() {
     let pve = FakePve::start().await;
     let c = client(&pve);
     let node = pve.node.clone();
     let o = owner("ubuntu");
-    add_template(
-        &pve,
-        &o,
-        9001,
-        true,
-        &[LATEST_TAG, VALIDATED_TAG],
-        json!({"status": "passed", "at": "2025-01-17T10:00:00Z"}),
-    )
-    .await;
+    add_latest(&pve, &o, 9001).await;
     add_template(&pve, &o, 9002, true, &[], json!({"status": "pending"})).await;
     // Another image's latest, and a consumer's clone with copied tags: never touched.
     let d = owner("debian");
@@ -616,15 +621,7 @@ async fn promotion_converges_after_a_crash_between_the_two_writes() {
     let pve = FakePve::start().await;
     let c = client(&pve);
     let o = owner("ubuntu");
-    add_template(
-        &pve,
-        &o,
-        9001,
-        true,
-        &[LATEST_TAG, VALIDATED_TAG],
-        json!({"status": "passed", "at": "2025-01-17T10:00:00Z"}),
-    )
-    .await;
+    add_latest(&pve, &o, 9001).await;
     // Write 1 done (new template tagged and recorded), write 2 (old holder) not: a crash.
     add_template(
         &pve,
@@ -663,15 +660,7 @@ async fn mark_failed_keeps_the_previous_latest() {
     let c = client(&pve);
     let node = pve.node.clone();
     let o = owner("ubuntu");
-    add_template(
-        &pve,
-        &o,
-        9001,
-        true,
-        &[LATEST_TAG, VALIDATED_TAG],
-        json!({"status": "passed", "at": "2025-01-17T10:00:00Z"}),
-    )
-    .await;
+    add_latest(&pve, &o, 9001).await;
     add_template(&pve, &o, 9002, true, &[], json!({"status": "pending"})).await;
     pve.set_guest(
         None,
@@ -834,17 +823,8 @@ async fn a_promotion_costs_the_same_however_many_templates_the_image_has() {
     let pve = FakePve::start().await;
     let c = client(&pve);
     let o = owner("ubuntu");
-    add_template(
-        &pve,
-        &o,
-        9001,
-        true,
-        &[LATEST_TAG, VALIDATED_TAG],
-        json!({"status": "passed", "at": "2025-01-17T10:00:00Z"}),
-    )
-    .await;
-    // Requests of promoting `vmid` (recorded as passed), after `older` templates not holding
-    // the channel were added.
+    add_latest(&pve, &o, 9001).await;
+    // The requests of promoting a new template `vmid` (recorded as passed) over the holder.
     let cost = |vmid: u32| {
         let (pve, c, o) = (&pve, &c, &o);
         async move {
