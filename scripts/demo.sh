@@ -13,6 +13,7 @@
 #                                        download 10, qmcreate 8 (the import), qmclone 10, qmstart 2,
 #                                        qmshutdown 6, qmtemplate 2, resize 1, qmdestroy 2
 #   BIN=path                             another sombrero binary (e.g. an older build, to compare)
+#   KEEP=file                            with BENCH: keep the fake's whole request log (JSON) there
 #
 # The harness only downloads loopback URLs, so the example is copied with the fake's image URL,
 # checksum, node, a loopback build IP and the fake's SSH port; everything else is the example.
@@ -39,7 +40,12 @@ exec 7<>"$fifo"
 "$PY" tests/fakepve/harness.py --host "$host" --dir "$work" --time-scale "$TIME_SCALE" \
   <"$fifo" >"$work/handoff" 2>"$work/harness.log" &
 harness=$!
-cleanup() { kill "$harness" 2>/dev/null || true; exec 7>&-; [ -n "${KEEP:-}" ] && cp "$work/requests.json" "$KEEP"; rm -rf "$work"; }
+cleanup() {
+  kill "$harness" 2>/dev/null || true
+  exec 7>&-
+  if [ -n "${KEEP:-}" ]; then cp "$work/requests.json" "$KEEP" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
 trap cleanup EXIT
 for _ in $(seq 1 300); do [ -s "$work/handoff" ] && break; sleep 0.1; done
 [ -s "$work/handoff" ] || { echo "the fake Proxmox did not start:" >&2; cat "$work/harness.log" >&2; exit 1; }
