@@ -1,8 +1,9 @@
 //! One shared Proxmox inventory per cluster (key: URL + token id). Every GoldenImage of that
 //! cluster reads the same snapshot: one `GET /cluster/resources?type=vm` per resync interval,
 //! plus the config (for the description marker) of each VM carrying our owner tag, cached
-//! while its name, tags, template flag and lock stay the same ([`crate::config_reads`]). Steady state therefore costs one
-//! request per cluster per interval, however many objects there are.
+//! while its name, tags, template flag and lock stay the same ([`crate::config_reads`]).
+//! Steady state therefore costs one request per cluster per interval, however many objects
+//! there are.
 //!
 //! The snapshot is refreshed by a background task and published through a
 //! [`tokio::sync::watch`] channel: a reader takes the latest one without waiting for a refresh
