@@ -104,14 +104,6 @@ impl ConfigCache {
         self.reads.retain(|vmid, _| keep(*vmid));
     }
 
-    pub fn len(&self) -> usize {
-        self.reads.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.reads.is_empty()
-    }
-
     /// The reads of `vms`, in their order: from the cache where it holds, else read from
     /// Proxmox `concurrency` at a time and cached. `None` for a VM deleted since the listing.
     pub async fn read_all(
