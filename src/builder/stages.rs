@@ -21,7 +21,9 @@ use crate::image::marker::{
 use crate::image::naming::{CLAIMS, NameTemplate, NamingError};
 use crate::image::spec_hash::spec_hash;
 use crate::image::tags::{BUILD_TAG, base_tags};
-use crate::proxmox::readback::{self, TaskCall, run_task, settled_config};
+use crate::proxmox::readback::{
+    self, TaskCall, TaskOrigin, run_task, run_task_traced, settled_config,
+};
 use crate::proxmox::{
     self, Client, CloneRequest, ConfigUpdate, DeleteVm, QemuConfig, Shutdown, VmConfig,
 };
@@ -303,6 +305,15 @@ struct Known {
     build_settings: Vec<String>,
 }
 
+/// What a run knows of the build VM it just created.
+enum Created {
+    /// Read once its create (or clone) task ended: a clone, or a create whose answer was lost.
+    Read(VmConfig),
+    /// A cloud image's VM created by this run's own call (its answer arrived): the config is
+    /// what the call sent, except the imported disk's size, which is the image's.
+    Sent(Known),
+}
+
 impl Known {
     fn of(config: &VmConfig) -> Known {
         Known {
@@ -310,6 +321,25 @@ impl Known {
             notes: config.description.clone().unwrap_or_default(),
             disk_bytes: boot_disk(config).and_then(|(_, s)| s),
             build_settings: without_build_settings(config).delete,
+        }
+    }
+
+    /// The VM created with `config`, its system disk's size unknown.
+    fn sent(config: &QemuConfig) -> Known {
+        Known {
+            template: false,
+            // PVE trims trailing whitespace.
+            notes: config
+                .get("description")
+                .unwrap_or("")
+                .trim_end()
+                .to_string(),
+            disk_bytes: None,
+            build_settings: BUILD_ONLY_SETTINGS
+                .iter()
+                .filter(|k| config.get(k).is_some())
+                .map(|k| k.to_string())
+                .collect(),
         }
     }
 
@@ -535,7 +565,7 @@ impl Run<'_> {
         marker: &Marker,
         name: &str,
         key: Option<&ThrowawayKey>,
-    ) -> Result<(u32, String, VmConfig), BuildError> {
+    ) -> Result<(u32, String, Created), BuildError> {
         let stage = Stage::CreateVm;
         let spec = self.spec;
         let node = spec.placement.node.clone();
@@ -553,7 +583,8 @@ impl Run<'_> {
                 },
                 "",
             )?;
-            let created: proxmox::Result<Option<proxmox::TaskOutcome>> = match prepared {
+            // `Some`: what the create call sent, when its own answer said it ran.
+            let created: proxmox::Result<Option<Known>> = match prepared {
                 Prepared::Image { volid, .. } => {
                     let mut config = hardware_config(spec)
                         .name(name)
@@ -580,11 +611,14 @@ impl Run<'_> {
                         task_type: "qmcreate",
                         id: vmid.to_string(),
                     };
-                    let (client, on, config) = (self.client, node.as_str(), &config);
-                    run_task(client, &what, self.timeouts.task, move || async move {
-                        client.create_vm(on, vmid, config).await.map(Some)
+                    let (client, on, sent) = (self.client, node.as_str(), &config);
+                    run_task_traced(client, &what, self.timeouts.task, move || async move {
+                        client.create_vm(on, vmid, sent).await.map(Some)
                     })
                     .await
+                    .map(|(_, origin)| {
+                        (origin == TaskOrigin::Answered).then(|| Known::sent(&config))
+                    })
                 }
                 Prepared::Template {
                     node: base_node,
@@ -612,10 +646,12 @@ impl Run<'_> {
                         client.clone_vm(base_node, base, req).await.map(Some)
                     })
                     .await
+                    .map(|_| None)
                 }
             };
             match created {
-                Ok(_) => {}
+                Ok(Some(known)) => return Ok((vmid, node, Created::Sent(known))),
+                Ok(None) => {}
                 Err(e) if e.is_already_exists() => continue,
                 Err(proxmox::Error::TaskFailed { exitstatus, .. })
                     if exitstatus.contains("already exists") =>
@@ -640,7 +676,7 @@ impl Run<'_> {
                     })
             });
             if let Some(config) = ours {
-                return Ok((vmid, node, config.clone()));
+                return Ok((vmid, node, Created::Read(config.clone())));
             }
             tracing::warn!(
                 vmid,
@@ -658,17 +694,24 @@ impl Run<'_> {
     /// After the VM exists: the disk resized, then one write with the stage recorded, the build
     /// key and, for a clone, its hardware, tags and cloud-init drive. A cloud image's VM this
     /// run just created has all of that from the create call: no write.
-    /// `created`: its config as read once its create task ended (`None`: read it now).
+    /// `created`: what the run knows of the VM it created (`None`: a resumed run; read it now).
     async fn finish_create(
         &mut self,
         state: &mut State,
-        created: Option<VmConfig>,
+        created: Option<Created>,
     ) -> Result<(), BuildError> {
         let stage = Stage::CreateVm;
         let spec = self.spec;
         let created_here = created.is_some();
         let config = match created {
-            Some(c) => c,
+            Some(Created::Sent(mut known)) => {
+                // The create call put the image on scsi0.
+                self.grow_disk(state, "scsi0", None, &mut known).await?;
+                state.known = Some(known);
+                state.done = stage;
+                return Ok(());
+            }
+            Some(Created::Read(c)) => c,
             None => self
                 .client
                 .vm_config(&state.node, state.vmid)
@@ -692,28 +735,7 @@ impl Run<'_> {
             )
             .at(stage));
         };
-        let want = u64::from(spec.hardware.disk_gib) << 30;
-        if size.is_none_or(|s| s < want) {
-            self.progress
-                .message(&format!("resize {disk} to {}G", spec.hardware.disk_gib));
-            let upid = self
-                .client
-                .resize_disk(
-                    &state.node,
-                    state.vmid,
-                    &disk,
-                    &format!("{}G", spec.hardware.disk_gib),
-                )
-                .await
-                .map_err(self.pve(stage, "resize"))?;
-            if let Some(u) = upid {
-                self.client
-                    .wait_task(&u, self.timeouts.task)
-                    .await
-                    .map_err(self.pve(stage, "resize"))?;
-            }
-            known.disk_bytes = Some(want);
-        }
+        self.grow_disk(state, &disk, size, &mut known).await?;
         // The resize does not touch the notes read above.
         state.known = Some(known);
         if created_here && spec.source.template.is_none() {
@@ -771,6 +793,49 @@ impl Run<'_> {
         };
         self.recorded(state, stage, &update, marker);
         state.key = key;
+        Ok(())
+    }
+
+    /// Grows `disk` to `hardware.diskGiB` unless `size` (bytes, `None`: not known) is already
+    /// that large. An absolute size, so a lost answer is simply repeated. A disk of unknown size
+    /// that turns out larger is left as it is (PVE refuses to shrink) and its size read.
+    async fn grow_disk(
+        &self,
+        state: &State,
+        disk: &str,
+        size: Option<u64>,
+        known: &mut Known,
+    ) -> Result<(), BuildError> {
+        let stage = Stage::CreateVm;
+        let gib = self.spec.hardware.disk_gib;
+        let want = u64::from(gib) << 30;
+        if size.is_some_and(|s| s >= want) {
+            return Ok(());
+        }
+        self.progress.message(&format!("resize {disk} to {gib}G"));
+        let grown: proxmox::Result<()> = async {
+            let upid = self
+                .client
+                .resize_disk(&state.node, state.vmid, disk, &format!("{gib}G"))
+                .await?;
+            if let Some(u) = upid {
+                self.client.wait_task(&u, self.timeouts.task).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match grown {
+            Ok(()) => known.disk_bytes = Some(want),
+            Err(e) if size.is_none() && e.is_shrink_refused() => {
+                let config = self
+                    .client
+                    .vm_config(&state.node, state.vmid)
+                    .await
+                    .map_err(self.pve(stage, "read VM config"))?;
+                known.disk_bytes = boot_disk(&config).and_then(|(_, s)| s);
+            }
+            Err(e) => return Err(self.pve(stage, "resize")(e)),
+        }
         Ok(())
     }
 
@@ -1392,6 +1457,33 @@ mod tests {
             assert_eq!(k.notes, notes, "case {i}");
             assert_eq!(k.build_settings, settings, "case {i}");
         }
+    }
+
+    #[test]
+    fn what_a_create_call_sent_is_what_its_read_back_would_say_but_the_disk_size() {
+        let sent = QemuConfig::new()
+            .name("ubuntu-001")
+            .description("marker\n")
+            .ciuser("ubuntu")
+            .set("ipconfig0", "ip=dhcp")
+            .sshkeys(&["ssh-ed25519 AAAA k"])
+            .scsi(0, "local-lvm:0,import-from=local:import/noble.qcow2");
+        let read: VmConfig = serde_json::from_value(serde_json::json!({
+            "name": "ubuntu-001",
+            "description": "marker",
+            "ciuser": "ubuntu",
+            "ipconfig0": "ip=dhcp",
+            "sshkeys": "ssh-ed25519%20AAAA%20k",
+            "scsi0": "local-lvm:vm-100-disk-0,size=3584M"
+        }))
+        .unwrap();
+        assert_eq!(
+            Known::sent(&sent),
+            Known {
+                disk_bytes: None,
+                ..Known::of(&read)
+            }
+        );
     }
 
     #[test]

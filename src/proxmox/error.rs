@@ -138,6 +138,13 @@ impl Error {
         matches!(self, Error::AlreadyExists { .. })
     }
 
+    /// PVE refused to make a disk smaller: a task's exit status since qemu-server 8.0.1 (the
+    /// resize runs in a worker), an API error before.
+    pub fn is_shrink_refused(&self) -> bool {
+        self.pve_message()
+            .is_some_and(|m| m.contains("shrinking disks is not supported"))
+    }
+
     /// PVE's own text: the message of an API error, the exit status of a failed task.
     pub fn pve_message(&self) -> Option<&str> {
         match self {
@@ -456,5 +463,27 @@ mod tests {
         );
         assert_eq!(e.category(), "task_failed");
         assert_eq!(e.pve_message(), Some("VM 100 already running"));
+    }
+
+    #[test]
+    fn a_refused_shrink_is_told_apart_as_a_task_and_as_an_api_error() {
+        let task = Error::TaskFailed {
+            upid: "UPID:pve1:1:2:3:resize:100:root@pam:".into(),
+            exitstatus: "shrinking disks is not supported".into(),
+            log_tail: vec![],
+        };
+        assert!(task.is_shrink_refused());
+        let api = err(
+            500,
+            None,
+            r#"{"data":null,"message":"shrinking disks is not supported\n"}"#,
+        );
+        assert!(api.is_shrink_refused());
+        let other = Error::TaskFailed {
+            upid: "UPID:pve1:1:2:3:resize:100:root@pam:".into(),
+            exitstatus: "disk 'scsi0' does not exist".into(),
+            log_tail: vec![],
+        };
+        assert!(!other.is_shrink_refused());
     }
 }

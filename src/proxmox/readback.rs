@@ -37,28 +37,55 @@ pub async fn run_task<F, Fut>(
     client: &Client,
     what: &TaskCall<'_>,
     timeout: Duration,
-    mut call: F,
+    call: F,
 ) -> proxmox::Result<Option<TaskOutcome>>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = proxmox::Result<Option<Upid>>>,
 {
+    run_task_traced(client, what, timeout, call)
+        .await
+        .map(|(outcome, _)| outcome)
+}
+
+/// Where the task [`run_task_traced`] waited for came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskOrigin {
+    /// The UPID came in the answer to our own call: the task is ours.
+    Answered,
+    /// Found in the node's task list after a lost answer: by type, object, token and time,
+    /// so in theory another client's with the same token.
+    FoundAfterLostAnswer,
+}
+
+/// [`run_task`], also saying where the task came from.
+pub async fn run_task_traced<F, Fut>(
+    client: &Client,
+    what: &TaskCall<'_>,
+    timeout: Duration,
+    mut call: F,
+) -> proxmox::Result<(Option<TaskOutcome>, TaskOrigin)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = proxmox::Result<Option<Upid>>>,
+{
     let since = call_time();
-    let upid = match call().await {
-        Ok(u) => u,
+    let (upid, origin) = match call().await {
+        Ok(u) => (u, TaskOrigin::Answered),
         Err(e) if e.outcome_unknown() => {
             tracing::warn!(task = what.task_type, id = %what.id, error = %e, "answer lost; looking for the task");
             match find_task(client, what, since, timeout).await? {
-                Some(u) => Some(u),
-                None => call().await?,
+                Some(u) => (Some(u), TaskOrigin::FoundAfterLostAnswer),
+                None => (call().await?, TaskOrigin::Answered),
             }
         }
         Err(e) => return Err(e),
     };
-    match upid {
-        Some(u) => client.wait_task(&u, timeout).await.map(Some),
-        None => Ok(None),
-    }
+    let outcome = match upid {
+        Some(u) => Some(client.wait_task(&u, timeout).await?),
+        None => None,
+    };
+    Ok((outcome, origin))
 }
 
 /// Hard-stops `vmid` and waits for the task. `Ok(false)`: the VM is gone.

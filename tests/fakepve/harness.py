@@ -446,10 +446,12 @@ class GuestPve(FakePve):
             raise param_error(size="unable to parse size '{0}'".format(v['size']))
         amount = size_bytes(found.group(2) + found.group(3))
         new = current + amount if found.group(1) else amount
-        if new < current:
-            raise die("shrinking disks is not supported")
 
         async def body():
+            # PVE (qemu-server 8.0.1 and later) refuses a shrink inside the worker: the task
+            # fails, the request does not.
+            if new < current:
+                raise TaskError("shrinking disks is not supported")
             if vol is not None:
                 vol['size'] = new
             vm.config[disk] = join_drive(volume, dict(props, size=format_size(new)))

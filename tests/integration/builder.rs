@@ -119,6 +119,25 @@ async fn image_vms(c: &Client, o: &Owner) -> Vec<(u32, bool, Option<Role>, Strin
     out
 }
 
+/// The build does not read the VM it created to learn the disk's size: it asks for
+/// `hardware.diskGiB`, and an image already larger (PVE refuses to shrink, in the resize task)
+/// keeps its own size.
+#[tokio::test]
+async fn an_image_larger_than_disk_gib_keeps_its_size() {
+    let pve = FakePve::start().await;
+    let c = client(&pve);
+    let img = pve
+        .add_image(Image::new(IMAGE).virtual_size(12 << 30))
+        .await;
+    let o = owner("ubuntu");
+    let spec = example_spec(&pve, &img, 1);
+    assert_eq!(spec.hardware.disk_gib, 10);
+    let out = build(&c, &request(spec, o.clone(), day(18))).await.unwrap();
+    assert_eq!(out.size_bytes, 12 << 30, "the image's own size");
+    let disk = config(&c, &pve, out.vmid).await.value("scsi0").unwrap();
+    assert!(disk.contains("size=12G"), "{disk}");
+}
+
 #[tokio::test]
 async fn cloud_image_over_ssh_to_a_clean_tagged_template() {
     let pve = FakePve::start().await;
