@@ -22,9 +22,8 @@ use tokio::sync::{Notify, broadcast, watch};
 
 use super::connection::Connection;
 use crate::config_reads::{ConfigCache, ConfigRead, ListingKey};
-use crate::image::marker::Marker;
 use crate::image::tags::{OWNER_TAG, TagSet};
-use crate::proxmox::{self, ClusterVm, VmConfig};
+use crate::proxmox::{self, ClusterVm};
 
 /// Config reads in flight at once during a refresh (the cold start reads one per template).
 pub const CONFIG_READS: usize = 8;
@@ -33,9 +32,8 @@ pub const CONFIG_READS: usize = 8;
 #[derive(Debug, Clone)]
 pub struct OurVm {
     pub vm: ClusterVm,
-    pub config: Arc<VmConfig>,
-    /// Parsed once per config read, shared by the snapshots that show the same config.
-    pub marker: Option<Arc<Marker>>,
+    /// Its config and marker, shared by the snapshots that show the same config.
+    pub read: ConfigRead,
     pub tags: TagSet,
 }
 
@@ -114,13 +112,7 @@ impl Snapshot {
     pub fn config_reads(&self) -> BTreeMap<u32, ConfigRead> {
         self.ours
             .iter()
-            .map(|o| {
-                let read = ConfigRead {
-                    config: o.config.clone(),
-                    marker: o.marker.clone(),
-                };
-                (o.vm.vmid, read)
-            })
+            .map(|o| (o.vm.vmid, o.read.clone()))
             .collect()
     }
 
@@ -128,7 +120,7 @@ impl Snapshot {
     pub fn of_owner<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = &'a OurVm> + 'a {
         self.ours
             .iter()
-            .filter(move |v| v.marker.as_ref().is_some_and(|m| m.owner.uid == uid))
+            .filter(move |v| v.read.marker.as_ref().is_some_and(|m| m.owner.uid == uid))
     }
 }
 
@@ -140,7 +132,7 @@ pub type ImageRef = (String, String);
 fn by_image(snap: &Snapshot) -> BTreeMap<ImageRef, BTreeSet<(u32, ListingKey)>> {
     let mut out: BTreeMap<ImageRef, BTreeSet<(u32, ListingKey)>> = BTreeMap::new();
     for v in &snap.ours {
-        if let Some(m) = &v.marker {
+        if let Some(m) = &v.read.marker {
             out.entry((m.owner.namespace.clone(), m.owner.name.clone()))
                 .or_default()
                 .insert((v.vm.vmid, ListingKey::of(&v.vm)));
@@ -323,13 +315,12 @@ async fn fetch(
     let mut out = Vec::new();
     for ((vm, tags), read) in ours.into_iter().zip(reads) {
         // Deleted between the list and now: it is gone, skip it.
-        let Some(ConfigRead { config, marker }) = read else {
+        let Some(read) = read else {
             continue;
         };
         out.push(OurVm {
             vm: vm.clone(),
-            config,
-            marker,
+            read,
             tags,
         });
     }
@@ -422,6 +413,7 @@ impl Inventories {
 mod tests {
     use super::*;
     use crate::image::marker::tests::sample_marker;
+    use crate::proxmox::VmConfig;
 
     fn ours(vmid: u32, ns: &str, name: &str, tags: &str) -> OurVm {
         let mut m = sample_marker();
@@ -435,8 +427,10 @@ mod tests {
         .unwrap();
         OurVm {
             vm,
-            config: Arc::new(VmConfig::default()),
-            marker: Some(Arc::new(m)),
+            read: ConfigRead {
+                config: Arc::new(VmConfig::default()),
+                marker: Some(Arc::new(m)),
+            },
             tags: TagSet::parse(tags),
         }
     }

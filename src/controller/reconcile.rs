@@ -199,7 +199,7 @@ fn versions(snap: &Snapshot, uid: &str) -> Vec<Version> {
         .of_owner(uid)
         .filter(|v| v.vm.template)
         .filter_map(|v| {
-            let m = v.marker.as_deref()?;
+            let m = v.read.marker.as_deref()?;
             if ownership(Some(m), v.vm.vmid) != Ownership::Ours(Role::Template) {
                 return None;
             }
@@ -210,11 +210,11 @@ fn versions(snap: &Snapshot, uid: &str) -> Vec<Version> {
                     .vm
                     .name
                     .as_deref()
-                    .or(v.config.name.as_deref())
+                    .or(v.read.config.name.as_deref())
                     .unwrap_or(""),
                 tags: &v.tags,
                 marker: Some(m),
-                protected: v.config.protection,
+                protected: v.read.config.protection,
                 in_use_by: &[],
             })?;
             let source_checksum = match &m.metadata.source {
@@ -281,9 +281,9 @@ async fn observe(
         }
         None => inv.snapshot(ctx.settings.resync).await?,
     };
-    let leftovers = snap
-        .of_owner(&key.uid)
-        .any(|v| ownership(v.marker.as_deref(), v.vm.vmid) == Ownership::Ours(Role::Validation));
+    let leftovers = snap.of_owner(&key.uid).any(|v| {
+        ownership(v.read.marker.as_deref(), v.vm.vmid) == Ownership::Ours(Role::Validation)
+    });
     let source_check = match decide::source_check_due(gi, spec, now) {
         Some((url, image_url)) => Some(
             match super::source::upstream_checksum(url, image_url).await {
@@ -650,7 +650,7 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         .ours
         .iter()
         .filter(|o| {
-            o.marker.as_ref().is_some_and(|m| {
+            o.read.marker.as_ref().is_some_and(|m| {
                 m.vmid == o.vm.vmid
                     && matches!(m.role, Role::Build | Role::Validation)
                     && m.owner.namespace == owner.namespace

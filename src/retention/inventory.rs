@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::config_reads::{ConfigRead, read_config};
-use crate::image::marker::{Marker, Ownership, Role, ownership};
+use crate::image::marker::{Ownership, Role, ownership};
 use crate::image::tags::{OWNER_TAG, TagSet};
 use crate::image::version::{TemplateVersion, VmFacts};
 use crate::proxmox::{ClusterVm, Result, StorageInfo, StorageVolume, VmConfig, client::Client};
@@ -82,21 +82,10 @@ impl<'a> Counted<'a> {
 }
 
 /// One template of the target as read from Proxmox.
-#[derive(Debug, Clone)]
-pub struct TemplateInfo {
-    pub vmid: u32,
-    pub node: String,
-    pub config: Arc<VmConfig>,
-    pub marker: Option<Arc<Marker>>,
-}
-
-impl TemplateInfo {
-    fn read(&self) -> ConfigRead {
-        ConfigRead {
-            config: self.config.clone(),
-            marker: self.marker.clone(),
-        }
-    }
+struct TemplateInfo {
+    vmid: u32,
+    node: String,
+    read: ConfigRead,
 }
 
 /// What a gathering found.
@@ -105,8 +94,6 @@ pub struct Inventory {
     /// Every template carrying the target's tags, ours or not (the plan lists the others as
     /// "not ours"; one without a readable marker is a [`TemplateVersion::unmarked`]).
     pub versions: Vec<TemplateVersion>,
-    /// Every template that carried the target's tags, by VMID.
-    pub templates: BTreeMap<u32, TemplateInfo>,
     /// Requests made.
     pub requests: u32,
 }
@@ -190,8 +177,7 @@ async fn gather_counted(
             TemplateInfo {
                 vmid: vm.vmid,
                 node: vm.node.clone(),
-                config: read.config,
-                marker: read.marker,
+                read,
             },
         );
     }
@@ -205,11 +191,11 @@ async fn gather_counted(
         .iter()
         .filter(|v| not_ours(v, scope).is_none() && removable(v))
         .filter_map(|v| templates.get(&v.vmid))
-        .map(|t| Candidate::of(t.vmid, &t.node, &t.read()))
+        .map(|t| Candidate::of(t.vmid, &t.node, &t.read))
         .collect();
     if !candidates.is_empty() {
         let mut known = configs.clone();
-        known.extend(templates.values().map(|t| (t.vmid, t.read())));
+        known.extend(templates.values().map(|t| (t.vmid, t.read.clone())));
         let usage = find_users(api, vms, &candidates, &known).await?;
         for v in &mut versions {
             v.in_use_by = usage.users(v.vmid);
@@ -217,26 +203,24 @@ async fn gather_counted(
     }
     Ok(Inventory {
         versions,
-        templates,
         requests: api.requests(),
     })
 }
 
 fn version_of(t: &TemplateInfo) -> TemplateVersion {
-    let tags = TagSet::parse(t.config.tags.as_deref().unwrap_or(""));
-    let name = t.config.name.clone().unwrap_or_default();
+    let config = &t.read.config;
+    let tags = TagSet::parse(config.tags.as_deref().unwrap_or(""));
+    let name = config.name.clone().unwrap_or_default();
     TemplateVersion::from_vm(VmFacts {
         vmid: t.vmid,
         node: &t.node,
         name: &name,
         tags: &tags,
-        marker: t.marker.as_deref(),
-        protected: t.config.protection,
+        marker: t.read.marker.as_deref(),
+        protected: config.protection,
         in_use_by: &[],
     })
-    .unwrap_or_else(|| {
-        TemplateVersion::unmarked(t.vmid, &t.node, &name, &tags, t.config.protection)
-    })
+    .unwrap_or_else(|| TemplateVersion::unmarked(t.vmid, &t.node, &name, &tags, config.protection))
 }
 
 /// The VMs using each candidate: linked clones (from volume ids and `parent` in the content of
