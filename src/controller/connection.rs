@@ -19,7 +19,9 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use sha2::{Digest, Sha256};
 
-use super::error::{Error, Result};
+use super::error::ConnectionError;
+
+type Result<T, E = ConnectionError> = std::result::Result<T, E>;
 use crate::api::GoldenImage;
 use crate::api::common::ProxmoxConnection;
 use crate::proxmox::{self, config as pc};
@@ -93,7 +95,7 @@ pub fn config_from_secret(
             text = text.replace(env, &format!("key {key}"));
         }
         text = text.replace(pc::ENV_INSECURE, "spec.proxmox.insecureSkipTlsVerify");
-        Error::Connection(format!("Secret {secret}: {text}"))
+        ConnectionError::Invalid(format!("Secret {secret}: {text}"))
     })?;
     Ok(config)
 }
@@ -221,7 +223,7 @@ impl ConnectionCache {
         let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
         let Some(secret) = api.get_opt(name).await? else {
             self.store(key, None);
-            return Err(Error::Connection(format!(
+            return Err(ConnectionError::Invalid(format!(
                 "Secret {namespace}/{name} does not exist; create it with keys url, tokenId, tokenSecret (and caCert or fingerprint)"
             )));
         };
@@ -278,7 +280,7 @@ pub async fn resolve_for(
             cache.secret_connection(client, namespace, name, false).await
         }
         DefaultConnection::Env(config) => Ok(Connection::new(config.clone())),
-        DefaultConnection::None => Err(Error::Connection(
+        DefaultConnection::None => Err(ConnectionError::Invalid(
             "no Proxmox connection: set spec.proxmox.secretRef, or start the controller with --proxmox-secret or the PROXMOX_* environment".into(),
         )),
     }

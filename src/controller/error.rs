@@ -1,8 +1,63 @@
-//! Reconcile errors, each with a category (a metrics label) and a verdict: `Stalled` (a person
-//! must change something: the spec, the Secret, the token's privileges) or transient
-//! (`Reconciling`, retried with backoff).
+//! Reconcile errors. Each step of a reconcile has its own type, naming only what that step can
+//! fail at: [`SpecError`] (validate, no client required), [`ConnectionError`] (the Secret),
+//! [`ObserveError`] (every read), [`ActError`] (every write). They meet in [`Error`], the
+//! verdict: a category (a metrics label) and either `Stalled` (a person must change something:
+//! the spec, the Secret, the token's privileges) or transient (`Reconciling`, retried with
+//! backoff).
 
 use crate::proxmox;
+
+/// Validation: the spec is wrong in a way only the controller can judge (the CRD's schema and
+/// CEL rules catch the rest). No client required.
+#[derive(Debug, thiserror::Error)]
+#[error("spec.{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        SpecError {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The connection: the Secret named by the object (or the controller's default).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// Missing, or its keys do not make a connection; the text names the Secret and the key,
+    /// never a value.
+    #[error("{0}")]
+    Invalid(String),
+    /// Reading the Secret failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Observation, every read of a GoldenImage reconcile: the connection, the shared inventory.
+/// (The upstream checksum's failure is an observation itself, not an error.)
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// The shared inventory could not be listed or read.
+    #[error("Proxmox: {0}")]
+    Inventory(#[from] proxmox::Error),
+}
+
+/// Acting, every write of a GoldenImage reconcile that fails it: the annotation, the output
+/// ConfigMap, the status. (Its Proxmox writes, the leftover clean-up, are retried on the next
+/// reconcile and do not fail this one; a job's errors are its outcome.)
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot encode the output ConfigMap: {0}")]
+    Encode(#[from] serde_json::Error),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -27,6 +82,42 @@ pub enum Error {
     Privileges(Box<crate::privileges::Refusal>),
 }
 
+impl From<SpecError> for Error {
+    fn from(e: SpecError) -> Self {
+        Error::InvalidSpec {
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
+impl From<ConnectionError> for Error {
+    fn from(e: ConnectionError) -> Self {
+        match e {
+            ConnectionError::Invalid(text) => Error::Connection(text),
+            ConnectionError::Kube(e) => Error::Kube(e),
+        }
+    }
+}
+
+impl From<ObserveError> for Error {
+    fn from(e: ObserveError) -> Self {
+        match e {
+            ObserveError::Connection(e) => e.into(),
+            ObserveError::Inventory(e) => Error::Proxmox(e),
+        }
+    }
+}
+
+impl From<ActError> for Error {
+    fn from(e: ActError) -> Self {
+        match e {
+            ActError::Kube(e) => Error::Kube(e),
+            e @ ActError::Encode(_) => Error::Transient(e.to_string()),
+        }
+    }
+}
+
 impl From<crate::privileges::PrivilegeError> for Error {
     fn from(e: crate::privileges::PrivilegeError) -> Self {
         match e {
@@ -38,10 +129,7 @@ impl From<crate::privileges::PrivilegeError> for Error {
 
 impl Error {
     pub fn invalid_spec(field: &str, message: impl Into<String>) -> Self {
-        Error::InvalidSpec {
-            field: field.to_string(),
-            message: message.into(),
-        }
+        SpecError::new(field, message).into()
     }
 
     /// Short, stable metrics label.
@@ -176,5 +264,67 @@ mod tests {
         let spec = Error::invalid_spec("rebuild.schedule", "not a cron expression");
         assert!(spec.is_stalled());
         assert!(spec.message().starts_with("spec.rebuild.schedule: "));
+    }
+
+    #[test]
+    fn each_step_error_gets_the_verdict_of_what_failed() {
+        let transient = || proxmox::Error::Transient {
+            request: "GET /cluster/resources".into(),
+            message: "connection refused".into(),
+        };
+        let refused = || proxmox::Error::Unauthenticated {
+            request: "GET /cluster/resources".into(),
+            message: "invalid token".into(),
+        };
+        let encode = serde_json::from_str::<u32>("x").unwrap_err();
+        // (error, stalled, reason, message starts with)
+        let cases: Vec<(Error, bool, &str, &str)> = vec![
+            (
+                SpecError::new("rebuild.schedule", "not a cron expression").into(),
+                true,
+                "InvalidSpec",
+                "spec.rebuild.schedule: not a cron expression; fix the field",
+            ),
+            (
+                ConnectionError::Invalid("Secret ns/pve: key tokenId is missing".into()).into(),
+                true,
+                "ProxmoxConnectionInvalid",
+                "Secret ns/pve: key tokenId is missing; fix the Secret",
+            ),
+            (
+                ObserveError::Connection(ConnectionError::Invalid("no Proxmox connection".into()))
+                    .into(),
+                true,
+                "ProxmoxConnectionInvalid",
+                "no Proxmox connection; fix the Secret",
+            ),
+            (
+                ObserveError::Inventory(transient()).into(),
+                false,
+                "ProxmoxUnreachable",
+                "Proxmox: GET /cluster/resources: transient failure",
+            ),
+            (
+                ObserveError::Inventory(refused()).into(),
+                true,
+                "ProxmoxAuthFailed",
+                "Proxmox: ",
+            ),
+            (
+                ActError::Encode(encode).into(),
+                false,
+                "RetryingAfterError",
+                "cannot encode the output ConfigMap: ",
+            ),
+        ];
+        for (i, (e, stalled, reason, message)) in cases.into_iter().enumerate() {
+            assert_eq!(e.is_stalled(), stalled, "case {i}: {e}");
+            assert_eq!(e.reason(), reason, "case {i}");
+            assert!(
+                e.message().starts_with(message),
+                "case {i}: {}",
+                e.message()
+            );
+        }
     }
 }

@@ -27,7 +27,7 @@ use super::context::{Context, JobRequest};
 use super::decide::{
     self, About, Note, Observation, Plan, SourceCheck, Timing, ValidSpec, Version,
 };
-use super::error::{Error, Result};
+use super::error::{ActError, Error, ObserveError, Result, SpecError};
 use super::inventory::{ClusterInventory, Snapshot};
 use super::jobs::{JobOutcome, JobView};
 use super::memory::ImageKey;
@@ -161,18 +161,22 @@ async fn report_error(gi: &GoldenImage, ctx: &Context, e: &Error) {
     }
 }
 
-async fn write_status(ctx: &Context, gi: &GoldenImage, st: &GoldenImageStatus) -> Result<()> {
+async fn write_status(
+    ctx: &Context,
+    gi: &GoldenImage,
+    st: &GoldenImageStatus,
+) -> Result<(), kube::Error> {
     super::report::write_status(ctx, gi, gi.status.as_ref(), st).await
 }
 
 /// The spec hash the build records in its markers (compared with the newest template's).
-pub fn current_spec_hash(gi: &GoldenImage) -> Result<String> {
+pub fn current_spec_hash(gi: &GoldenImage) -> Result<String, SpecError> {
     crate::image::spec_hash::spec_hash(&gi.spec)
-        .map_err(|e| Error::invalid_spec("", format!("cannot hash the spec: {e}")))
+        .map_err(|e| SpecError::new("", format!("cannot hash the spec: {e}")))
 }
 
 /// What the schema cannot judge: the cron schedule, the check interval, the spec hash.
-pub fn validate_spec(gi: &GoldenImage) -> Result<ValidSpec> {
+pub fn validate_spec(gi: &GoldenImage) -> Result<ValidSpec, SpecError> {
     let schedule = gi
         .spec
         .rebuild
@@ -185,7 +189,7 @@ pub fn validate_spec(gi: &GoldenImage) -> Result<ValidSpec> {
         .rebuild
         .source_check_interval
         .parsed()
-        .map_err(|e| Error::invalid_spec("rebuild.sourceCheckInterval", e.to_string()))?;
+        .map_err(|e| SpecError::new("rebuild.sourceCheckInterval", e.to_string()))?;
     Ok(ValidSpec {
         spec_hash: current_spec_hash(gi)?,
         schedule,
@@ -255,7 +259,7 @@ async fn observe(
     key: &ImageKey,
     spec: &ValidSpec,
     now: DateTime<Utc>,
-) -> Result<(Proxmox, Observation)> {
+) -> Result<(Proxmox, Observation), ObserveError> {
     let conn = connection::resolve(
         &ctx.client,
         &ctx.connections,
@@ -318,12 +322,13 @@ async fn apply(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
     let memory = ctx.tracker.memory(&key);
     let plan = decide::decide(gi, &spec, &obs, &memory, now, timing);
     let job = obs.job.clone();
-    act(gi, ctx, &key, &pve, job.as_ref(), plan, |why| {
+    let action = act(gi, ctx, &key, &pve, job.as_ref(), plan, |why| {
         // Another reconcile took the last slot since `observe`: the same decision, waiting.
         obs.slot = Err(why);
         decide::decide(gi, &spec, &obs, &memory, now, timing)
     })
-    .await
+    .await?;
+    Ok(action)
 }
 
 /// Every write of a reconcile, in this order: the finished job (`job`, as observed) settled
@@ -339,7 +344,7 @@ async fn act(
     job: Option<&JobView>,
     mut plan: Plan,
     replan: impl FnOnce(String) -> Plan,
-) -> Result<Action> {
+) -> Result<Action, ActError> {
     let owner = owner_of(gi);
     if let Some(view) = job {
         observe_metrics(ctx, view);
@@ -470,7 +475,7 @@ fn observe_metrics(ctx: &Context, view: &JobView) {
     }
 }
 
-async fn remove_rebuild_annotation(ctx: &Context, gi: &GoldenImage) -> Result<()> {
+async fn remove_rebuild_annotation(ctx: &Context, gi: &GoldenImage) -> Result<(), kube::Error> {
     let api: Api<GoldenImage> =
         Api::namespaced(ctx.client.clone(), &gi.namespace().unwrap_or_default());
     let patch = json!({"metadata": {"annotations": {REBUILD_ANNOTATION: null}}});
@@ -595,14 +600,14 @@ async fn write_config_map(
     gi: &GoldenImage,
     name: &str,
     data: BTreeMap<String, String>,
-) -> Result<()> {
+) -> Result<(), ActError> {
     let cm = desired_config_map(gi, name, data);
     let ns = gi.namespace().unwrap_or_default();
     if config_map_up_to_date(ctx.outputs.get(&ns, name).as_deref(), &cm) {
         return Ok(());
     }
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut value = serde_json::to_value(&cm).map_err(|e| Error::Transient(e.to_string()))?;
+    let mut value = serde_json::to_value(&cm)?;
     value["apiVersion"] = json!("v1");
     value["kind"] = json!("ConfigMap");
     api.patch(
@@ -632,6 +637,7 @@ async fn cleanup(gi: &GoldenImage, ctx: &Context) -> Result<Action> {
         gi,
     )
     .await
+    .map_err(Error::from)
     {
         Ok(c) => c,
         Err(e) if e.is_stalled() => {

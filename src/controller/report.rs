@@ -22,7 +22,7 @@ pub async fn write_status<K, S>(
     object: &K,
     current: Option<&S>,
     status: &S,
-) -> Result<()>
+) -> Result<(), kube::Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone

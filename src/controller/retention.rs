@@ -520,7 +520,7 @@ async fn write_status(
     tr: &TemplateRetention,
     st: &TemplateRetentionStatus,
 ) -> Result<()> {
-    report::write_status(ctx, tr, tr.status.as_ref(), st).await
+    Ok(report::write_status(ctx, tr, tr.status.as_ref(), st).await?)
 }
 
 #[cfg(test)]

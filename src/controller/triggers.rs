@@ -18,7 +18,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use croner::Cron;
 
-use super::error::Error;
+use super::error::SpecError;
 
 /// Annotation that requests one rebuild; the controller removes it once the build started.
 pub const REBUILD_ANNOTATION: &str = "images.sombrero.dev/rebuild";
@@ -110,9 +110,9 @@ fn same_checksum(a: &str, b: &str) -> bool {
 }
 
 /// Parses `rebuild.schedule` (5 fields, UTC, or `@monthly` ...).
-pub fn parse_schedule(schedule: &str) -> Result<Cron, Error> {
+pub fn parse_schedule(schedule: &str) -> Result<Cron, SpecError> {
     Cron::from_str(schedule.trim()).map_err(|e| {
-        Error::invalid_spec(
+        SpecError::new(
             "rebuild.schedule",
             format!("{schedule:?} is not a valid cron schedule ({e}); use 5 fields (minute hour day-of-month month day-of-week, UTC) or @monthly"),
         )
@@ -127,6 +127,7 @@ pub fn next_due(cron: &Cron, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::error::Error;
     use chrono::TimeZone;
 
     fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
@@ -289,7 +290,8 @@ mod tests {
     #[test]
     fn a_bad_schedule_names_the_field() {
         let e = parse_schedule("every month").unwrap_err();
-        assert!(e.is_stalled());
+        assert_eq!(e.field, "rebuild.schedule");
         assert!(e.to_string().starts_with("spec.rebuild.schedule:"), "{e}");
+        assert!(Error::from(e).is_stalled());
     }
 }
