@@ -819,6 +819,12 @@ async fn the_token_secret_never_appears_in_errors_or_logs() {
         .with_max_level(tracing::Level::TRACE)
         .with_ansi(false)
         .finish();
+    // tracing caches each callsite's interest process-wide, and while at most one dispatcher exists
+    // it asks the registering thread's: a sibling test's thread (no subscriber) reaching a callsite
+    // first would pin it to "never", and this test would see nothing from it (it failed so about
+    // one run in three beside the flaky-network test). With a second, inert dispatcher alive, every
+    // registration asks all of them, this test's included.
+    let _anchor = tracing::Dispatch::new(tracing_subscriber::registry());
     // Thread-local, and this runtime has one thread: it sees the client's and its libraries' events.
     let _guard = tracing::subscriber::set_default(subscriber);
 
