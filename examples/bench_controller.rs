@@ -8,9 +8,10 @@
 //! 2. N GoldenImages, and for each its latest template already on Proxmox (`add_vm` with our
 //!    marker, the image's spec hash and tags, validated and carrying the channel tag), so no
 //!    build is due;
-//! 3. the controller as its own process (`target/debug/sombrero controller`, resync 5 s, requeue
-//!    30 s) until every image is Ready (seen through a watch of the images, so that measuring
-//!    does not load the API server), with the times of the first and the 500th;
+//! 3. the controller as its own process (`$SOMBRERO_BIN controller`, which the script sets to the
+//!    release build, else `target/debug/sombrero`; resync 5 s, requeue 30 s) until every image is
+//!    Ready (seen through a watch of the images, so that measuring does not load the API server),
+//!    with the times of the first and the 500th;
 //! 4. a measuring window: Proxmox requests from the fake's request log, by endpoint, per
 //!    resync interval; the reconcile latency from the controller's
 //!    `sombrero_reconcile_duration_seconds` histogram (window only); the controller's RSS;
@@ -44,7 +45,8 @@ use support::kube::control_plane;
 const RESYNC: Duration = Duration::from_secs(5);
 const REQUEUE: Duration = Duration::from_secs(30);
 
-/// `VmRSS` or `VmHWM` (peak) of a process, KiB.
+/// A memory field of a process's `/proc/<pid>/status` (`VmRSS`, `VmHWM`: peak, `RssAnon`,
+/// `RssFile`), KiB.
 fn mem_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -291,7 +293,7 @@ async fn main() {
         t.elapsed().as_secs_f64()
     );
 
-    // The controller: the real binary (`target/debug/sombrero`, or $SOMBRERO_BIN), so its RSS is
+    // The controller: the real binary ($SOMBRERO_BIN, else `target/debug/sombrero`), so its RSS is
     // its own.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -411,6 +413,9 @@ async fn main() {
     let h1 = scrape(&metrics_addr).await;
     let rss_after = mem_kib(pid, "VmRSS");
     let peak = mem_kib(pid, "VmHWM");
+    // Anonymous pages (heap, stacks) apart from file pages (the binary's code and data as mapped):
+    // a debug build's code alone is tens of MiB more than a release build's.
+    let (anon, file) = (mem_kib(pid, "RssAnon"), mem_kib(pid, "RssFile"));
 
     let mut by_endpoint: BTreeMap<String, usize> = BTreeMap::new();
     for r in &reqs {
@@ -456,9 +461,11 @@ async fn main() {
         quantile(&h0, &h1, 0.99) * 1000.0,
     );
     println!(
-        "controller RSS: {:.1} MiB when all were Ready, {:.1} MiB at steady state, peak {:.1} MiB",
+        "controller RSS: {:.1} MiB when all were Ready, {:.1} MiB at steady state ({:.1} MiB anonymous, {:.1} MiB file-backed), peak {:.1} MiB",
         rss_ready as f64 / 1024.0,
         rss_after as f64 / 1024.0,
+        anon as f64 / 1024.0,
+        file as f64 / 1024.0,
         peak as f64 / 1024.0
     );
     if let Ok(Some(status)) = ctl.try_wait() {
