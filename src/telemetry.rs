@@ -100,6 +100,16 @@ where
     )
 }
 
+/// For a test that captures logs with a thread-local subscriber: held while it runs. tracing
+/// caches each callsite's interest process-wide, and while at most one dispatcher exists it asks
+/// the registering thread's, so another test's thread (no subscriber) reaching a callsite first
+/// would pin it to "never" and the capture would miss it. With this second dispatcher alive,
+/// every registration asks all of them.
+#[cfg(test)]
+pub(crate) fn interest_anchor() -> tracing::Dispatch {
+    tracing::Dispatch::new(tracing_subscriber::registry())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +136,7 @@ mod tests {
         let writer = out.clone();
         let subscriber =
             cli_subscriber(filter("warn", None).unwrap(), move || writer.clone(), false);
+        let _anchor = interest_anchor();
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!("routine progress");
             crate::proxmox::tls::client_config(&crate::proxmox::TlsMode::Insecure).unwrap();
@@ -146,6 +157,7 @@ mod tests {
                 move || writer.clone(),
                 ansi,
             );
+            let _anchor = interest_anchor();
             tracing::subscriber::with_default(subscriber, || {
                 tracing::warn!(object = "ns/img", "reconcile failed");
             });

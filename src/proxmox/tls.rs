@@ -275,6 +275,7 @@ mod tests {
             .with_ansi(false)
             .finish();
         let fp = parse_fingerprint(FP).unwrap();
+        let _anchor = crate::telemetry::interest_anchor();
         tracing::subscriber::with_default(subscriber, || {
             client_config(&TlsMode::Fingerprint(fp)).unwrap();
             assert!(out.0.lock().unwrap().is_empty());
