@@ -1097,6 +1097,10 @@ class Harness(object):
         self.pve.slow_network(float(b.get('latency', 0)), float(b.get('jitter', 0)), node=b.get('node'))
         self.pve.flaky_network(float(b.get('drop_rate', 0)), float(b.get('hang_rate', 0)),
                                float(b.get('hang_secs', 120)), b.get('seed'))
+        # fakepve (0.5.0, pinned) seeds its generator only at start; a seed given here restarts it,
+        # so the requests a share hits are the same in every run.
+        if b.get('seed') is not None:
+            self.pve._random.seed(b['seed'])
         return web.json_response({'ok': True})
 
     async def c_node(self, request):

@@ -779,8 +779,8 @@ impl FakePve {
     }
 
     /// Network trouble: `{"latency": s, "jitter": s, "node": "pve1", "drop_rate": 0..1,
-    /// "hang_rate": 0..1, "hang_secs": s}` (PVE seconds; omitted keys reset to 0). fakepve seeds its
-    /// random generator only at start, so which requests a share hits differs from run to run.
+    /// "hang_rate": 0..1, "hang_secs": s, "seed": n}` (PVE seconds; omitted keys reset to 0). A
+    /// seed restarts the random generator, so the requests a share hits are the same every run.
     pub async fn set_network(&self, settings: Value) {
         self.control("/network", Some(settings)).await;
     }
